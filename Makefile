@@ -1,0 +1,40 @@
+# GainLoRA experiment framework. `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXP ?= demo
+ARGS ?=
+GAINLORA_DATA ?= data/CL_Benchmark
+export GAINLORA_DATA
+STAMP := $(VENV)/.installed
+
+.PHONY: help setup run test test-fast data bench report clean sweep agent
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	# The constraint keeps every install path, build environments included, on torch==2.13.0.
+	PIP_CONSTRAINT=$(CURDIR)/constraints.txt DS_BUILD_OPS=0 $(VENV)/bin/pip install -q -e ".[dev,deepspeed]"
+	touch $(STAMP)
+
+setup: $(STAMP) ## create the virtualenv and install the pinned dependencies
+
+run: $(STAMP) ## run an experiment: make run [EXP=demo] [ARGS="key=value ..."]
+	$(PY) -m gainlora.run experiment=$(EXP) $(ARGS)
+
+test: $(STAMP) ## run the test suite (CPU; GPU tests skip without CUDA)
+	$(PY) -m pytest -q $(ARGS)
+
+data: $(STAMP) ## download the CL benchmark into $(GAINLORA_DATA), checking every file's hash
+	$(PY) -m gainlora.data.download --dest $(GAINLORA_DATA)
+
+report: $(STAMP) ## compare runs: make report RUNS="runs/demo/a runs/demo/b"
+	$(PY) -m gainlora.report $(RUNS) --out reports
+
+clean: ## remove caches and build leftovers (keeps runs/ and the virtualenv)
+	rm -rf .pytest_cache src/*.egg-info
+	find . -name __pycache__ -not -path './$(VENV)/*' -prune -exec rm -rf {} +

@@ -1,0 +1,51 @@
+"""The update constraint: keep every gate parameter's change orthogonal to the old tasks' inputs.
+
+After each optimizer step, Delta = P_new - P_old is replaced by Delta - Delta M M^T for each gate
+parameter (G1 with M1, G2 with M2, the key with M3). Projecting the parameter change (not the
+gradient) keeps the constraint exact under stateful optimizers such as AdamW.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+
+from gainlora.memory import Subspace
+
+PARAMS = ("G1", "G2", "key")
+
+
+class GateProjection(L.Callback):
+    def __init__(self, memories: Sequence[Subspace], *, renorm_rows: bool = False) -> None:
+        self.memories = memories
+        self.renorm_rows = renorm_rows
+        self._before: dict[str, torch.Tensor] = {}
+
+    def _params(self, pl_module) -> dict[str, torch.nn.Parameter]:
+        gates = pl_module.gates
+        if gates is None or gates.G1 is None:
+            return {}
+        return {name: getattr(gates, name) for name in PARAMS}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if any(m.rank for m in self.memories):
+            self._before = {n: p.detach().clone() for n, p in self._params(pl_module).items()}
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self._before:
+            return
+        for (name, param), memory in zip(self._params(pl_module).items(), self.memories):
+            old = self._before[name]
+            new = param.detach()
+            delta = (new - old).reshape(-1, memory.dim)  # the key is one row
+            projected = old + memory.project_out_rows(delta).view_as(old)
+            if self.renorm_rows:
+                # Reference-code behaviour: restore each row's unprojected norm. This moves G p
+                # for old inputs, so it breaks the exact invariance (off by default).
+                rows_new = new.reshape(-1, memory.dim).norm(dim=1, keepdim=True)
+                rows = projected.reshape(-1, memory.dim)
+                projected = (rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12) * rows_new).view_as(old)
+            param.copy_(projected)
+        self._before = {}

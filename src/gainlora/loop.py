@@ -1,0 +1,141 @@
+"""The continual loop: for each task, open branches/gates, fit with a fresh Trainer, test on every
+seen task, grow memories, write the task's artifacts. One module and datamodule live throughout.
+
+A fresh Trainer per task is deliberate: reusing one across fits silently skips training
+(Lightning #9636, #12789), and Lightning has no notion of tasks, so this loop drives the method's
+task hooks itself.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
+
+from gainlora.artifacts import RunDir, write_json
+from gainlora.data.datamodule import TaskStreamDataModule
+from gainlora.methods.base import Method
+from gainlora.metrics import cl_metrics
+from gainlora.model.module import ContinualLM
+from gainlora.report import plot_forgetting, plot_matrix
+
+log = logging.getLogger(__name__)
+TrainerFactory = Callable[[int, list[L.Callback]], L.Trainer]
+
+
+class TaskProgressBar(TQDMProgressBar):
+    """Step bars that say which task of the sequence is training."""
+
+    def __init__(self, task: int, num_tasks: int, name: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.label = f"Task {task + 1}/{num_tasks} {name}"
+
+    def on_train_epoch_start(self, trainer, *args) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.set_description(f"{self.label} · epoch {trainer.current_epoch}")
+
+
+# -- artifacts of one task ----------------------------------------------------------------------------
+def task_tensors(module: ContinualLM, method: Method, task: int) -> dict[str, dict[str, torch.Tensor]]:
+    """What task ``task`` added: its branch (every layer), its gate, and the memories after it."""
+    index = method.branch_for_task(task)
+    branch = {}
+    for name, layer in module.adapted.items():
+        A, B = layer.branch(index)
+        branch[f"{name}.A"], branch[f"{name}.B"] = A.detach().float(), B.detach().float()
+    gate = {k: v.detach().float() for k, v in module.gates.gate(task).items()} if module.gates is not None else {}
+    return {"branch": branch, "gate": gate, "memory": method.memory_tensors()}
+
+
+def restore_task(module: ContinualLM, method: Method, task: int, files: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Re-open task ``task``'s branch and gate exactly as they were saved."""
+    branch = files["branch"]
+    init = {name: (branch[f"{name}.A"], branch[f"{name}.B"]) for name in module.adapted}
+    if method.new_branch_per_task or module.num_branches == 0:
+        module.add_branch(init)
+    else:  # a single branch trained through every task (SeqLoRA): take its latest state
+        with torch.no_grad():
+            for name, layer in module.adapted.items():
+                layer.lora_A.copy_(init[name][0])
+                layer.lora_B.copy_(init[name][1])
+    if module.gates is not None:
+        gate = files["gate"]
+        module.gates.add_gate(copy_previous=False, G1=gate["G1"], G2=gate["G2"], key=gate["key"])
+    if files.get("memory"):
+        method.load_memory_tensors(files["memory"])
+
+
+@dataclass
+class ContinualLoop:
+    module: ContinualLM
+    datamodule: TaskStreamDataModule
+    method: Method
+    run_dir: RunDir
+    make_trainer: TrainerFactory
+    info: dict  # experiment, method, benchmark, order, metric, seed, selection: copied to results.json
+    seed: int = 0
+    on_task_end: Callable[[int, dict], None] | None = None  # e.g. W&B logging of the CL metrics
+    matrix: list[list[float | None]] = field(default_factory=list)
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.datamodule.tasks]
+
+    def run(self) -> dict:
+        names, started = self.task_names, time.time()
+        self.method.setup(self.module, len(names))
+        resumed_time = 0.0
+        for t, name in enumerate(names):
+            if self.run_dir.is_done(t, name):
+                files, meta = self.run_dir.load_task(t, name)
+                restore_task(self.module, self.method, t, files)
+                self.matrix.append(meta["row"] + [None] * (len(names) - t - 1))
+                resumed_time += meta.get("wall_time_s", 0.0)
+                print(f"[gainlora] task {t + 1}/{len(names)} {name}: finished earlier, restored")
+                continue
+            task_started = time.time()
+            row = self.train_task(t, name)
+            self.matrix.append(row + [None] * (len(names) - t - 1))
+            meta = {"task": t, "name": name, "row": row, "wall_time_s": time.time() - task_started}
+            self.run_dir.save_task(t, name, task_tensors(self.module, self.method, t), meta)
+            results = self.write_results(status="running", wall_time=resumed_time + time.time() - started)
+            if self.on_task_end is not None:
+                self.on_task_end(t, results)
+        return self.write_results(status="finished", wall_time=resumed_time + time.time() - started)
+
+    def train_task(self, t: int, name: str) -> list[float]:
+        n = len(self.task_names)
+        print(f"[gainlora] task {t + 1}/{n} {name}: start", flush=True)
+        L.seed_everything(self.seed + t, workers=True, verbose=False)  # resume reproduces each task
+        self.datamodule.set_task(t)
+        self.module.current_task = t
+        self.method.on_task_start(self.module, t, self.datamodule.feature_batches)
+        self.module.regularizer = lambda: self.method.regularizer(self.module)
+        callbacks = [TaskProgressBar(t, n, name), *self.method.callbacks()]
+        trainer = self.make_trainer(t, callbacks)
+        trainer.fit(self.module, datamodule=self.datamodule)
+        if trainer.interrupted:
+            raise KeyboardInterrupt(f"training of task {t + 1} ({name}) was interrupted")
+        self.method.on_task_end(self.module, t, self.datamodule.feature_batches)
+        trainer.test(self.module, datamodule=self.datamodule, verbose=False)
+        row = [round(s, 4) for s in self.module.test_scores()]
+        print(f"[gainlora] task {t + 1}/{n} {name}: scores on seen tasks {row}", flush=True)
+        return row
+
+    def write_results(self, *, status: str, wall_time: float) -> dict:
+        names = self.task_names
+        rows = [[None if v is None else float(v) for v in r] for r in self.matrix]
+        results = {**self.info, "tasks": names, "matrix": rows, **cl_metrics([r[: i + 1] for i, r in enumerate(rows)]),
+                   "wall_time_s": round(wall_time, 2), "status": status,
+                   "truncated": {"sources": self.datamodule.collator.truncation.sources,
+                                 "targets": self.datamodule.collator.truncation.targets}}
+        write_json(self.run_dir.results, results)
+        title = f"{self.info.get('experiment')} · {self.info.get('method')}"
+        done = [r[: i + 1] for i, r in enumerate(rows)]
+        plot_matrix(done, names[: len(done)], self.run_dir.plots / "matrix.png", title=title)
+        plot_forgetting(done, names[: len(done)], self.run_dir.plots / "forgetting.png", title=title)
+        return results

@@ -1,0 +1,230 @@
+"""The LightningModule: a frozen backbone plus the registry of gated LoRA branches and gates."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from gainlora.memory import CovarianceAccumulator
+from gainlora.metrics import TaskScores
+from gainlora.model.backbone import Backbone, adapted_layers, replace_module
+from gainlora.model.gates import GateBank, pool_embeddings
+from gainlora.model.lora import BranchContext, GatedLoRALinear
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Features:
+    """Uncentred covariances collected over one task's training inputs."""
+
+    layers: dict[str, torch.Tensor] = field(default_factory=dict)  # adapted layer name -> (d_in x d_in)
+    gate: list[torch.Tensor] = field(default_factory=list)  # current gate's [C(p0), C(p1), C(p2)]
+
+
+class ContinualLM(L.LightningModule):
+    """Backbone + branch/gate registry. One instance lives for the whole task sequence.
+
+    The continual loop opens branches and gates through the method (``gainlora.methods``) and
+    calls ``fit``/``test`` with a fresh Trainer per task.
+    """
+
+    def __init__(self, backbone: Backbone, *, rank: int = 8, alpha: float = 32.0, dropout: float = 0.0,
+                 gates: dict | None = None, optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+                 generation: dict | None = None, task_names: list[str] | None = None,
+                 task_metrics: list[str] | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone.model
+        self.tokenizer = backbone.tokenizer
+        self.kind = backbone.kind
+        self.context = BranchContext()
+        self.adapted: dict[str, GatedLoRALinear] = {}
+        for name, (linear, stream) in adapted_layers(self.backbone, self.kind).items():
+            layer = GatedLoRALinear(linear, rank=rank, alpha=alpha, context=self.context, stream=stream,
+                                    dropout=dropout)
+            replace_module(self.backbone, name, layer)
+            self.adapted[name] = layer
+        gates = dict(gates) if gates is not None else None  # None: gate-free (every coefficient 1)
+        self.gate_pool = gates.pop("pool", "mean") if gates else "mean"
+        self.gates = GateBank(backbone.d_model, **gates) if gates is not None else None
+        self.optimizer_factory = optimizer
+        self.generation = {"max_new_tokens": 50, "num_beams": 1, **(generation or {})}
+        self.task_names = list(task_names or [])
+        self.task_metrics = list(task_metrics or [])
+        self.current_task = -1
+        self.scores = TaskScores(max(len(self.task_names), 1))
+        self.predictions: list[dict] = []  # a few (task, prediction, references) samples per test
+
+    # -- branch registry ---------------------------------------------------------------------
+    @property
+    def num_branches(self) -> int:
+        return next(iter(self.adapted.values())).num_branches
+
+    def add_branch(self, init: dict[str, tuple[Tensor | None, Tensor | None]] | None = None) -> None:
+        """Freeze every layer's current branch and open a new one (optionally with given A, B)."""
+        init = init or {}
+        for name, layer in self.adapted.items():
+            layer.add_branch(*init.get(name, (None, None)))
+
+    def freeze_all(self) -> None:
+        for layer in self.adapted.values():
+            layer.freeze_current()
+        if self.gates is not None:
+            self.gates.freeze_current()
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # -- gates -------------------------------------------------------------------------------
+    def pooled_embeddings(self, input_ids: Tensor, gate_mask: Tensor) -> Tensor:
+        """p0(x): pooled input token embeddings of the source (never the answer)."""
+        with torch.no_grad():
+            embeds = self.backbone.get_input_embeddings()(input_ids)
+        return pool_embeddings(embeds.float(), gate_mask, self.gate_pool)
+
+    def gate_coefficients(self, batch: dict) -> Tensor | None:
+        if self.gates is None or self.gates.num_gates == 0:
+            return None
+        return self.gates(self.pooled_embeddings(batch["input_ids"], batch["gate_mask"]))
+
+    def _prepare(self, batch: dict) -> None:
+        self.context.coeffs = self.gate_coefficients(batch)
+
+    # -- training ----------------------------------------------------------------------------
+    def forward(self, batch: dict) -> Tensor:
+        """Teacher-forced loss of a training batch (answer tokens only)."""
+        self._prepare(batch)
+        try:
+            out = self.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                labels=batch["labels"])
+        finally:
+            self.context.coeffs = None
+        return out.loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        loss = self(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite loss ({loss.item()}) in task {self.current_task + 1} at step {self.global_step}; "
+                "lower the learning rate or check the data. Finished tasks are kept on disk.")
+        total = loss
+        reg = self.regularizer() if self.regularizer is not None else None
+        if reg is not None:
+            total = loss + reg
+            self.log("train/reg", reg, prog_bar=False)
+        self.log("train/loss", loss, prog_bar=True)
+        return total
+
+    regularizer: Callable[[], Tensor | None] | None = None  # set by methods that add a loss term
+
+    def configure_optimizers(self):
+        params = self.trainable_parameters()
+        if not params:
+            raise RuntimeError("nothing to train: the method opened no trainable branch or gate")
+        if self.optimizer_factory is None:
+            return torch.optim.AdamW(params, lr=3e-4, weight_decay=0.0)
+        return self.optimizer_factory(params=params)
+
+    # -- generation and evaluation -------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, batch: dict, **overrides) -> list[str]:
+        """Greedy (or beam) generation; gates computed once per example from the source."""
+        kwargs = {**self.generation, **overrides}
+        self._prepare(batch)
+        try:
+            out = self.backbone.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                         do_sample=False, pad_token_id=self.tokenizer.pad_token_id,
+                                         eos_token_id=self.tokenizer.eos_token_id, **kwargs)
+        finally:
+            self.context.coeffs = None
+        if self.kind == "causal":  # left-padded prompts: the answer starts after the prompt
+            out = out[:, batch["input_ids"].shape[1]:]
+        return [s.strip() for s in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    def _score_batch(self, batch: dict) -> None:
+        preds = self.generate(batch)
+        task_ids = batch["task_id"].tolist()
+        self.scores.update(preds, batch["references"], task_ids, batch["metric"])
+        if len(self.predictions) < 64:
+            for p, r, t in zip(preds, batch["references"], task_ids):
+                self.predictions.append({"task": t, "prediction": p, "references": list(r)})
+
+    def on_validation_epoch_start(self) -> None:
+        self.scores.reset()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._score_batch(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        score = self.scores.compute()[self.current_task]
+        self.log("val/score", score, prog_bar=True, sync_dist=False)
+
+    def on_test_epoch_start(self) -> None:
+        self.scores.reset()
+        self.predictions = []
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._score_batch(batch)
+
+    def test_scores(self) -> list[float]:
+        """Per-task scores of the last test (tasks 0..current)."""
+        return self.scores.compute()[: self.current_task + 1].tolist()
+
+    # -- feature collection (memories, InfLoRA, gate initialisation) ---------------------------
+    @torch.no_grad()
+    def collect_features(self, batches: Iterable[dict], *, max_batches: int | None, layers: bool,
+                         gate: bool) -> Features:
+        """Uncentred covariances of adapted-layer inputs and/or the current gate's p0, p1, p2."""
+        feats = Features()
+        if not (layers or gate):
+            return feats
+        accs: dict[str, CovarianceAccumulator] = {}
+        last: dict = {"input": None, "acc": None}
+
+        def collect(layer: GatedLoRALinear, h: Tensor) -> None:
+            name = names[id(layer)]
+            if h is last["input"] and accs.setdefault(name, last["acc"]) is last["acc"]:
+                return  # q and v of one attention block read the same input: count it once
+            acc = accs.get(name) or accs.setdefault(name, CovarianceAccumulator(h.shape[-1], h.device))
+            acc.update(h[self.context.masks[layer.stream].bool()])
+            last.update(input=h, acc=acc)
+
+        names = {id(layer): name for name, layer in self.adapted.items()}
+        gate_accs = [CovarianceAccumulator(d, self.device) for d in
+                     ((self.gates.dim, self.gates.hidden, self.gates.dim) if gate else ())]
+        was_training = self.training
+        self.eval()
+        try:
+            for i, batch in enumerate(batches):
+                if max_batches is not None and i >= max_batches:
+                    break
+                batch = self._to_device(batch)
+                if gate:
+                    p0 = self.pooled_embeddings(batch["input_ids"], batch["gate_mask"])
+                    p1, p2 = self.gates.features(p0)
+                    for acc, x in zip(gate_accs, (p0, p1[:, -1], p2[:, -1])):
+                        acc.update(x)
+                if layers:
+                    self.context.masks = self._stream_masks(batch)
+                    self.context.collector = collect
+                    self(batch)
+                    self.context.collector = None
+                    last.update(input=None, acc=None)
+        finally:
+            self.context.reset()
+            self.train(was_training)
+        feats.layers = {name: acc.covariance() for name, acc in accs.items()}
+        feats.gate = [acc.covariance() for acc in gate_accs]
+        return feats
+
+    def _stream_masks(self, batch: dict) -> dict[str, Tensor]:
+        if self.kind == "causal":
+            return {"decoder": batch["attention_mask"]}
+        return {"encoder": batch["attention_mask"], "decoder": batch["labels"] != -100}
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}

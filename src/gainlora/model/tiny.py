@@ -1,0 +1,427 @@
+"""Tiny backbones built locally (no model hub): a byte-level BPE tokenizer and a small T5 or Llama.
+
+``build_tiny_backbone("t5-demo")`` returns a directory that ``AutoModelForSeq2SeqLM.from_pretrained``
+and ``AutoTokenizer.from_pretrained`` load, exactly like a hub checkpoint, so the real loading path is
+the one tests and the demo exercise. Builds are cached on disk under a name that hashes the spec, the
+tokenizer corpus and ``BUILDER_VERSION`` (a changed recipe rebuilds), written to a temp dir and
+renamed into place under a file lock (concurrent builders never see a half-written model).
+
+Presets that ask for it get a short generic pre-training of the whole model on random pseudo-word
+strings (span infilling, repeating, "which word follows / precedes X"). A frozen random-init model
+cannot learn to copy an open-vocabulary word with LoRA alone; after this pre-training it can
+(DEMO_FINDINGS.md). The pre-training shares no instruction and no pseudo-word with the demo tasks.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+from gainlora.data.demo import demo_vocabulary, pseudo_word_universe, render_prompt
+
+try:  # POSIX only; elsewhere concurrent builds are merely wasteful, the rename still keeps them safe
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = [
+    "BUILDER_VERSION",
+    "PRESETS",
+    "TinySpec",
+    "build_tiny_backbone",
+    "build_tokenizer",
+    "default_cache_dir",
+    "pretrain_words",
+    "resolve_spec",
+    "with_overrides",
+]
+
+log = logging.getLogger(__name__)
+
+# Bump when the recipe changes in a way the spec does not show (corpus, tasks, optimiser, init).
+BUILDER_VERSION = "1"
+
+PAD, EOS, UNK, BOS = "<pad>", "</s>", "<unk>", "<s>"  # ids 0..3, T5's convention for the first three
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Shape and recipe of a tiny backbone. ``layers`` is the encoder (T5) or decoder (Llama) depth."""
+
+    arch: Literal["t5", "llama"]
+    d_model: int
+    layers: int
+    heads: int
+    d_ff: int
+    decoder_layers: int | None = None  # T5 only; defaults to ``layers``
+    vocab_size: int = 6000  # BPE target size
+    max_positions: int = 512  # Llama only (T5 uses relative positions)
+    pretrain_steps: int = 0
+    pretrain_lr: float = 1e-3
+    pretrain_batch: int = 32
+    pretrain_warmup: int = 100
+    pretrain_words: int = 1000  # size of the pre-training pseudo-word pool
+    seed: int = 0
+    name: str = "custom"  # cache directory prefix only; not part of the hash
+
+    def digest(self) -> str:
+        """Short hash of everything that determines the weights."""
+        fields = {k: v for k, v in asdict(self).items() if k != "name"}
+        blob = json.dumps(
+            {"spec": fields, "builder": BUILDER_VERSION, "corpus": _corpus_digest()}, sort_keys=True
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+PRESETS: dict[str, TinySpec] = {
+    # The demo backbone: DEMO_FINDINGS.md's d_model-128, 2+2-layer T5, pre-trained.
+    "t5-demo": TinySpec("t5", d_model=128, layers=2, heads=4, d_ff=512, pretrain_steps=2600, name="t5-demo"),
+    # Unit tests: random init, builds in seconds.
+    "t5-test": TinySpec("t5", d_model=64, layers=2, heads=2, d_ff=128, name="t5-test"),
+    "llama-test": TinySpec("llama", d_model=64, layers=2, heads=2, d_ff=128, name="llama-test"),
+    # Decoder-only counterpart of t5-demo, pre-trained the same way in causal-LM format.
+    "llama-demo": TinySpec(
+        "llama", d_model=128, layers=4, heads=4, d_ff=384, pretrain_steps=2600, name="llama-demo"
+    ),
+}
+
+
+def resolve_spec(preset: str | TinySpec) -> TinySpec:
+    if isinstance(preset, TinySpec):
+        return preset
+    try:
+        return PRESETS[preset]
+    except KeyError:
+        raise ValueError(f"unknown tiny preset {preset!r}; valid: {', '.join(PRESETS)}") from None
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("GAINLORA_CACHE") or Path.home() / ".cache" / "gainlora")
+
+
+# --- tokenizer ------------------------------------------------------------------------------------
+# A little generic English so real SuperNI text tokenizes into sensible pieces (bytes cover the rest).
+_ENGLISH = """
+the of and to a in is it you that he was for on are with as I his they be at one have this from or
+had by word but what some we can out other were all there when up use your how said an each she which
+do their time if will way about many then them write would like so these her long make thing see him
+two has look more day could go come did number sound no most people my over know water than call first
+who may down side been now find any new work part take get place made live where after back little only
+round man year came show every good me give our under name very through just form sentence great think
+say help low line differ turn cause much mean before move right boy old too same tell does set three
+want air well also play small end put home read hand port large spell add even land here must big high
+such follow act why ask men change went light kind off need house picture try us again animal point
+mother world near build self earth father head stand own page should country found answer school grow
+study still learn plant cover food sun four between state keep eye never last let thought city tree
+cross farm hard start might story saw far sea draw left late run while press close night real life few
+north open seem together next white children begin got walk example ease paper group always music those
+both mark often letter until mile river car feet care second book carry took science eat room friend
+began idea fish mountain stop once base hear horse cut sure watch color face wood main enough plain girl
+usual young ready above ever red list though feel talk bird soon body dog family direct pose leave song
+measure door product black short numeral class wind question happen complete ship area half rock order
+fire south problem piece told knew pass since top whole king space heard best hour better true during
+hundred five remember step early hold west ground interest reach fast verb sing listen six table travel
+less morning ten simple several vowel toward war lay against pattern slow center love person money serve
+appear road map rain rule govern pull cold notice voice unit power town fine certain fly fall lead cry
+dark machine note wait plan figure star box noun field rest correct able pound done beauty drive stood
+contain front teach week final gave green oh quick develop ocean warm free minute strong special mind
+behind clear tail produce fact street inch multiply nothing course stay wheel full force blue object
+decide surface deep moon island foot system busy test record boat common gold possible plane stead dry
+wonder laugh thousand ago ran check game shape equate hot miss brought heat snow tire bring yes distant
+fill east paint language among task label input output text given classify sentence question answer
+definition positive negative true false yes no review topic summary title category premise hypothesis
+entailment contradiction neutral sentiment options following example complete generate identify
+""".split()
+
+
+def pretrain_words(n: int) -> tuple[str, ...]:
+    """The pre-training pseudo-word pool: the next ``n`` pseudo-words the demo does not use."""
+    used = set(demo_vocabulary()["words"])
+    return tuple(w for w in pseudo_word_universe() if w not in used)[:n]
+
+
+_MAX_PRETRAIN_WORDS = 2000  # every spec's pool is a prefix of this, so the tokenizer covers them all
+
+
+@lru_cache(maxsize=1)
+def _corpus() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(single-token words, other text) the tokenizer is trained on; fixed, so BPE is deterministic."""
+    vocab = demo_vocabulary()
+    pseudo = set(pretrain_words(_MAX_PRETRAIN_WORDS)) | (set(pseudo_word_universe()) & set(vocab["words"]))
+    single = tuple(sorted(set(vocab["answers"]) | pseudo))
+    texts = (*vocab["texts"], *(render_prompt(i, "") for i in _PRETRAIN_INSTRUCTIONS.values()))
+    other = tuple(sorted(set(vocab["words"]) - pseudo)) + texts
+    return single, other
+
+
+@lru_cache(maxsize=1)
+def _corpus_digest() -> str:
+    single, other = _corpus()
+    return hashlib.sha256("\n".join(single + ("--",) + other).encode()).hexdigest()[:16]
+
+
+def _corpus_lines() -> Iterator[str]:
+    single, other = _corpus()
+    # Repeating required words far more often than anything else makes BPE merge each into one token
+    # before it spends the budget on English; the assertion in build_tokenizer checks it did.
+    for _ in range(40):
+        for i in range(0, len(single), 32):
+            yield " ".join(single[i : i + 32])
+    for _ in range(10):
+        yield from other
+    for _ in range(3):
+        yield " ".join(_ENGLISH)
+        yield " ".join(w.capitalize() for w in _ENGLISH)
+
+
+def build_tokenizer(arch: Literal["t5", "llama"] = "t5", vocab_size: int = 6000) -> PreTrainedTokenizerFast:
+    """Byte-level BPE: any text encodes without unknown tokens; every demo answer is one token.
+
+    T5 style appends ``</s>`` to every encoding; Llama style prepends ``<s>``. A leading space is
+    added before pre-tokenization (so "red" alone and " red" inside a sentence are the same token)
+    and stripped again when decoding.
+    """
+    tok = Tokenizer(models.BPE(unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[PAD, EOS, UNK, BOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus_lines(), trainer=trainer)
+    eos_id, bos_id = tok.token_to_id(EOS), tok.token_to_id(BOS)
+    if arch == "t5":
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"$A {EOS}", pair=f"$A {EOS} $B {EOS}", special_tokens=[(EOS, eos_id)]
+        )
+    else:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+        )
+    single, _ = _corpus()
+    split = [w for w in single if len(tok.encode(w, add_special_tokens=False).ids) != 1]
+    if split:
+        raise RuntimeError(f"tokenizer splits {len(split)} required words, e.g. {split[:5]}")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token=PAD,
+        eos_token=EOS,
+        unk_token=UNK,
+        bos_token=BOS,
+        clean_up_tokenization_spaces=False,
+        padding_side="right" if arch == "t5" else "left",
+    )
+
+
+# --- model ----------------------------------------------------------------------------------------
+def _make_model(spec: TinySpec, tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
+    ids = {
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+    }
+    if spec.arch == "t5":
+        if spec.d_model % spec.heads:
+            raise ValueError("d_model must be divisible by heads")
+        config = T5Config(
+            vocab_size=len(tokenizer),
+            d_model=spec.d_model,
+            d_kv=spec.d_model // spec.heads,
+            d_ff=spec.d_ff,
+            num_layers=spec.layers,
+            num_decoder_layers=spec.decoder_layers or spec.layers,
+            num_heads=spec.heads,
+            dropout_rate=0.0,  # tiny models trained for a few hundred steps: dropout only slows them
+            feed_forward_proj="relu",
+            tie_word_embeddings=True,
+            decoder_start_token_id=tokenizer.pad_token_id,
+            **ids,
+        )
+        return T5ForConditionalGeneration(config)
+    if spec.arch == "llama":
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=spec.d_model,
+            intermediate_size=spec.d_ff,
+            num_hidden_layers=spec.layers,
+            num_attention_heads=spec.heads,
+            num_key_value_heads=spec.heads,
+            max_position_embeddings=spec.max_positions,
+            tie_word_embeddings=True,
+            **ids,
+        )
+        return LlamaForCausalLM(config)
+    raise ValueError(f"unknown arch {spec.arch!r}; expected 't5' or 'llama'")
+
+
+# --- pre-training ---------------------------------------------------------------------------------
+_PRETRAIN_INSTRUCTIONS = {
+    "infill": "Restore the words that the blank replaces.",
+    "repeat": "Write the same words again in the same order.",
+    "after": "Which word comes directly after the marked word?",
+    "before": "Which word comes directly before the marked word?",
+}
+_BLANK = "____"
+
+
+def _pretrain_example(rng: random.Random, words: tuple[str, ...]) -> tuple[str, str]:
+    """One (prompt, answer) pair of a random generic task over random pseudo-word strings."""
+    kind = rng.choice(sorted(_PRETRAIN_INSTRUCTIONS))
+    length = rng.randint(4, 9)
+    if kind in ("after", "before"):  # distinct words, so the marked word and its answer are unique
+        seq = rng.sample(words, length)
+    else:
+        seq = [rng.choice(words) for _ in range(length)]
+    if kind == "infill":
+        length = rng.randint(1, 3)
+        start = rng.randint(0, len(seq) - length)
+        text = " ".join(seq[:start] + [_BLANK] + seq[start + length :])
+        answer = " ".join(seq[start : start + length])
+    elif kind == "repeat":
+        text = answer = " ".join(seq)
+    else:
+        i = rng.randint(0, length - 2) if kind == "after" else rng.randint(1, length - 1)
+        text = f"{' '.join(seq)} (marked: {seq[i]})"
+        answer = seq[i + 1] if kind == "after" else seq[i - 1]
+    return render_prompt(_PRETRAIN_INSTRUCTIONS[kind], text), answer
+
+
+def _pretrain_batch(
+    rng: random.Random, words: tuple[str, ...], tokenizer: PreTrainedTokenizerFast, arch: str, size: int
+) -> dict[str, torch.Tensor]:
+    pairs = [_pretrain_example(rng, words) for _ in range(size)]
+    prompts, answers = [p for p, _ in pairs], [a for _, a in pairs]
+    if arch == "t5":
+        enc = tokenizer(prompts, padding=True, return_tensors="pt")
+        labels = tokenizer(answers, padding=True, return_tensors="pt")
+        target = labels.input_ids.masked_fill(labels.attention_mask == 0, -100)
+        return {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "labels": target}
+    # Causal LM: prompt + answer + EOS, loss on the answer only, right padded.
+    rows = []
+    for p, a in zip(prompts, answers):
+        prompt = tokenizer(p).input_ids
+        answer = tokenizer(a, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        rows.append((prompt + answer, [-100] * len(prompt) + answer))
+    width = max(len(ids) for ids, _ in rows)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows])
+    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
+    mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows])
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def _pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, spec: TinySpec) -> dict[str, float]:
+    from tqdm.auto import tqdm
+
+    words = pretrain_words(spec.pretrain_words)
+    rng = random.Random(f"pretrain:{spec.seed}")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.pretrain_lr, weight_decay=0.0)
+    warmup = max(1, spec.pretrain_warmup)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    model.train()
+    start, ema = time.perf_counter(), None
+    bar = tqdm(range(spec.pretrain_steps), desc=f"pre-training {spec.name}", mininterval=5.0)
+    for step in bar:
+        batch = _pretrain_batch(rng, words, tokenizer, spec.arch, spec.pretrain_batch)
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{ema:.3f}")
+    model.eval()
+    seconds = time.perf_counter() - start
+    log.info("pre-trained %s: %d steps in %.0f s, loss %.3f", spec.name, spec.pretrain_steps, seconds, ema)
+    return {"pretrain_seconds": round(seconds, 1), "pretrain_final_loss": round(float(ema or 0.0), 4)}
+
+
+# --- build + cache --------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _deterministic(seed: int) -> Iterator[None]:
+    """Seed torch without disturbing the caller's RNG or determinism setting."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        torch.use_deterministic_algorithms(True)
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(previous)
+
+
+@contextlib.contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    with open(path, "a+") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build_into(spec: TinySpec, out: Path) -> None:
+    tokenizer = build_tokenizer(spec.arch, spec.vocab_size)
+    with _deterministic(spec.seed):
+        model = _make_model(spec, tokenizer)
+        stats = _pretrain(model, tokenizer, spec) if spec.pretrain_steps > 0 else {}
+    model.save_pretrained(out)  # safetensors
+    tokenizer.save_pretrained(out)
+    meta = {"spec": asdict(spec), "builder": BUILDER_VERSION, "corpus": _corpus_digest(), **stats}
+    (out / "tiny_spec.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def build_tiny_backbone(preset: str | TinySpec, cache_dir: str | Path | None = None) -> Path:
+    """Build (or reuse) a tiny backbone and return the directory ``from_pretrained`` loads."""
+    spec = resolve_spec(preset)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{spec.name}-{spec.digest()}"
+    if final.is_dir():
+        return final
+    with _lock(root / f".{final.name}.lock"):
+        if final.is_dir():  # another process built it while we waited
+            return final
+        log.info("building tiny backbone %s into %s", spec.name, final)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+        try:
+            _build_into(spec, tmp)
+            os.replace(tmp, final)  # atomic: readers see nothing or the complete directory
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return final
+
+
+def with_overrides(preset: str | TinySpec, **changes: object) -> TinySpec:
+    """A preset with some fields changed, e.g. ``with_overrides("t5-demo", pretrain_steps=0)``."""
+    return replace(resolve_spec(preset), **changes)  # type: ignore[arg-type]
