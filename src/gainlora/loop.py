@@ -53,6 +53,7 @@ def task_tensors(module: ContinualLM, method: Method, task: int) -> dict[str, di
 
 def restore_task(module: ContinualLM, method: Method, task: int, files: dict[str, dict[str, torch.Tensor]]) -> None:
     """Re-open task ``task``'s branch and gate exactly as they were saved."""
+    check_shapes(module, files, task)
     branch = files["branch"]
     init = {name: (branch[f"{name}.A"], branch[f"{name}.B"]) for name in module.adapted}
     if method.new_branch_per_task or module.num_branches == 0:
@@ -69,6 +70,33 @@ def restore_task(module: ContinualLM, method: Method, task: int, files: dict[str
         method.load_memory_tensors(files["memory"])
 
 
+class ArtifactError(ValueError):
+    """A saved artifact does not fit the model being rebuilt (e.g. another rank or backbone)."""
+
+
+def check_shapes(module: ContinualLM, files: dict[str, dict[str, torch.Tensor]], task: int) -> None:
+    expected = {}
+    for name, layer in module.adapted.items():
+        expected[f"{name}.A"] = (layer.rank, layer.in_features)
+        expected[f"{name}.B"] = (layer.out_features, layer.rank)
+    branch = files.get("branch", {})
+    if set(branch) != set(expected):
+        missing = sorted(set(expected) - set(branch))[:3]
+        raise ArtifactError(f"task {task + 1} branch.safetensors does not match the model's adapted layers "
+                            f"(missing e.g. {missing}); was the run made with another backbone?")
+    for key, shape in expected.items():
+        if tuple(branch[key].shape) != shape:
+            raise ArtifactError(f"task {task + 1} branch.safetensors: {key} has shape {tuple(branch[key].shape)}, "
+                                f"the model expects {shape} (lora.rank or backbone changed?)")
+    if module.gates is not None:
+        gate = files.get("gate", {})
+        want = {"G1": (module.gates.hidden, module.gates.dim), "G2": (module.gates.dim, module.gates.hidden),
+                "key": (module.gates.dim,)}
+        for key, shape in want.items():
+            if key not in gate or tuple(gate[key].shape) != shape:
+                raise ArtifactError(f"task {task + 1} gate.safetensors: {key} missing or not of shape {shape}")
+
+
 @dataclass
 class ContinualLoop:
     module: ContinualLM
@@ -78,6 +106,7 @@ class ContinualLoop:
     make_trainer: TrainerFactory
     info: dict  # experiment, method, benchmark, order, metric, seed, selection: copied to results.json
     seed: int = 0
+    progress_bar: bool = True
     on_task_end: Callable[[int, dict], None] | None = None  # e.g. W&B logging of the CL metrics
     matrix: list[list[float | None]] = field(default_factory=list)
 
@@ -102,6 +131,7 @@ class ContinualLoop:
             self.matrix.append(row + [None] * (len(names) - t - 1))
             meta = {"task": t, "name": name, "row": row, "wall_time_s": time.time() - task_started}
             self.run_dir.save_task(t, name, task_tensors(self.module, self.method, t), meta)
+            write_json(self.run_dir.root / "predictions.json", self.module.predictions)
             results = self.write_results(status="running", wall_time=resumed_time + time.time() - started)
             if self.on_task_end is not None:
                 self.on_task_end(t, results)
@@ -115,7 +145,8 @@ class ContinualLoop:
         self.module.current_task = t
         self.method.on_task_start(self.module, t, self.datamodule.feature_batches)
         self.module.regularizer = lambda: self.method.regularizer(self.module)
-        callbacks = [TaskProgressBar(t, n, name), *self.method.callbacks()]
+        callbacks = [TaskProgressBar(t, n, name)] if self.progress_bar else []
+        callbacks += self.method.callbacks()
         trainer = self.make_trainer(t, callbacks)
         trainer.fit(self.module, datamodule=self.datamodule)
         if trainer.interrupted:
@@ -129,13 +160,16 @@ class ContinualLoop:
     def write_results(self, *, status: str, wall_time: float) -> dict:
         names = self.task_names
         rows = [[None if v is None else float(v) for v in r] for r in self.matrix]
-        results = {**self.info, "tasks": names, "matrix": rows, **cl_metrics([r[: i + 1] for i, r in enumerate(rows)]),
+        done = [r[: i + 1] for i, r in enumerate(rows)]
+        scores = cl_metrics(done) if done else dict.fromkeys(("AP", "FT", "BWT", "BWT_ref", "FWT", "FWT_diag"))
+        results = {**self.info, "tasks": names, "matrix": rows, **scores,
                    "wall_time_s": round(wall_time, 2), "status": status,
                    "truncated": {"sources": self.datamodule.collator.truncation.sources,
                                  "targets": self.datamodule.collator.truncation.targets}}
         write_json(self.run_dir.results, results)
+        if not done:
+            return results
         title = f"{self.info.get('experiment')} · {self.info.get('method')}"
-        done = [r[: i + 1] for i, r in enumerate(rows)]
         plot_matrix(done, names[: len(done)], self.run_dir.plots / "matrix.png", title=title)
         plot_forgetting(done, names[: len(done)], self.run_dir.plots / "forgetting.png", title=title)
         return results

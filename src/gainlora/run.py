@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -19,7 +21,8 @@ from gainlora.artifacts import RunDir, write_text
 from gainlora.data.collate import Collator
 from gainlora.data.datamodule import TaskStreamDataModule
 from gainlora.data.tasks import load_stream, stream_metric
-from gainlora.loop import ContinualLoop
+from gainlora.data.types import DataError
+from gainlora.loop import ArtifactError, ContinualLoop
 from gainlora.methods.base import Method
 from gainlora.model.backbone import load_backbone
 from gainlora.model.module import ContinualLM
@@ -30,6 +33,25 @@ CONF_DIR = Path(os.environ.get("GAINLORA_CONF", Path(__file__).resolve().parents
 
 class ConfigError(ValueError):
     """A bad configuration value; the message names the key."""
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Cheap checks of the values a run depends on, before anything is loaded or trained."""
+    def positive(key: str, value) -> None:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{key} must be a positive number, got {value!r}")
+
+    positive("lora.rank", cfg.lora.rank)
+    positive("lora.alpha", cfg.lora.alpha)
+    positive("optimizer.lr", cfg.optimizer.lr)
+    positive("data.batch_size", cfg.data.batch_size)
+    if not (cfg.backbone.get("name_or_path") or cfg.backbone.get("tiny")):
+        raise ConfigError("backbone: set backbone.name_or_path (a Hugging Face name or a local path) or backbone.tiny")
+    target = str(cfg.strategy.get("_target_", cfg.strategy.get("name", "")))
+    gated = "GainLoRA" in str(cfg.method.get("_target_", ""))
+    if "DeepSpeed" in target and cfg.strategy.get("stage") == 3 and gated:
+        raise ConfigError("strategy deepspeed_stage_3 with a GainLoRA method is not supported: the gate "
+                          "update projection needs replicated gate parameters; use deepspeed_stage_2")
 
 
 def build_method(cfg: DictConfig) -> Method:
@@ -43,23 +65,27 @@ def build_method(cfg: DictConfig) -> Method:
     return method
 
 
-def build(cfg: DictConfig, *, load_data: bool = True):
-    """(module, datamodule, method) for a config; data validated before anything heavy."""
-    tasks = load_stream(cfg.benchmark, seed=cfg.seed) if load_data else []
+def build_model(cfg: DictConfig, task_names: list[str]) -> tuple[ContinualLM, Method, Collator]:
+    """The module (backbone + branch/gate registry), the method and the collator for a config."""
     method = build_method(cfg)
     backbone = load_backbone(cfg.backbone.name_or_path, tiny=cfg.backbone.tiny, dtype=cfg.backbone.dtype,
                              cache_dir=cfg.paths.cache_dir)
-    names = [t.name for t in tasks] or list(cfg.get("task_names", []))
     module = ContinualLM(
         backbone, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, gates=method.gate_spec,
-        optimizer=instantiate(cfg.optimizer), generation={"max_new_tokens": cfg.backbone.max_new_tokens,
-                                                           "num_beams": cfg.generation.num_beams},
-        task_names=names, task_metrics=[t.metric for t in tasks])
+        optimizer=instantiate(cfg.optimizer), task_names=task_names,
+        generation={"max_new_tokens": cfg.backbone.max_new_tokens, "num_beams": cfg.generation.num_beams})
     collator = Collator(backbone.tokenizer, backbone.kind, cfg.backbone.max_source_length,
                         cfg.backbone.max_target_length)
+    return module, method, collator
+
+
+def build(cfg: DictConfig) -> tuple[ContinualLM, TaskStreamDataModule, Method]:
+    """Everything a run needs. The data is loaded and validated first, before anything heavy."""
+    tasks = load_stream(cfg.benchmark, seed=cfg.seed)
+    module, method, collator = build_model(cfg, [t.name for t in tasks])
     datamodule = TaskStreamDataModule(tasks, collator, batch_size=cfg.data.batch_size,
                                       eval_batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers,
-                                      seed=cfg.seed) if tasks else None
+                                      seed=cfg.seed)
     return module, datamodule, method
 
 
@@ -72,7 +98,7 @@ def resolve_run_dir(cfg: DictConfig) -> RunDir:
         if not unfinished:
             raise ConfigError(f"resume=true: no unfinished run under {base}; name one with run_id=...")
         return RunDir(unfinished[-1])
-    return RunDir(base / (run_id or datetime.now().strftime("%Y%m%d-%H%M%S")))
+    return RunDir(base / str(run_id if run_id is not None else datetime.now().strftime("%Y%m%d-%H%M%S")))
 
 
 def _read(path: Path) -> str:
@@ -88,6 +114,16 @@ def make_loggers(cfg: DictConfig, run_dir: RunDir) -> list:
     return loggers
 
 
+def log_task_metrics(loggers: list, task: int, results: dict) -> None:
+    """Continual-learning metrics after each task, against the task index (never a global step)."""
+    row = results["matrix"][task]
+    metrics = {"cl/task": task + 1, **{f"cl/{k}": results[k] for k in ("AP", "FT", "BWT") if results[k] is not None},
+               **{f"cl/score/{name}": row[j] for j, name in enumerate(results["tasks"][: task + 1])}}
+    for logger in loggers:
+        logger.log_metrics(metrics, step=task)
+        logger.save()
+
+
 def trainer_factory(cfg: DictConfig, run_dir: RunDir, loggers: list):
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
 
@@ -99,12 +135,47 @@ def trainer_factory(cfg: DictConfig, run_dir: RunDir, loggers: list):
     return make
 
 
-def run(cfg: DictConfig) -> dict:
+# Keys that may differ between an interrupted run and its resumption.
+RESUMABLE_KEYS = {"resume", "run_id", "paths", "logger", "trainer.enable_progress_bar"}
+
+
+def config_differences(saved: DictConfig, current: DictConfig) -> list[str]:
+    """Dotted keys whose values differ, ignoring those a resume may change."""
+    a = OmegaConf.to_container(saved, resolve=True)
+    b = OmegaConf.to_container(current, resolve=True)
+    diffs: list[str] = []
+
+    def walk(x, y, prefix: str) -> None:
+        if prefix.rstrip(".") in RESUMABLE_KEYS or prefix.split(".")[0] in RESUMABLE_KEYS:
+            return
+        if isinstance(x, dict) and isinstance(y, dict):
+            for key in sorted(set(x) | set(y)):
+                walk(x.get(key), y.get(key), f"{prefix}{key}.")
+        elif x != y:
+            diffs.append(f"{prefix.rstrip('.')}: {x!r} -> {y!r}")
+
+    walk(a, b, "")
+    return diffs
+
+
+def prepare_run_dir(cfg: DictConfig) -> RunDir:
     run_dir = resolve_run_dir(cfg)
     if run_dir.config.exists() and not cfg.resume:
         raise ConfigError(f"{run_dir.root} already holds a run; pass resume=true or a new run_id")
     with open_dict(cfg):
         cfg.paths.run_dir = str(run_dir.root)
+        cfg.run_id = run_dir.root.name
+    if cfg.resume and run_dir.config.exists():
+        diffs = config_differences(OmegaConf.load(run_dir.config), cfg)
+        if diffs:
+            raise ConfigError(f"resume: {run_dir.config} was made with another config; differing keys: "
+                              + "; ".join(diffs[:5]))
+    return run_dir
+
+
+def run(cfg: DictConfig) -> dict:
+    validate_config(cfg)
+    run_dir = prepare_run_dir(cfg)
     module, datamodule, method = build(cfg)
     run_dir.root.mkdir(parents=True, exist_ok=True)
     write_text(run_dir.config, OmegaConf.to_yaml(cfg, resolve=True))
@@ -112,10 +183,16 @@ def run(cfg: DictConfig) -> dict:
     info = {"experiment": cfg.exp_name, "method": method.name, "benchmark": cfg.benchmark.name,
             "order": cfg.benchmark.get("order"), "metric": stream_metric(datamodule.tasks), "seed": cfg.seed,
             "selection": cfg.benchmark.get("selection", "carved"), "backbone": module.backbone.name_or_path}
+    started = time.time()
     loop = ContinualLoop(module=module, datamodule=datamodule, method=method, run_dir=run_dir,
-                         make_trainer=trainer_factory(cfg, run_dir, loggers), info=info, seed=cfg.seed)
+                         make_trainer=trainer_factory(cfg, run_dir, loggers), info=info, seed=cfg.seed,
+                         progress_bar=cfg.trainer.enable_progress_bar,
+                         on_task_end=lambda t, results: log_task_metrics(loggers, t, results))
     try:
         results = loop.run()
+    except BaseException as err:  # finished tasks stay on disk; say what stopped the run
+        loop.write_results(status=f"failed: {type(err).__name__}: {err}"[:500], wall_time=time.time() - started)
+        raise
     finally:
         for logger in loggers:
             logger.finalize("success")
@@ -124,9 +201,16 @@ def run(cfg: DictConfig) -> dict:
     return results
 
 
+USER_ERRORS = (ConfigError, DataError, ArtifactError)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float:
-    return run(cfg)["AP"]
+    try:
+        return run(cfg)["AP"]
+    except USER_ERRORS as err:  # one clear line, no traceback, for mistakes in the input
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -35,8 +35,7 @@ class ContinualLM(L.LightningModule):
 
     def __init__(self, backbone: Backbone, *, rank: int = 8, alpha: float = 32.0, dropout: float = 0.0,
                  gates: dict | None = None, optimizer: Callable[..., torch.optim.Optimizer] | None = None,
-                 generation: dict | None = None, task_names: list[str] | None = None,
-                 task_metrics: list[str] | None = None) -> None:
+                 generation: dict | None = None, task_names: list[str] | None = None) -> None:
         super().__init__()
         self.backbone = backbone.model
         self.tokenizer = backbone.tokenizer
@@ -54,10 +53,9 @@ class ContinualLM(L.LightningModule):
         self.optimizer_factory = optimizer
         self.generation = {"max_new_tokens": 50, "num_beams": 1, **(generation or {})}
         self.task_names = list(task_names or [])
-        self.task_metrics = list(task_metrics or [])
         self.current_task = -1
         self.scores = TaskScores(max(len(self.task_names), 1))
-        self.predictions: list[dict] = []  # a few (task, prediction, references) samples per test
+        self.predictions: list[dict] = []  # every prediction of the last test, for predictions.json
 
     # -- branch registry ---------------------------------------------------------------------
     @property
@@ -149,9 +147,9 @@ class ContinualLM(L.LightningModule):
         preds = self.generate(batch)
         task_ids = batch["task_id"].tolist()
         self.scores.update(preds, batch["references"], task_ids, batch["metric"])
-        if len(self.predictions) < 64:
-            for p, r, t in zip(preds, batch["references"], task_ids):
-                self.predictions.append({"task": t, "prediction": p, "references": list(r)})
+        if not self.trainer.sanity_checking and self.trainer.testing:
+            for p, r, t, src in zip(preds, batch["references"], task_ids, batch["source"]):
+                self.predictions.append({"task": t, "source": src, "prediction": p, "references": list(r)})
 
     def on_validation_epoch_start(self) -> None:
         self.scores.reset()

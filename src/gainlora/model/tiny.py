@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -39,7 +39,7 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from gainlora.data.demo import demo_vocabulary, pseudo_word_universe, render_prompt
+from gainlora.data.demo import PROMPT_PIECES, demo_vocabulary, pseudo_word_universe, render_prompt
 
 try:  # POSIX only; elsewhere concurrent builds are merely wasteful, the rename still keeps them safe
     import fcntl
@@ -214,6 +214,9 @@ def build_tokenizer(arch: Literal["t5", "llama"] = "t5", vocab_size: int = 6000)
         show_progress=False,
     )
     tok.train_from_iterator(_corpus_lines(), trainer=trainer)
+    # The SuperNI template's fixed pieces as whole tokens: ~15 fewer tokens per prompt, which
+    # roughly halves the encoder's work on the demo. Ordinary (non-special) tokens, so they decode.
+    tok.add_tokens([AddedToken(p, normalized=False, special=False) for p in PROMPT_PIECES])
     eos_id, bos_id = tok.token_to_id(EOS), tok.token_to_id(BOS)
     if arch == "t5":
         tok.post_processor = processors.TemplateProcessing(

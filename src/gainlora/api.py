@@ -1,0 +1,65 @@
+"""Load a finished (or partly finished) run back for inference: ``gainlora.load_run(path)``.
+
+Everything comes from the run directory: the resolved config.yaml rebuilds the backbone and the
+method, and each finished task's safetensors re-open its branch and gate. Nothing is unpickled.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from gainlora.artifacts import RunDir
+from gainlora.data.collate import Collator
+from gainlora.data.types import Example
+from gainlora.loop import restore_task
+from gainlora.methods.base import Method
+from gainlora.model.module import ContinualLM
+
+
+@dataclass
+class TrainedModel:
+    module: ContinualLM
+    method: Method
+    collator: Collator
+    config: DictConfig
+    tasks: list[str]  # the tasks it has learned, in order
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], *, batch_size: int = 32, **generation) -> list[str]:
+        """Answers for already-formatted prompts (see gainlora.data.benchmarks for the templates)."""
+        self.module.eval()
+        answers: list[str] = []
+        for start in range(0, len(prompts), batch_size):
+            items = [(0, Example(source=p, target="", references=("",)), "exact_match")
+                     for p in prompts[start:start + batch_size]]
+            batch = self.module._to_device(self.collator.eval_batch(items))
+            answers += self.module.generate(batch, **generation)
+        return answers
+
+
+def load_run(path: str | Path) -> TrainedModel:
+    from gainlora.run import build_model  # late: run.py imports Hydra's entry machinery
+
+    run_dir = RunDir(path)
+    if not run_dir.config.is_file():
+        raise FileNotFoundError(f"{run_dir.config}: not a run directory (no config.yaml)")
+    cfg = OmegaConf.load(run_dir.config)
+    names = json.loads(run_dir.results.read_text())["tasks"]
+    module, method, collator = build_model(cfg, names)
+    method.setup(module, len(names))
+    learned = []
+    for t, name in enumerate(names):
+        if not run_dir.is_done(t, name):
+            break
+        files, _ = run_dir.load_task(t, name)
+        restore_task(module, method, t, files)
+        learned.append(name)
+    if not learned:
+        raise FileNotFoundError(f"{run_dir.root}: no finished task to load")
+    module.current_task = len(learned) - 1
+    module.eval()
+    return TrainedModel(module=module, method=method, collator=collator, config=cfg, tasks=learned)

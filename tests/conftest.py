@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny local backbones (no hub), demo tasks and a quiet CPU Trainer."""
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import pytest
+
+from gainlora.model.backbone import Backbone, load_backbone
+from gainlora.model.tiny import build_tiny_backbone
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Tiny CPU fits: Lightning's advice about dataloader workers and log intervals is noise here.
+    config.addinivalue_line("filterwarnings", "ignore:.*does not have many workers.*")
+    config.addinivalue_line("filterwarnings", "ignore:.*log_every_n_steps.*")
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where tiny backbones are built: $GAINLORA_CACHE if set (reused across sessions), else a
+    per-session temporary folder (a build takes seconds)."""
+    env = os.environ.get("GAINLORA_CACHE")
+    return Path(env) if env else tmp_path_factory.mktemp("tiny-backbones")
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_path(tiny_cache: Path) -> Path:
+    return build_tiny_backbone("t5-test", cache_dir=tiny_cache)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_path(tiny_cache: Path) -> Path:
+    return build_tiny_backbone("llama-test", cache_dir=tiny_cache)
+
+
+@pytest.fixture(scope="session")
+def t5_backbone(tiny_t5_path: Path) -> Callable[[], Backbone]:
+    """A factory: every call loads a fresh tiny T5 (ContinualLM rewrites the model in place)."""
+    return lambda: load_backbone(str(tiny_t5_path))
+
+
+@pytest.fixture(scope="session")
+def llama_backbone(tiny_llama_path: Path) -> Callable[[], Backbone]:
+    return lambda: load_backbone(str(tiny_llama_path))
+
+
+def cpu_trainer(max_steps: int = 20, callbacks: list[L.Callback] | None = None) -> L.Trainer:
+    """A silent single-process CPU Trainer for a few optimizer steps."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False,
+                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks or [])
+
+
+@pytest.fixture(scope="session")
+def make_trainer() -> Callable[..., L.Trainer]:
+    """``make_trainer(max_steps=20, callbacks=[...])``: see ``cpu_trainer``."""
+    return cpu_trainer

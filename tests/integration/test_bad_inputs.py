@@ -1,0 +1,133 @@
+"""Bad input fails before any training, with one clear message naming the file, task or key."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from safetensors.torch import save_file
+import torch
+
+from gainlora.run import CONF_DIR, run
+
+ROOT = Path(__file__).resolve().parents[2]
+SHARED = Path(os.environ.get("GAINLORA_DATA", ROOT.parent / "shared" / "CL_Benchmark"))
+TINY = ["experiment=demo", "backbone=tiny_t5_test", "benchmark.num_tasks=1", "data.batch_size=16",
+        "trainer.max_steps=2", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"]
+DEMO = ["benchmark.n_train=32", "benchmark.n_test=8"]
+
+
+def config(tmp_path: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=[*TINY, f"paths.runs_dir={tmp_path / 'runs'}", *overrides])
+
+
+def superni_copy(tmp_path: Path, corrupt) -> Path:
+    """A one-task SuperNI folder whose train.json was passed through ``corrupt``."""
+    if not (SHARED / "SuperNI").is_dir():
+        pytest.skip("the shared benchmark is not available (set GAINLORA_DATA)")
+    task = "task363_sst2_polarity_classification"
+    dest = tmp_path / "data" / "SuperNI" / task
+    shutil.copytree(SHARED / "SuperNI" / task, dest)
+    path = dest / "train.json"
+    path.write_text(corrupt(path.read_text()))
+    return tmp_path / "data"
+
+
+def drop_key(key):
+    def corrupt(text):
+        obj = json.loads(text)
+        del obj[key]
+        return json.dumps(obj)
+    return corrupt
+
+
+def empty_instances(text):
+    obj = json.loads(text)
+    obj["Instances"] = []
+    return json.dumps(obj)
+
+
+SUPERNI = ["benchmark=superni", "benchmark.tasks=[task363_sst2_polarity_classification]"]
+CASES = {
+    # case: (overrides, corrupt train.json with, message fragment)
+    "missing data directory": (SUPERNI + ["paths.data_dir=/nonexistent/CL_Benchmark"], None, "make data"),
+    "missing task": (["benchmark=superni", "benchmark.tasks=[task999_nothing]"], "copy", "task999_nothing"),
+    "malformed JSON": (SUPERNI, lambda t: t[:-40], "train.json: malformed JSON"),
+    "missing key": (SUPERNI, drop_key("Instances"), "missing key 'Instances'"),
+    "empty Instances": (SUPERNI, empty_instances, "'Instances' is empty"),
+    "unknown reader": (["benchmark.reader=bogus"], None, "benchmark.reader: unknown 'bogus'"),
+    "unknown order": (["benchmark.order=9"], None, "benchmark.order: unknown order 9"),
+    "zero rank": (["lora.rank=0"], None, "lora.rank must be a positive number"),
+    "no backbone": (["backbone.tiny=null"], None, "backbone.name_or_path"),
+    "known-missing file": (["benchmark=long", "benchmark.tasks=[yelp]", f"paths.data_dir={SHARED}"], None,
+                           "yelp/test.json"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_refused_before_training(case, tmp_path):
+    overrides, corrupt, fragment = CASES[case]
+    overrides = list(overrides)
+    if corrupt is not None:
+        data = superni_copy(tmp_path, (lambda t: t) if corrupt == "copy" else corrupt)
+        overrides.append(f"paths.data_dir={data}")
+    if case == "known-missing file" and not (SHARED / "Long_Sequence").is_dir():
+        pytest.skip("the shared benchmark is not available")
+    if not any(o.startswith("benchmark=") for o in overrides):
+        overrides += DEMO
+    cfg = config(tmp_path, *overrides)
+    with pytest.raises(ValueError) as err:
+        run(cfg)
+    assert fragment in str(err.value)
+    assert "\n" not in str(err.value)
+    assert not list((tmp_path / "runs").rglob("DONE")), "training started"
+
+
+@pytest.mark.parametrize("override, fragment", [("method=nosuch", "nosuch"), ("backbone=nosuch", "nosuch")])
+def test_unknown_config_group_option_names_it(override, fragment, tmp_path):
+    cmd = [sys.executable, "-m", "gainlora.run", *TINY, *DEMO, f"paths.runs_dir={tmp_path}", override]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and f"Could not find '{override.split('=')[0]}/{fragment}'" in done.stderr
+
+
+def test_entry_point_prints_one_line_error(tmp_path):
+    cmd = [sys.executable, "-m", "gainlora.run", *TINY, *DEMO, f"paths.runs_dir={tmp_path}", "lora.rank=0"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == "error: lora.rank must be a positive number, got 0"
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_the_task_and_keeps_finished_ones(tmp_path, monkeypatch):
+    from gainlora.model.module import ContinualLM
+
+    cfg = config(tmp_path, *DEMO, "benchmark.num_tasks=2", "run_id=poisoned")
+    forward = ContinualLM.forward
+
+    def poisoned(self, batch):  # an injected fault: the second task's loss turns NaN
+        loss = forward(self, batch)
+        return loss * float("nan") if self.current_task == 1 else loss
+
+    monkeypatch.setattr(ContinualLM, "forward", poisoned)
+    with pytest.raises(FloatingPointError, match="non-finite loss .* task 2"):
+        run(cfg)
+    run_dir = tmp_path / "runs" / "demo" / "poisoned"
+    assert (run_dir / "tasks" / "01-demo_colour" / "DONE").is_file()
+    assert not (run_dir / "tasks" / "02-demo_parity").exists()
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"].startswith("failed: FloatingPointError") and len(results["matrix"]) == 1
+
+
+@pytest.mark.slow
+def test_resume_refuses_artifacts_of_another_shape(tmp_path):
+    run(config(tmp_path, *DEMO, "run_id=shape", "benchmark.num_tasks=2", "trainer.max_steps=1"))
+    branch = tmp_path / "runs" / "demo" / "shape" / "tasks" / "01-demo_colour" / "branch.safetensors"
+    save_file({"encoder.block.0.layer.0.SelfAttention.q.A": torch.zeros(2, 2)}, str(branch))
+    with pytest.raises(ValueError, match="task 1 branch.safetensors does not match"):
+        run(config(tmp_path, *DEMO, "run_id=shape", "benchmark.num_tasks=2", "trainer.max_steps=1", "resume=true"))

@@ -1,0 +1,129 @@
+"""End to end: the entry point on a tiny backbone, the run-directory contract, load_run,
+determinism, and resuming after a hard kill."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["experiment=demo", "backbone=tiny_t5_test", "benchmark.n_train=48", "benchmark.n_val=8",
+        "benchmark.n_test=16", "data.batch_size=16", "trainer.enable_progress_bar=false"]
+
+pytestmark = pytest.mark.slow
+
+
+def launch(runs: Path, *overrides: str, wait: bool = True):
+    cmd = [sys.executable, "-m", "gainlora.run", *TINY, f"paths.runs_dir={runs}", *overrides]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def results_of(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def two_task_run(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    done = launch(runs, "benchmark.num_tasks=2", "trainer.max_steps=8", "trainer.log_every_n_steps=2", "run_id=r1")
+    return Path(done.stdout.strip().splitlines()[-1]), done
+
+
+def test_results_contract(two_task_run):
+    results_path, done = two_task_run
+    assert results_path.name == "results.json" and results_path.is_file()  # printed last
+    run_dir = results_path.parent
+    results = results_of(results_path)
+    for key in ("experiment", "method", "benchmark", "order", "tasks", "metric", "matrix", "AP", "FT", "BWT",
+                "BWT_ref", "FWT", "FWT_diag", "seed", "selection", "wall_time_s", "status"):
+        assert key in results, key
+    assert results["status"] == "finished" and results["method"] == "gainlora_inflora"
+    matrix = results["matrix"]
+    assert len(matrix) == 2 and matrix[0][1] is None and all(v is not None for v in matrix[1])
+    assert results["AP"] == pytest.approx(sum(matrix[1]) / 2)
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "metrics.csv").is_file()
+    for plot in ("matrix.png", "forgetting.png"):
+        assert (run_dir / "plots" / plot).stat().st_size > 1000
+    for t, name in enumerate(results["tasks"]):
+        task_dir = run_dir / "tasks" / f"{t + 1:02d}-{name}"
+        assert (task_dir / "DONE").is_file()
+        assert {p.name for p in task_dir.glob("*.safetensors")} == {"branch.safetensors", "gate.safetensors",
+                                                                    "memory.safetensors"}
+    assert "train/loss" in (run_dir / "metrics.csv").read_text().splitlines()[0]
+
+
+def test_load_run_reproduces_final_predictions(two_task_run):
+    import gainlora
+
+    run_dir = two_task_run[0].parent
+    recorded = json.loads((run_dir / "predictions.json").read_text())
+    model = gainlora.load_run(run_dir)
+    assert model.tasks == results_of(two_task_run[0])["tasks"]
+    again = model.generate([r["source"] for r in recorded], batch_size=7)  # other batching on purpose
+    assert again == [r["prediction"] for r in recorded]
+
+
+def test_existing_run_dir_is_refused(two_task_run, tmp_path):
+    run_dir = two_task_run[0].parent
+    cmd = [sys.executable, "-m", "gainlora.run", *TINY, f"paths.runs_dir={run_dir.parent.parent}", "run_id=r1"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "already holds a run" in done.stdout + done.stderr
+
+
+THREE = ("benchmark.num_tasks=3", "trainer.max_steps=12")
+
+
+@pytest.fixture(scope="module")
+def reference_matrix(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("ref")
+    done = launch(runs, *THREE, "run_id=a")
+    return results_of(Path(done.stdout.strip().splitlines()[-1]))["matrix"], runs
+
+
+def test_same_seed_same_matrix(reference_matrix):
+    matrix, runs = reference_matrix
+    done = launch(runs, *THREE, "run_id=b")
+    assert results_of(Path(done.stdout.strip().splitlines()[-1]))["matrix"] == matrix
+
+
+def test_resume_after_sigkill_in_task_two(reference_matrix, tmp_path):
+    matrix, _ = reference_matrix
+    proc = launch(tmp_path, *THREE, "run_id=k", wait=False)
+    deadline = time.time() + 300
+    for line in proc.stdout:  # kill as soon as task 2 begins: mid-task by construction
+        if "task 2/3" in line and "start" in line:
+            break
+        assert time.time() < deadline
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    run_dir = tmp_path / "demo" / "k"
+    assert (run_dir / "tasks" / "01-demo_colour" / "DONE").is_file()
+    assert not list((run_dir / "tasks").glob("02-*/DONE")), "task 2 finished before the kill"
+    done = launch(tmp_path, *THREE, "run_id=k", "resume=true")
+    assert "finished earlier, restored" in done.stdout
+    with open(run_dir / "metrics.csv", newline="") as file:
+        logged_tasks = {row["cl/task"] for row in csv.DictReader(file) if row.get("cl/task")}
+    assert logged_tasks == {"1", "2", "3"}  # task 1's rows, written before the kill, survived
+    assert results_of(run_dir / "results.json")["matrix"] == matrix
+
+
+def test_resume_with_another_config_is_refused(reference_matrix):
+    _, runs = reference_matrix
+    cmd = [sys.executable, "-m", "gainlora.run", *TINY, f"paths.runs_dir={runs}", *THREE, "run_id=a",
+           "resume=true", "lora.rank=4"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "lora.rank: 8 -> 4" in done.stdout + done.stderr

@@ -1,0 +1,160 @@
+"""Every experiment composes, builds its method, optimizer and strategy, carries the paper's
+hyperparameters, and turns into a CPU smoke run with the single override ``debug=cpu_tiny``."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig
+
+from gainlora.data.types import DataError
+from gainlora.run import CONF_DIR, build_method
+
+ROOT = Path(__file__).resolve().parents[2]
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml"))
+METHODS = sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml"))
+DATA = Path(os.environ.get("GAINLORA_DATA", "/work/shared/CL_Benchmark"))
+
+# name: (backbone, benchmark, order, lr, epochs, rank, source length, precision, strategy class)
+DS = "lightning.pytorch.strategies.DeepSpeedStrategy"
+PAPER = {
+    "t5_large_order1": ("google-t5/t5-large", "superni", 1, 3e-4, 100, 4, 512, "32-true", None),
+    "t5_large_order2": ("google-t5/t5-large", "superni", 2, 3e-4, 100, 4, 512, "32-true", None),
+    "t5_large_order3": ("google-t5/t5-large", "long", 3, 3e-4, 10, 8, 512, "32-true", None),
+    "t5_large_order4": ("google-t5/t5-large", "long", 4, 3e-4, 10, 8, 512, "32-true", None),
+    "t5_xl_order1": ("google-t5/t5-3b", "superni", 1, 3e-4, 100, 4, 512, "32-true", None),
+    "t5_xl_order2": ("google-t5/t5-3b", "superni", 2, 3e-4, 100, 4, 512, "32-true", None),
+    "llama2_7b_order1": ("meta-llama/Llama-2-7b-hf", "superni", 1, 5e-5, 50, 4, 1024, "bf16-mixed", DS),
+    "llama2_7b_order2": ("meta-llama/Llama-2-7b-hf", "superni", 2, 5e-5, 50, 4, 1024, "bf16-mixed", DS),
+    "llama2_13b_order1": ("meta-llama/Llama-2-13b-hf", "superni", 1, 5e-5, 50, 4, 1024, "bf16-mixed", DS),
+    "llama2_13b_order2": ("meta-llama/Llama-2-13b-hf", "superni", 2, 5e-5, 50, 4, 1024, "bf16-mixed", DS),
+    "llama3_8b_order1": ("meta-llama/Meta-Llama-3-8B", "superni", 1, 5e-5, 50, 4, 1024, "bf16-mixed", DS),
+    "llama3_8b_order2": ("meta-llama/Meta-Llama-3-8B", "superni", 2, 5e-5, 50, 4, 1024, "bf16-mixed", DS),
+}
+
+
+def compose_cfg(*overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def test_every_paper_experiment_exists() -> None:
+    assert set(PAPER) <= set(EXPERIMENTS), sorted(set(PAPER) - set(EXPERIMENTS))
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_composes_and_builds(name: str) -> None:
+    cfg = compose_cfg(f"experiment={name}")
+    assert cfg.exp_name == name  # the experiment's values win over conf/config.yaml's
+    method = build_method(cfg)
+    assert method.name
+    optimizer = instantiate(cfg.optimizer)(torch.nn.Linear(2, 2).parameters())
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(cfg.optimizer.lr)
+    if "_target_" in cfg.strategy:
+        assert get_class(cfg.strategy._target_)  # the class resolves even where it cannot run
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_hyperparameters(name: str) -> None:
+    backbone, benchmark, order, lr, epochs, rank, source, precision, strategy = PAPER[name]
+    cfg = compose_cfg(f"experiment={name}")
+    assert cfg.backbone.name_or_path == backbone and cfg.backbone.tiny is None
+    assert (cfg.benchmark.name, cfg.benchmark.order) == (benchmark, order)
+    assert cfg.method._target_ == "gainlora.methods.GainLoRA"
+    assert cfg.method.branches._target_ == "gainlora.methods.InfLoRA"
+    assert cfg.optimizer._target_ == "torch.optim.AdamW" and cfg.optimizer.lr == pytest.approx(lr)
+    assert cfg.optimizer.weight_decay == 0.0
+    assert (cfg.trainer.max_epochs, cfg.trainer.max_steps) == (epochs, -1)
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout) == (rank, 32, 0.0)
+    assert cfg.method.hidden == 100
+    assert (cfg.backbone.max_source_length, cfg.backbone.max_target_length, cfg.backbone.max_new_tokens) == \
+        (source, 50, 50)
+    assert cfg.trainer.precision == precision
+    assert cfg.data.global_batch_size == 32 and 32 % cfg.data.batch_size == 0
+    assert cfg.strategy.get("_target_") == strategy
+    if strategy:
+        assert cfg.strategy.stage == 2 and cfg.backbone.dtype == "bfloat16"
+
+
+def test_deepspeed_strategies_instantiate() -> None:
+    """The three DeepSpeed configs build Lightning strategies with the stage/offload they name."""
+    pytest.importorskip("deepspeed")
+    expected = {"deepspeed_stage_2": (2, False), "deepspeed_stage_2_offload": (2, True),
+                "deepspeed_stage_3": (3, False)}
+    for choice, (stage, offload) in expected.items():
+        cfg = compose_cfg("experiment=llama2_7b_order1", f"strategy={choice}")
+        strategy = instantiate(cfg.strategy)
+        zero = strategy.config["zero_optimization"]
+        assert zero["stage"] == stage and ("offload_optimizer" in zero) == offload
+        assert strategy.config["train_micro_batch_size_per_gpu"] == cfg.data.batch_size
+
+
+@pytest.mark.parametrize("name", ["t5_large_order1", "t5_large_order3", "llama3_8b_order1"])
+@pytest.mark.parametrize("method", METHODS)
+def test_any_method_by_override(name: str, method: str) -> None:
+    cfg = compose_cfg(f"experiment={name}", f"method={method}")
+    built = build_method(cfg)
+    assert built.name
+    assert cfg.lora.rank == PAPER[name][5]  # the experiment's settings survive the override
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_cpu_tiny_debug(name: str) -> None:
+    full = compose_cfg(f"experiment={name}")
+    cfg = compose_cfg(f"experiment={name}", "debug=cpu_tiny")
+    family = full.backbone.get("family", "t5")
+    assert cfg.backbone.tiny == f"{family}-test" and cfg.backbone.name_or_path is None
+    assert cfg.backbone.dtype == "float32" and cfg.trainer.precision == "32-true"
+    assert (cfg.trainer.accelerator, cfg.trainer.devices) == ("cpu", 1)
+    assert "_target_" not in cfg.strategy  # DeepSpeed refuses a CPU
+    assert (cfg.trainer.max_steps, cfg.trainer.max_epochs) == (2, -1)
+    assert cfg.benchmark.num_tasks == 2
+    if "max_train_per_task" in cfg.benchmark:
+        assert (cfg.benchmark.max_train_per_task, cfg.benchmark.max_eval_per_task) == (16, 8)
+    assert cfg.data.global_batch_size is None
+    # Same experiment otherwise: benchmark, order, method and name.
+    assert (cfg.exp_name, cfg.benchmark.name, cfg.benchmark.get("order")) == \
+        (full.exp_name, full.benchmark.name, full.benchmark.get("order"))
+    assert cfg.method == full.method
+    build_method(cfg)
+
+
+def test_llama_experiments_debug_with_a_tiny_llama() -> None:
+    assert compose_cfg("experiment=llama2_13b_order2", "debug=cpu_tiny").backbone.tiny == "llama-test"
+    assert compose_cfg("experiment=t5_xl_order1", "debug=cpu_tiny").backbone.tiny == "t5-test"
+
+
+@pytest.mark.skipif(not (DATA / "Long_Sequence").is_dir(), reason="no CL_Benchmark data")
+@pytest.mark.parametrize("name", ["t5_large_order3", "t5_large_order4"])
+def test_long_orders_refuse_missing_files_before_training(name: str) -> None:
+    """The shared copy lacks large Long Sequence files: the run must stop at validation, naming one."""
+    from gainlora.data.tasks import load_stream
+
+    cfg = compose_cfg(f"experiment={name}", f"paths.data_dir={DATA}")
+    with pytest.raises(DataError, match=r"Long_Sequence/\w+/\w+\.json is missing"):
+        load_stream(cfg.benchmark, seed=0)
+
+
+@pytest.mark.slow
+@pytest.mark.data
+@pytest.mark.skipif(not (DATA / "SuperNI").is_dir(), reason="no CL_Benchmark data")
+def test_paper_experiment_runs_end_to_end_on_cpu(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "gainlora.run", "experiment=t5_large_order1", "debug=cpu_tiny",
+           f"paths.runs_dir={tmp_path}", "run_id=smoke"]
+    env = {**os.environ, "GAINLORA_DATA": str(DATA)}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results_path = tmp_path / "t5_large_order1" / "smoke" / "results.json"
+    results = json.loads(results_path.read_text())
+    assert results["status"] == "finished" and results["benchmark"] == "superni"
+    assert results["tasks"] == compose_cfg("experiment=t5_large_order1").benchmark.orders[1][:2]
+    matrix = results["matrix"]
+    assert len(matrix) == 2 and all(len(row) == 2 for row in matrix)
+    assert matrix[0][1] is None and all(v is not None for v in matrix[1])
