@@ -107,6 +107,7 @@ class ContinualLoop:
     info: dict  # experiment, method, benchmark, order, metric, seed, selection: copied to results.json
     seed: int = 0
     progress_bar: bool = True
+    is_main: bool = True  # global rank 0 writes the run directory; other ranks only compute
     on_task_end: Callable[[int, dict], None] | None = None  # e.g. W&B logging of the CL metrics
     matrix: list[list[float | None]] = field(default_factory=list)
 
@@ -130,8 +131,9 @@ class ContinualLoop:
             row = self.train_task(t, name)
             self.matrix.append(row + [None] * (len(names) - t - 1))
             meta = {"task": t, "name": name, "row": row, "wall_time_s": time.time() - task_started}
-            self.run_dir.save_task(t, name, task_tensors(self.module, self.method, t), meta)
-            write_json(self.run_dir.root / "predictions.json", self.module.predictions)
+            if self.is_main:
+                self.run_dir.save_task(t, name, task_tensors(self.module, self.method, t), meta)
+                write_json(self.run_dir.root / "predictions.json", self.module.predictions)
             results = self.write_results(status="running", wall_time=resumed_time + time.time() - started)
             if self.on_task_end is not None:
                 self.on_task_end(t, results)
@@ -166,6 +168,8 @@ class ContinualLoop:
                    "wall_time_s": round(wall_time, 2), "status": status,
                    "truncated": {"sources": self.datamodule.collator.truncation.sources,
                                  "targets": self.datamodule.collator.truncation.targets}}
+        if not self.is_main:
+            return results
         write_json(self.run_dir.results, results)
         if not done:
             return results

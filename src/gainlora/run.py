@@ -15,6 +15,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gainlora.artifacts import RunDir, write_text
@@ -135,6 +136,7 @@ def trainer_factory(cfg: DictConfig, run_dir: RunDir, loggers: list):
     return make
 
 
+RUN_ID_ENV = "GAINLORA_RUN_ID"
 # Keys that may differ between an interrupted run and its resumption.
 RESUMABLE_KEYS = {"resume", "run_id", "paths", "logger", "trainer.enable_progress_bar"}
 
@@ -158,8 +160,19 @@ def config_differences(saved: DictConfig, current: DictConfig) -> list[str]:
     return diffs
 
 
+def is_main_process() -> bool:
+    """Global rank 0. Ranks launched by Lightning re-run this script with their rank in the env."""
+    return rank_zero_only.rank == 0
+
+
 def prepare_run_dir(cfg: DictConfig) -> RunDir:
+    if not is_main_process():  # a DDP/DeepSpeed worker: join the directory rank 0 made
+        with open_dict(cfg):
+            cfg.run_id = cfg.run_id or os.environ[RUN_ID_ENV]
+            cfg.paths.run_dir = str(resolve_run_dir(cfg).root)
+        return RunDir(cfg.paths.run_dir)
     run_dir = resolve_run_dir(cfg)
+    os.environ[RUN_ID_ENV] = run_dir.root.name  # inherited by the worker processes Lightning launches
     if run_dir.config.exists() and not cfg.resume:
         raise ConfigError(f"{run_dir.root} already holds a run; pass resume=true or a new run_id")
     with open_dict(cfg):
@@ -177,8 +190,9 @@ def run(cfg: DictConfig) -> dict:
     validate_config(cfg)
     run_dir = prepare_run_dir(cfg)
     module, datamodule, method = build(cfg)
-    run_dir.root.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir.config, OmegaConf.to_yaml(cfg, resolve=True))
+    if is_main_process():
+        run_dir.root.mkdir(parents=True, exist_ok=True)
+        write_text(run_dir.config, OmegaConf.to_yaml(cfg, resolve=True))
     loggers = make_loggers(cfg, run_dir)
     info = {"experiment": cfg.exp_name, "method": method.name, "benchmark": cfg.benchmark.name,
             "order": cfg.benchmark.get("order"), "metric": stream_metric(datamodule.tasks), "seed": cfg.seed,
@@ -187,7 +201,8 @@ def run(cfg: DictConfig) -> dict:
     loop = ContinualLoop(module=module, datamodule=datamodule, method=method, run_dir=run_dir,
                          make_trainer=trainer_factory(cfg, run_dir, loggers), info=info, seed=cfg.seed,
                          progress_bar=cfg.trainer.enable_progress_bar,
-                         on_task_end=lambda t, results: log_task_metrics(loggers, t, results))
+                         on_task_end=lambda t, results: log_task_metrics(loggers, t, results),
+                         is_main=is_main_process())
     try:
         results = loop.run()
     except BaseException as err:  # finished tasks stay on disk; say what stopped the run
@@ -196,8 +211,9 @@ def run(cfg: DictConfig) -> dict:
     finally:
         for logger in loggers:
             logger.finalize("success")
-    print(f"AP {results['AP']:.2f}  FT {results['FT']:.2f}  BWT {results['BWT']:.2f}")
-    print(run_dir.results)
+    if is_main_process():
+        print(f"AP {results['AP']:.2f}  FT {results['FT']:.2f}  BWT {results['BWT']:.2f}")
+        print(run_dir.results)
     return results
 
 
