@@ -35,6 +35,16 @@ data: $(STAMP) ## download the CL benchmark into $(GAINLORA_DATA), checking ever
 report: $(STAMP) ## compare runs: make report RUNS="runs/demo/a runs/demo/b"
 	$(PY) -m gainlora.report $(RUNS) --out reports
 
+COUNT ?= 1
+sweep: $(STAMP) ## create a W&B sweep: make sweep SWEEP=experiments/sweeps/demo_lr.yaml
+	$(VENV)/bin/wandb sweep $(SWEEP)
+
+agent: $(STAMP) ## run sweep trials: make agent ID=entity/project/sweep_id [COUNT=1]
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/wandb agent --count $(COUNT) $(ID)
+
+bench: $(STAMP) ## speed and memory of the fused gated branches (prints a table, writes JSON)
+	$(PY) bench/run_bench.py --out bench/results/bench.json
+
 clean: ## remove caches and build leftovers (keeps runs/ and the virtualenv)
 	rm -rf .pytest_cache src/*.egg-info
 	find . -name __pycache__ -not -path './$(VENV)/*' -prune -exec rm -rf {} +

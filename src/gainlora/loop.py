@@ -8,6 +8,7 @@ task hooks itself.
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -70,6 +71,23 @@ def restore_task(module: ContinualLM, method: Method, task: int, files: dict[str
         method.load_memory_tensors(files["memory"])
 
 
+class TaskInterrupted(RuntimeError):
+    """SIGTERM (or Ctrl-C) arrived during a task: it is not marked done, so a resume redoes it."""
+
+
+class StopFlag:
+    """Set by SIGTERM. Lightning's own SIGTERM handler calls ours too and ends fit() early."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+
 class ArtifactError(ValueError):
     """A saved artifact does not fit the model being rebuilt (e.g. another rank or backbone)."""
 
@@ -108,6 +126,7 @@ class ContinualLoop:
     seed: int = 0
     progress_bar: bool = True
     is_main: bool = True  # global rank 0 writes the run directory; other ranks only compute
+    stop: StopFlag = field(default_factory=StopFlag)
     on_task_end: Callable[[int, dict], None] | None = None  # e.g. W&B logging of the CL metrics
     matrix: list[list[float | None]] = field(default_factory=list)
 
@@ -150,9 +169,11 @@ class ContinualLoop:
         callbacks = [TaskProgressBar(t, n, name)] if self.progress_bar else []
         callbacks += self.method.callbacks()
         trainer = self.make_trainer(t, callbacks)
-        trainer.fit(self.module, datamodule=self.datamodule)
-        if trainer.interrupted:
-            raise KeyboardInterrupt(f"training of task {t + 1} ({name}) was interrupted")
+        if not self.stop.requested:
+            trainer.fit(self.module, datamodule=self.datamodule)
+        if self.stop.requested or trainer.received_sigterm or trainer.interrupted:
+            raise TaskInterrupted(f"task {t + 1} ({name}) was interrupted before it finished; "
+                                  "finished tasks are saved, resume with resume=true")
         self.method.on_task_end(self.module, t, self.datamodule.feature_batches)
         trainer.test(self.module, datamodule=self.datamodule, verbose=False)
         row = [round(s, 4) for s in self.module.test_scores()]

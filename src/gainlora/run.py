@@ -15,18 +15,22 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.utils import instantiate
+import torch
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gainlora.artifacts import RunDir, write_text
+from gainlora.callbacks.best_state import BestTrainableState
 from gainlora.data.collate import Collator
 from gainlora.data.datamodule import TaskStreamDataModule
 from gainlora.data.tasks import load_stream, stream_metric
 from gainlora.data.types import DataError
-from gainlora.loop import ArtifactError, ContinualLoop
+from gainlora.loop import ArtifactError, ContinualLoop, StopFlag, TaskInterrupted
 from gainlora.methods.base import Method
 from gainlora.model.backbone import load_backbone
 from gainlora.model.module import ContinualLM
+from gainlora.wandb_logging import log_task_end
 
 log = logging.getLogger("gainlora")
 CONF_DIR = Path(os.environ.get("GAINLORA_CONF", Path(__file__).resolve().parents[2] / "conf"))
@@ -121,14 +125,46 @@ def log_task_metrics(loggers: list, task: int, results: dict) -> None:
     metrics = {"cl/task": task + 1, **{f"cl/{k}": results[k] for k in ("AP", "FT", "BWT") if results[k] is not None},
                **{f"cl/score/{name}": row[j] for j, name in enumerate(results["tasks"][: task + 1])}}
     for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            continue  # W&B gets its own step metric, tables and plots (log_task_end)
         logger.log_metrics(metrics, step=task)
         logger.save()
+    log_task_end(loggers, task, results)
+
+
+def world_size(trainer: DictConfig) -> int:
+    devices = trainer.get("devices", 1)
+    if isinstance(devices, str) and devices != "auto":
+        devices = int(devices) if devices.isdigit() else len(devices.split(","))
+    if devices == "auto" or devices == -1:
+        devices = torch.cuda.device_count() if torch.cuda.is_available() and trainer.accelerator != "cpu" else 1
+    elif not isinstance(devices, int):
+        devices = len(devices)
+    return max(int(devices), 1) * int(trainer.get("num_nodes", 1))
+
+
+def derive_batching(cfg: DictConfig) -> None:
+    """Gradient accumulation that keeps data.global_batch_size whatever the number of devices."""
+    ranks = world_size(cfg.trainer)
+    global_batch = cfg.data.get("global_batch_size")
+    with open_dict(cfg):
+        if global_batch:
+            per_step = cfg.data.batch_size * ranks
+            if global_batch % per_step:
+                raise ConfigError(f"data.global_batch_size={global_batch} is not a multiple of data.batch_size "
+                                  f"({cfg.data.batch_size}) x {ranks} devices")
+            cfg.trainer.accumulate_grad_batches = global_batch // per_step
+        cfg.derived = {"world_size": ranks, "per_device_batch": cfg.data.batch_size,
+                       "accumulate_grad_batches": cfg.trainer.accumulate_grad_batches,
+                       "global_batch": cfg.data.batch_size * ranks * cfg.trainer.accumulate_grad_batches}
 
 
 def trainer_factory(cfg: DictConfig, run_dir: RunDir, loggers: list):
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
 
     def make(task: int, callbacks: list) -> L.Trainer:
+        if trainer_kwargs.get("limit_val_batches"):  # validation on: keep the best-scoring weights
+            callbacks = [*callbacks, BestTrainableState()]
         strategy = cfg.strategy
         strategy = instantiate(strategy) if "_target_" in strategy else strategy.name
         return L.Trainer(**trainer_kwargs, strategy=strategy, logger=loggers, callbacks=callbacks,
@@ -138,7 +174,7 @@ def trainer_factory(cfg: DictConfig, run_dir: RunDir, loggers: list):
 
 RUN_ID_ENV = "GAINLORA_RUN_ID"
 # Keys that may differ between an interrupted run and its resumption.
-RESUMABLE_KEYS = {"resume", "run_id", "paths", "logger", "trainer.enable_progress_bar"}
+RESUMABLE_KEYS = {"resume", "run_id", "paths", "logger", "trainer.enable_progress_bar", "derived"}
 
 
 def config_differences(saved: DictConfig, current: DictConfig) -> list[str]:
@@ -188,6 +224,7 @@ def prepare_run_dir(cfg: DictConfig) -> RunDir:
 
 def run(cfg: DictConfig) -> dict:
     validate_config(cfg)
+    derive_batching(cfg)
     run_dir = prepare_run_dir(cfg)
     module, datamodule, method = build(cfg)
     if is_main_process():
@@ -198,13 +235,19 @@ def run(cfg: DictConfig) -> dict:
             "order": cfg.benchmark.get("order"), "metric": stream_metric(datamodule.tasks), "seed": cfg.seed,
             "selection": cfg.benchmark.get("selection", "carved"), "backbone": module.backbone.name_or_path}
     started = time.time()
+    stop = StopFlag()
+    stop.install()
     loop = ContinualLoop(module=module, datamodule=datamodule, method=method, run_dir=run_dir,
                          make_trainer=trainer_factory(cfg, run_dir, loggers), info=info, seed=cfg.seed,
                          progress_bar=cfg.trainer.enable_progress_bar,
                          on_task_end=lambda t, results: log_task_metrics(loggers, t, results),
-                         is_main=is_main_process())
+                         is_main=is_main_process(), stop=stop)
     try:
         results = loop.run()
+    except TaskInterrupted as err:
+        loop.write_results(status="interrupted", wall_time=time.time() - started)
+        print(f"interrupted: {err} (run_id={run_dir.root.name})", file=sys.stderr)
+        sys.exit(143)
     except BaseException as err:  # finished tasks stay on disk; say what stopped the run
         loop.write_results(status=f"failed: {type(err).__name__}: {err}"[:500], wall_time=time.time() - started)
         raise

@@ -5,8 +5,9 @@ One W&B run covers the whole task sequence. Lightning makes a fresh Trainer per 
 against their own step metric, ``cl/task`` (the number of tasks learned), declared with
 ``define_metric``, and never against a step that could decrease.
 
-Without an API key the run is written offline (``wandb sync <dir>`` uploads it later). The key is
-never read, stored or printed here: W&B itself takes it from its environment or login.
+Without an API key the run is written offline (``wandb sync <dir>`` uploads it later). Only the
+key's presence is checked here; it is never read, stored or printed (W&B takes it from its
+environment or login).
 """
 from __future__ import annotations
 
@@ -19,7 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from gainlora.artifacts import write_text
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +53,7 @@ def stable_run_id(run_dir: str | os.PathLike[str]) -> str:
     if stored.is_file() and stored.read_text().strip():
         return stored.read_text().strip()
     run_id = os.environ.get("WANDB_RUN_ID") or "gl-" + hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
-    root.mkdir(parents=True, exist_ok=True)
-    stored.write_text(run_id + "\n")
+    write_text(stored, run_id + "\n")
     return run_id
 
 
@@ -93,8 +96,8 @@ def make_wandb_logger(project: str = "gainlora", entity: str | None = None, grou
     config_file = save_dir / "config.yaml"
     config = OmegaConf.to_container(OmegaConf.load(config_file)) if config_file.is_file() else None
     if offline:
-        log.info("W&B offline (no WANDB_API_KEY, WANDB_MODE unset): run kept in %s/wandb; "
-                 "upload it later with `wandb sync`", save_dir)
+        log.info("W&B runs offline (set WANDB_API_KEY or WANDB_MODE=online to sync live); the run is kept "
+                 "in %s/wandb, `wandb sync <that folder>/offline-run-*` uploads it", save_dir)
     return WandbLogger(project=project, entity=entity, group=group, job_type=job_type, tags=tags,
                        save_dir=str(save_dir), id=run_id, name=name or f"{job_type or 'run'}-{save_dir.name}",
                        offline=offline, resume="allow", log_model=log_model, config=config)
@@ -194,6 +197,8 @@ def log_task_end(logger: Logger | Iterable[Logger] | None, task_index: int, resu
     ``plots/matrix.png``, ``plots/forgetting.png``, ``predictions.json``. Other loggers are ignored,
     so this can be called with the run's whole logger list. Returns whether anything was logged.
     """
+    if rank_zero_only.rank != 0:  # other DDP/DeepSpeed ranks hold a no-op experiment
+        return False
     loggers = _wandb_loggers(logger)
     for wb in loggers:
         run = wb.experiment

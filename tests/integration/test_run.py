@@ -98,7 +98,8 @@ def test_same_seed_same_matrix(reference_matrix):
     assert results_of(Path(done.stdout.strip().splitlines()[-1]))["matrix"] == matrix
 
 
-def test_resume_after_sigkill_in_task_two(reference_matrix, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_resume_after_signal_in_task_two(sig, reference_matrix, tmp_path):
     matrix, _ = reference_matrix
     proc = launch(tmp_path, *THREE, "run_id=k", wait=False)
     deadline = time.time() + 300
@@ -107,9 +108,13 @@ def test_resume_after_sigkill_in_task_two(reference_matrix, tmp_path):
             break
         assert time.time() < deadline
     time.sleep(1.0)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
+    proc.send_signal(sig)
+    rest = proc.communicate(timeout=120)[0]
     run_dir = tmp_path / "demo" / "k"
+    if sig == signal.SIGTERM:  # a clean stop: says so, exits 143, records the state
+        assert proc.returncode == 143, rest[-2000:]
+        assert "resume with resume=true" in rest
+        assert results_of(run_dir / "results.json")["status"] == "interrupted"
     assert (run_dir / "tasks" / "01-demo_colour" / "DONE").is_file()
     assert not list((run_dir / "tasks").glob("02-*/DONE")), "task 2 finished before the kill"
     done = launch(tmp_path, *THREE, "run_id=k", "resume=true")
