@@ -21,6 +21,8 @@ def pytest_configure(config: pytest.Config) -> None:
     # Tiny CPU fits: Lightning's advice about dataloader workers and log intervals is noise here.
     config.addinivalue_line("filterwarnings", "ignore:.*does not have many workers.*")
     config.addinivalue_line("filterwarnings", "ignore:.*log_every_n_steps.*")
+    config.addinivalue_line("filterwarnings", "ignore:You defined a `validation_step` but have no `val_dataloader`")
+    config.addinivalue_line("filterwarnings", "ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated")
 
 
 @pytest.fixture(scope="session")

@@ -16,8 +16,10 @@ from gainlora.model.module import ContinualLM
 
 def by_hand(p0: Tensor, G1: Tensor, G2: Tensor, key: Tensor) -> Tensor:
     """The gate of METHOD.md written out with elementary operations, in float64."""
+    def silu(x: Tensor) -> Tensor:
+        return x / (1 + torch.exp(-x))
+
     p0, G1, G2, key = (x.double() for x in (p0, G1, G2, key))
-    silu = lambda x: x / (1 + torch.exp(-x))  # noqa: E731
     p1 = silu(p0 @ G1.T)
     p2 = silu(p1 @ G2.T)
     cos = (p2 @ key) / (p2.pow(2).sum(-1).sqrt() * key.pow(2).sum().sqrt())
@@ -98,18 +100,20 @@ def test_pooling_modes() -> None:
         pool_embeddings(embeds, mask, "max")
 
 
+@pytest.mark.parametrize("kind", ["t5", "llama"])  # LLaMA eval batches are left-padded
 @pytest.mark.parametrize("pool", ["mean", "padded_mean"])
-def test_coefficient_depends_on_the_batch_only_with_padded_mean(t5_backbone, pool: str) -> None:
+def test_coefficient_depends_on_the_batch_only_with_padded_mean(t5_backbone, llama_backbone, pool: str,
+                                                                kind: str) -> None:
     """An example's coefficient, alone vs batched with a longer example (more padding)."""
-    backbone = t5_backbone()
+    backbone = (t5_backbone if kind == "t5" else llama_backbone)()
     module = ContinualLM(backbone, rank=2, alpha=4, gates={"hidden": 8, "pool": pool})
     torch.manual_seed(0)
     module.gates.add_gate(copy_previous=False)
     module.gates.add_gate(copy_previous=False)
     collator = Collator(backbone.tokenizer, backbone.kind)
     short = Example("Definition: say it.\nInput: kalo\nOutput: ", "x", ("x",))
-    long = Example("Definition: say it again, with many more words than before.\nInput: kalo tibu\nOutput: ",
-                   "x", ("x",))
+    long = Example("Definition: say it again, with many more words than before, and then a few more words "
+                   "so that the short example gets a lot of padding.\nInput: kalo tibu\nOutput: ", "x", ("x",))
     alone = module.gate_coefficients(collator.eval_batch([(0, short, "rougeL")]))
     batch = collator.eval_batch([(0, short, "rougeL"), (0, long, "rougeL")])
     assert batch["gate_mask"][0].sum() < batch["gate_mask"].shape[1]  # the short example is padded
@@ -118,4 +122,4 @@ def test_coefficient_depends_on_the_batch_only_with_padded_mean(t5_backbone, poo
     if pool == "mean":
         assert difference < 1e-6
     else:
-        assert difference > 1e-3
+        assert difference > 1e-4

@@ -6,15 +6,16 @@
 - Batched generation (greedy and beam) with per-example gates equals one-example-at-a-time.
 
 The constraints are exact only when the memories hold the whole span of the old inputs
-(Proposition 3.1). The GPM threshold rule never keeps the column that crosses the threshold, so
-even at eps = 1 a first-task memory drops the old inputs' weakest direction (see test_memory.py);
-here the gate memories are therefore set to the exact span of the old tasks' gate features after
-each task, which isolates what the constraints themselves guarantee.
+(Proposition 3.1), which GPM's thresholded rule does not promise: a first-task memory never keeps
+the column whose share crosses eps, so even eps = 1 drops the old inputs' weakest direction
+(test_memory.py), while later updates at eps = 1 fill the whole space. Here the gate memories are
+therefore set to the exact span of the old tasks' gate features after each task, which isolates
+what the constraints themselves guarantee.
 """
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import lightning as L
@@ -143,7 +144,7 @@ def constrained(t5_backbone, make_trainer) -> Run:
 
 
 @pytest.fixture(scope="module")
-def report() -> dict[str, float]:
+def report() -> Iterator[dict[str, float]]:
     figures: dict[str, float] = {}
     yield figures
     print("\n[gainlora invariants] " + ", ".join(f"{k} = {v:.3g}" for k, v in figures.items()))

@@ -1,10 +1,14 @@
 """The gated multi-branch LoRA layer: y = W h + sum_i a_i(x) * s * B_i A_i h (METHOD.md, Branches)."""
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
+from gainlora.data.collate import Collator
+from gainlora.data.types import Example
 from gainlora.model.lora import BranchContext, GatedLoRALinear
 from gainlora.model.module import ContinualLM
 
@@ -149,3 +153,21 @@ def test_module_trains_only_current_branches_and_gate(t5_backbone) -> None:
     seen = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert seen == expected
     assert {id(p) for p in module.trainable_parameters()} == expected
+
+
+def test_training_runs_with_dropout_active(t5_backbone, make_trainer) -> None:
+    """Every module trains in train mode (LoRA and backbone dropout on), whatever the method, as in
+    the reference code; the backbone is loaded in eval mode and Lightning keeps submodules' modes."""
+    backbone = t5_backbone()
+    module = ContinualLM(backbone, rank=RANK, alpha=ALPHA, dropout=0.1)
+    module.add_branch()
+    examples = [Example(f"Input: kalo {i}\nOutput: ", "yes", ("yes",)) for i in range(4)]
+    loader = DataLoader(examples, batch_size=2, collate_fn=Collator(backbone.tokenizer, backbone.kind).train_batch)
+    modes: list[bool] = []
+
+    class Probe(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            modes.append(all(m.training for m in pl_module.modules()))
+
+    make_trainer(2, [Probe()]).fit(module, train_dataloaders=loader)
+    assert modes == [True, True]

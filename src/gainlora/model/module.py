@@ -119,6 +119,13 @@ class ContinualLM(L.LightningModule):
 
     regularizer: Callable[[], Tensor | None] | None = None  # set by methods that add a loss term
 
+    def on_fit_start(self) -> None:
+        # The backbone is loaded in eval mode and Lightning keeps submodules' modes (its eval loops
+        # restore them), so without this dropout (backbone and LoRA) would be off in training for some
+        # methods and on for others (collect_features restores train mode); the reference trains in
+        # train mode.
+        self.train()
+
     def configure_optimizers(self):
         params = self.trainable_parameters()
         if not params:
@@ -215,7 +222,11 @@ class ContinualLM(L.LightningModule):
         finally:
             self.context.reset()
             self.train(was_training)
-        feats.layers = {name: acc.covariance() for name, acc in accs.items()}
+        covs: dict[int, Tensor] = {}  # one tensor per shared accumulator, so q and v share SVDs later
+        for name, acc in accs.items():
+            if id(acc) not in covs:
+                covs[id(acc)] = acc.covariance()
+            feats.layers[name] = covs[id(acc)]
         feats.gate = [acc.covariance() for acc in gate_accs]
         return feats
 
