@@ -387,9 +387,8 @@ def tiny_superni_task(data_dir: str | None, s: Settings) -> TaskShape:
                      examples=examples)
 
 
-def t5_small_task(s: Settings, arch: Arch) -> TaskShape:
-    examples = 128
-    count = max(examples // arch.batch, 1)
+def t5_small_task(s: Settings, arch: Arch, quick: bool) -> TaskShape:
+    count = 2 if quick else max(128 // arch.batch, 1)  # 128 examples, as tiny_superni
     first = random_batches(arch, count, seed=0, device=s.device)[0]
     second = random_batches(arch, count, seed=1, device=s.device)[0]
     return TaskShape("t5_small", arch, first, second, num_tasks=15, source_note="random tokens",
@@ -712,7 +711,7 @@ def main(argv: list[str] | None = None) -> int:
         result["memory_update"]["tiny_superni"] = bench_memory_update(tiny, s)
         if any(a.name == "t5_small" for a in archs):
             t5 = next(a for a in archs if a.name == "t5_small")
-            result["memory_update"]["t5_small"] = bench_memory_update(t5_small_task(s, t5), s)
+            result["memory_update"]["t5_small"] = bench_memory_update(t5_small_task(s, t5, args.quick), s)
     if "memory" in sections:
         probe_variants = [VARIANT_BY_NAME["lora_1"], VARIANT_BY_NAME["gainlora_15"]] if args.quick else variants
         for arch in archs:

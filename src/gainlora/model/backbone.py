@@ -35,20 +35,24 @@ class Backbone:
         return self.model.get_input_embeddings().embedding_dim
 
 
-def resolve_path(name_or_path: str | None, tiny: str | None, cache_dir: str | None = None) -> str:
+def resolve_path(name_or_path: str | None, tiny: str | None, cache_dir: str | None = None,
+                 tiny_overrides: dict | None = None) -> str:
     if tiny:
-        from gainlora.model.tiny import build_tiny_backbone
+        from gainlora.model.tiny import build_tiny_backbone, with_overrides
 
-        return str(build_tiny_backbone(tiny, cache_dir=cache_dir))
+        spec = with_overrides(tiny, **tiny_overrides) if tiny_overrides else tiny
+        return str(build_tiny_backbone(spec, cache_dir=cache_dir))
     if not name_or_path:
         raise ValueError("backbone: set either backbone.name_or_path or backbone.tiny")
     return name_or_path
 
 
 def load_backbone(name_or_path: str | None = None, *, tiny: str | None = None, dtype: str = "float32",
-                  kind: str | None = None, cache_dir: str | None = None) -> Backbone:
-    """Load a frozen backbone and its tokenizer (``tiny``: a locally built preset)."""
-    path = resolve_path(name_or_path, tiny, cache_dir)
+                  kind: str | None = None, cache_dir: str | None = None,
+                  tiny_overrides: dict | None = None) -> Backbone:
+    """Load a frozen backbone and its tokenizer (``tiny``: a locally built preset, optionally with
+    some of its fields changed by ``tiny_overrides``)."""
+    path = resolve_path(name_or_path, tiny, cache_dir, tiny_overrides)
     if dtype not in DTYPES:
         raise ValueError(f"backbone.dtype: unknown {dtype!r}; expected one of {sorted(DTYPES)}")
     config = AutoConfig.from_pretrained(path)
