@@ -40,10 +40,10 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, T5Config,
 from gainlora.memory import Subspace, threshold_at
 from gainlora.methods.gainlora import GainLoRA
 from gainlora.methods.inflora import InfLoRA
-from gainlora.model.backbone import Backbone
-from gainlora.model.lora import GatedLoRALinear
+from gainlora.model.backbone import Backbone, load_backbone
+from gainlora.model.lora import BranchContext, GatedLoRALinear
 from gainlora.model.module import ContinualLM, Features
-from gainlora.model.tiny import PRESETS, build_tiny_backbone
+from gainlora.model.tiny import build_tiny_backbone, with_overrides
 
 RANK, ALPHA, GATE_HIDDEN = 8, 32.0, 100
 MiB = 2**20
@@ -129,7 +129,8 @@ _TOKENIZERS: dict[str, object] = {}
 
 def tokenizer_for(preset: str):
     if preset not in _TOKENIZERS:
-        tok = AutoTokenizer.from_pretrained(build_tiny_backbone(preset))
+        spec = with_overrides(preset, **TINY_SUPERNI_OVERRIDES) if preset == "t5-demo" else preset
+        tok = AutoTokenizer.from_pretrained(build_tiny_backbone(spec))
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
         _TOKENIZERS[preset] = tok
@@ -294,19 +295,71 @@ def fused_matches_unfused(arch: Arch, variant: Variant, s: Settings, batch: dict
     return abs(losses[0] - losses[1]) / abs(losses[1])
 
 
+def count_gflop(fn: Callable[[], object]) -> float:
+    """Matrix-product and attention FLOPs of one call (torch.utils.flop_counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
 def bench_steps(arch: Arch, s: Settings, variants: list[Variant]) -> dict:
     train_batches, eval_batch = random_batches(arch, 1, seed=0, device=s.device)
     batch = train_batches[0]
     modules = {v.name: build_module(arch, v, s.device) for v in variants}
-    train = time_round_robin({n: train_step_fn(m, batch, s) for n, m in modules.items()}, s)
-    generate = time_round_robin({n: generate_fn(m, eval_batch, arch, s) for n, m in modules.items()}, s)
+    steps = {n: train_step_fn(m, batch, s) for n, m in modules.items()}
+    generations = {n: generate_fn(m, eval_batch, arch, s) for n, m in modules.items()}
+    train = time_round_robin(steps, s)
+    generate = time_round_robin(generations, s)
     out = {}
     for v in variants:
         m = modules[v.name]
         out[v.name] = {"label": v.label, "branches": v.branches, "gated": v.gated, "unfused": v.unfused,
                        "trainable_params": sum(p.numel() for p in m.trainable_parameters()),
-                       "train": summary(train[v.name]), "generate": summary(generate[v.name])}
+                       "train": summary(train[v.name]), "generate": summary(generate[v.name]),
+                       "train_gflop": count_gflop(steps[v.name]), "generate_gflop": count_gflop(generations[v.name])}
     return out
+
+
+def bench_layer(arch: Arch, s: Settings) -> dict:
+    """One adapted layer alone (d x d, batch x source rows), forward + backward, gated, 1/5/15
+    branches fused and unfused, and the frozen base product alone: the LoRA part without the rest
+    of the backbone around it."""
+    d = arch.config.get("d_model") or arch.config["hidden_size"]
+    torch.manual_seed(0)
+    base = torch.nn.Linear(d, d, bias=False).to(s.device).requires_grad_(False)
+    h = torch.randn(arch.batch, arch.source, d, device=s.device, requires_grad=True)
+    grad = torch.randn(arch.batch, arch.source, d, device=s.device)
+
+    def base_only() -> None:
+        with s.autocast:
+            y = base(h)
+        y.backward(grad)
+
+    fns: dict[str, Callable[[], None]] = {"base": base_only}
+    for n in (1, 5, 15):
+        context = BranchContext()
+        coeffs = torch.rand(arch.batch, n, device=s.device, requires_grad=True)
+        for unfused in (False, True):
+            layer = GatedLoRALinear(copy.deepcopy(base), rank=RANK, alpha=ALPHA, context=context, stream="encoder")
+            for _ in range(n):
+                layer.add_branch()
+            with torch.no_grad():
+                layer.frozen_B.normal_(0, 0.02)
+                layer.lora_B.normal_(0, 0.02)
+            if unfused:
+                layer.forward = types.MethodType(unfused_forward, layer)
+
+            def call(layer: GatedLoRALinear = layer, context: BranchContext = context, coeffs: Tensor = coeffs) -> None:
+                context.coeffs = coeffs  # as every model forward does: per-forward caches start empty
+                with s.autocast:
+                    y = layer(h)
+                y.backward(grad)
+
+            fns[f"{'unfused' if unfused else 'fused'}_{n}"] = call
+    times = time_round_robin(fns, s)
+    return {"rows": arch.batch * arch.source, "d": d, **{k: summary(v) for k, v in times.items()}}
 
 
 def profile_step(arch: Arch, variant: Variant, s: Settings, rows: int = 12) -> str:
@@ -333,6 +386,7 @@ class TaskShape:
 
     name: str
     arch: Arch
+    backbone: Callable[[], Backbone]
     batches: list[dict]
     next_batches: list[dict]  # the following task's batches (a memory update on a non-empty memory)
     num_tasks: int
@@ -340,15 +394,18 @@ class TaskShape:
     examples: int
 
 
-def demo_arch() -> Arch:
-    spec = PRESETS["t5-demo"]
-    tok = tokenizer_for("t5-test")
-    config = dict(d_model=spec.d_model, d_kv=spec.d_model // spec.heads, d_ff=spec.d_ff, num_layers=spec.layers,
-                  num_decoder_layers=spec.decoder_layers or spec.layers, num_heads=spec.heads,
-                  vocab_size=len(tok), dropout_rate=0.0, feed_forward_proj="relu")
-    # tiny_superni.yaml: batch 32, sources up to 256 tokens, targets up to 32.
-    return Arch("t5_demo", "seq2seq", "t5-test", config, batch=32, source=256, target=32, new_tokens=32,
-                label="T5 (demo shape: d 128, 2+2 layers, 4 heads, d_ff 512)")
+def bench_backbone(arch: Arch) -> Backbone:
+    torch.manual_seed(0)
+    model = make_model(arch)
+    model.requires_grad_(False)
+    return Backbone(model=model, tokenizer=tokenizer_for(arch.tokenizer), kind=arch.kind, source="bench")
+
+
+# experiments/tiny_superni.yaml: the t5-demo preset with random weights (pretrain_steps 0), batch 32
+# (conf/config.yaml), sources up to 256 tokens, targets up to 32, 128 training examples per task.
+TINY_SUPERNI = Arch("t5_demo", "seq2seq", "t5-demo", {}, batch=32, source=256, target=32, new_tokens=32,
+                    label="T5 t5-demo preset (d 128, 2+2 layers, 4 heads, d_ff 512), random weights")
+TINY_SUPERNI_OVERRIDES = {"pretrain_steps": 0}
 
 
 def find_data(explicit: str | None) -> Path | None:
@@ -371,7 +428,7 @@ def superni_batches(root: Path, task: str, arch: Arch, examples: int) -> list[di
 
 
 def tiny_superni_task(data_dir: str | None, s: Settings) -> TaskShape:
-    arch = demo_arch()
+    arch = TINY_SUPERNI
     examples = 128  # experiments/tiny_superni.yaml: max_train_per_task
     root = find_data(data_dir)
     if root is not None:
@@ -383,7 +440,8 @@ def tiny_superni_task(data_dir: str | None, s: Settings) -> TaskShape:
         second = random_batches(arch, examples // arch.batch, seed=1, device="cpu")[0]
         note = "random tokens of the tiny_superni shapes (no CL_Benchmark found)"
     move = lambda bs: [{k: v.to(s.device) for k, v in b.items()} for b in bs]  # noqa: E731
-    return TaskShape("tiny_superni", arch, move(first), move(second), num_tasks=3, source_note=note,
+    backbone = lambda: load_backbone(tiny="t5-demo", tiny_overrides=TINY_SUPERNI_OVERRIDES)  # noqa: E731
+    return TaskShape("tiny_superni", arch, backbone, move(first), move(second), num_tasks=3, source_note=note,
                      examples=examples)
 
 
@@ -391,11 +449,11 @@ def t5_small_task(s: Settings, arch: Arch, quick: bool) -> TaskShape:
     count = 2 if quick else max(128 // arch.batch, 1)  # 128 examples, as tiny_superni
     first = random_batches(arch, count, seed=0, device=s.device)[0]
     second = random_batches(arch, count, seed=1, device=s.device)[0]
-    return TaskShape("t5_small", arch, first, second, num_tasks=15, source_note="random tokens",
-                     examples=count * arch.batch)
+    return TaskShape("t5_small", arch, lambda: bench_backbone(arch), first, second, num_tasks=15,
+                     source_note="random tokens", examples=count * arch.batch)
 
 
-def bench_memory_update(task: TaskShape, s: Settings) -> dict:
+def bench_memory_update(task: TaskShape, s: Settings, repeats: int | None = None) -> dict:
     """One GainLoRA-InfLoRA task boundary, by parts, against one epoch of training steps.
 
     Task end = feature collection (adapted-layer and gate covariances over the task's batches) +
@@ -404,11 +462,7 @@ def bench_memory_update(task: TaskShape, s: Settings) -> dict:
     """
     arch = task.arch
     method = GainLoRA(InfLoRA(threshold=0.995), hidden=GATE_HIDDEN, pool="mean")
-    torch.manual_seed(0)
-    model = make_model(arch)
-    model.requires_grad_(False)
-    module = ContinualLM(Backbone(model=model, tokenizer=tokenizer_for(arch.tokenizer), kind=arch.kind,
-                                  source="bench"), rank=RANK, alpha=ALPHA, gates=method.gate_spec).to(s.device)
+    module = ContinualLM(task.backbone(), rank=RANK, alpha=ALPHA, gates=method.gate_spec).to(s.device)
     method.setup(module, task.num_tasks)
     method.on_task_start(module, 0, lambda: task.batches)  # opens branch and gate, initialises them
     optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=1e-5)
@@ -469,7 +523,7 @@ def bench_memory_update(task: TaskShape, s: Settings) -> dict:
            "update_task1": update_first, "update_task2": update_second,
            "copy_memories_task1": lambda: restore(empty), "copy_memories_task2": lambda: restore(after_first),
            "init_task_start": init_start}
-    times = time_round_robin(fns, s, warmup=1)
+    times = time_round_robin(fns, s, warmup=1, repeats=repeats)
     med = {k: statistics.median(v) for k, v in times.items()}
     med["update_task1"] = max(med["update_task1"] - med.pop("copy_memories_task1"), 0.0)
     med["update_task2"] = max(med["update_task2"] - med.pop("copy_memories_task2"), 0.0)
@@ -559,7 +613,9 @@ def ratios_and_targets(steps: dict, updates: dict) -> tuple[dict, list[dict]]:
             continue
         ratios[arch_name] = {
             v: {"train_vs_lora": r["train"]["median_ms"] / base["train"]["median_ms"],
-                "generate_vs_lora": r["generate"]["median_ms"] / base["generate"]["median_ms"]}
+                "generate_vs_lora": r["generate"]["median_ms"] / base["generate"]["median_ms"],
+                "train_flop_vs_lora": r["train_gflop"] / base["train_gflop"],
+                "generate_flop_vs_lora": r["generate_gflop"] / base["generate_gflop"]}
             for v, r in rows.items()}
         for n in (5, 15):
             fused, loop = rows.get(f"gainlora_{n}"), rows.get(f"unfused_{n}")
@@ -599,15 +655,16 @@ def markdown(result: dict) -> str:
                   f"batch {result['shapes'][arch_name]['batch']}, source {result['shapes'][arch_name]['source']}, "
                   f"target {result['shapes'][arch_name]['target']}, {result['shapes'][arch_name]['new_tokens']} "
                   "new tokens (greedy)", "",
-                  "| configuration | train step ms | x LoRA | generate ms | x LoRA | train peak MiB | "
-                  "generate peak MiB |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+                  "| configuration | train step ms | x LoRA | (FLOPs x) | generate ms | x LoRA | (FLOPs x) | "
+                  "train peak MiB | generate peak MiB |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, row in rows.items():
             m = mem.get(name, {})
             peak = lambda k: f"{m[k]:.0f}" if k in m else "-"  # noqa: E731
             rr = r.get(name, {})
             lines.append(f"| {row['label']} | {row['train']['median_ms']:.1f} | {rr.get('train_vs_lora', math.nan):.3f} | "
-                         f"{row['generate']['median_ms']:.1f} | {rr.get('generate_vs_lora', math.nan):.3f} | "
+                         f"({rr.get('train_flop_vs_lora', math.nan):.3f}) | {row['generate']['median_ms']:.1f} | "
+                         f"{rr.get('generate_vs_lora', math.nan):.3f} | ({rr.get('generate_flop_vs_lora', math.nan):.3f}) | "
                          f"{peak('train_peak_mib')} | {peak('generate_peak_mib')} |")
         for n in (5, 15):
             if "train_speedup_fused" in r.get(f"unfused_{n}", {}):
@@ -615,6 +672,17 @@ def markdown(result: dict) -> str:
                 lines.append("")
                 lines.append(f"Fused vs unfused loop at {n} branches: train step {u['train_speedup_fused']:.2f}x faster, "
                              f"generation {u['generate_speedup_fused']:.2f}x faster.")
+        lines.append("")
+    if result.get("layer"):
+        lines += ["### One adapted layer alone (forward + backward, gated)", "",
+                  "| backbone | rows x d | base product | fused 1 | unfused 1 | fused 5 | unfused 5 | fused 15 | "
+                  "unfused 15 | unfused / fused at 15 |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for arch_name, r in result["layer"].items():
+            ms = lambda k: r[k]["median_ms"]  # noqa: E731
+            cells = " | ".join(f"{ms(k):.2f}" for k in ("base", "fused_1", "unfused_1", "fused_5", "unfused_5",
+                                                        "fused_15", "unfused_15"))
+            lines.append(f"| {arch_name} | {r['rows']} x {r['d']} | {cells} | {ms('unfused_15') / ms('fused_15'):.2f} |")
+        lines += ["", "Milliseconds (medians); the base product is the frozen d x d projection alone."]
         lines.append("")
     if result.get("memory_update"):
         lines += ["### Feature collection and memory update (GainLoRA-InfLoRA, one task)", "",
@@ -665,8 +733,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--archs", default="t5_small,llama_tiny")
     p.add_argument("--variants", default=",".join(v.name for v in VARIANTS))
-    p.add_argument("--sections", default="steps,update,memory,profile",
-                   help="comma list of steps, update, memory (peak, subprocesses), profile")
+    p.add_argument("--sections", default="steps,layer,update,memory,profile",
+                   help="comma list of steps, layer, update, memory (peak, subprocesses), profile")
     p.add_argument("--data-dir", default=None, help="CL_Benchmark folder for the tiny_superni task")
     p.add_argument("--out", default="bench/results/bench.json")
     p.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: arch:variant memory probe
@@ -685,7 +753,7 @@ def main(argv: list[str] | None = None) -> int:
     archs = [shrink(a) for a in archs] if args.quick else archs
     if args.probe:
         arch_name, variant_name = args.probe.split(":")
-        arch = next(a for a in archs if a.name == arch_name) if args.archs else ARCHS[arch_name]
+        arch = shrink(ARCHS[arch_name]) if args.quick else ARCHS[arch_name]
         print(json.dumps(probe_memory(arch, VARIANT_BY_NAME[variant_name], s)))
         return 0
 
@@ -693,7 +761,7 @@ def main(argv: list[str] | None = None) -> int:
     sections = set(args.sections.split(","))
     result: dict = {"meta": machine_info(s), "command": " ".join([Path(sys.executable).name] + sys.argv),
                     "shapes": {a.name: asdict(a) for a in archs}, "steps": {}, "memory_update": {},
-                    "peak_memory": {}, "checks": {}, "profiles": {}}
+                    "peak_memory": {}, "checks": {}, "profiles": {}, "layer": {}}
     t0 = time.perf_counter()
     if "steps" in sections:
         for arch in archs:
@@ -703,6 +771,10 @@ def main(argv: list[str] | None = None) -> int:
                 batch = random_batches(arch, 1, seed=0, device=s.device)[0][0]
                 result["checks"][f"{arch.name}_fused_vs_unfused_15_rel_loss_diff"] = fused_matches_unfused(
                     arch, VARIANT_BY_NAME["gainlora_15"], s, batch)
+    if "layer" in sections:
+        for arch in archs:
+            print(f"[bench] one adapted layer: {arch.name}", file=sys.stderr, flush=True)
+            result["layer"][arch.name] = bench_layer(arch, s)
     if "update" in sections:
         print("[bench] feature collection + memory update", file=sys.stderr, flush=True)
         tiny = tiny_superni_task(args.data_dir, s)
@@ -711,7 +783,9 @@ def main(argv: list[str] | None = None) -> int:
         result["memory_update"]["tiny_superni"] = bench_memory_update(tiny, s)
         if any(a.name == "t5_small" for a in archs):
             t5 = next(a for a in archs if a.name == "t5_small")
-            result["memory_update"]["t5_small"] = bench_memory_update(t5_small_task(s, t5, args.quick), s)
+            # Epochs of 16 full-size steps: a few repeats are enough and keep `make bench` short.
+            result["memory_update"]["t5_small"] = bench_memory_update(t5_small_task(s, t5, args.quick), s,
+                                                                      repeats=min(s.repeats, 3))
     if "memory" in sections:
         probe_variants = [VARIANT_BY_NAME["lora_1"], VARIANT_BY_NAME["gainlora_15"]] if args.quick else variants
         for arch in archs:

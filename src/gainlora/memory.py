@@ -33,9 +33,15 @@ class CovarianceAccumulator:
         return self.sum / self.count
 
 
-def _top_left_singular(matrix: Tensor, k: int) -> Tensor:
-    U, _, _ = torch.linalg.svd(matrix, full_matrices=False)
-    return U[:, :k]
+def _left_singular(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """Left singular vectors (columns) and squared singular values of a square matrix, descending.
+
+    Through eigh of the symmetric M M^T: about twice as fast as an SVD on CPU, and only U and S^2
+    are ever used. Squaring costs relative precision only in directions whose share of the energy
+    is below ~1e-16, far under any threshold in use (fp64).
+    """
+    evals, evecs = torch.linalg.eigh(matrix @ matrix.T)
+    return evecs.flip(1), evals.flip(0).clamp_min(0)
 
 
 class Subspace:
@@ -62,7 +68,9 @@ class Subspace:
 
     def top_directions(self, cov: Tensor, k: int) -> Tensor:
         """Top-k left singular vectors (d x k) of the residual covariance."""
-        return _top_left_singular(self.residual(cov), k)
+        if self.rank == 0:  # the covariance itself: symmetric PSD, so eigh gives its SVD directly
+            return torch.linalg.eigh(cov.to(self.basis)).eigenvectors.flip(1)[:, :k]
+        return _left_singular(self.residual(cov))[0][:, :k]
 
     def update(self, cov: Tensor, threshold: float) -> int:
         """Grow the basis with the new task's covariance; returns how many columns were added.
@@ -82,11 +90,10 @@ class Subspace:
             k = max(int((share < threshold).sum()), 1)
             self.basis = evecs[:, :k].contiguous()
             return k
-        total = (torch.linalg.svdvals(cov) ** 2).sum()
+        total = cov.square().sum()  # the sum of squared singular values is the squared Frobenius norm
         if total <= 0:
             return 0
-        U, S, _ = torch.linalg.svd(self.residual(cov), full_matrices=False)
-        energy = S**2
+        U, energy = _left_singular(self.residual(cov))
         captured = float((total - energy.sum()) / total)
         k = 0
         for e in (energy / total).tolist():

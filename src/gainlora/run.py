@@ -189,7 +189,7 @@ def config_differences(saved: DictConfig, current: DictConfig) -> list[str]:
         if prefix.rstrip(".") in RESUMABLE_KEYS or prefix.split(".")[0] in RESUMABLE_KEYS:
             return
         if isinstance(x, dict) and isinstance(y, dict):
-            for key in sorted(set(x) | set(y)):
+            for key in sorted(set(x) | set(y), key=str):  # order keys mix ints and names
                 walk(x.get(key), y.get(key), f"{prefix}{key}.")
         elif x != y:
             diffs.append(f"{prefix.rstrip('.')}: {x!r} -> {y!r}")

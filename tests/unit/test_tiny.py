@@ -5,6 +5,7 @@ Nothing here runs the minutes-long pre-training: only the random-init test prese
 """
 from __future__ import annotations
 
+import random
 import threading
 from pathlib import Path
 
@@ -13,9 +14,22 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-from gainlora.data.demo import DEMO_TASKS, PROMPT_PIECES, demo_vocabulary, make_demo_task, task_instruction, task_labels
+from gainlora.data.demo import (
+    DEMO_TASKS,
+    PROMPT_PIECES,
+    demo_vocabulary,
+    make_demo_task,
+    task_instruction,
+    task_labels,
+)
 from gainlora.model import tiny
-from gainlora.model.tiny import PRESETS, build_tiny_backbone, build_tokenizer, pretrain_words, with_overrides
+from gainlora.model.tiny import (
+    PRESETS,
+    build_tiny_backbone,
+    build_tokenizer,
+    pretrain_words,
+    with_overrides,
+)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +93,9 @@ def test_pretraining_data_is_disjoint_from_demo() -> None:
     demo_words = set(demo_vocabulary()["words"]) | set(demo_vocabulary()["answers"])
     assert not set(pretrain_words(2000)) & demo_words
     instructions = {task_instruction(n) for n in DEMO_TASKS}
-    assert not instructions & set(tiny._PRETRAIN_INSTRUCTIONS.values())
+    assert not instructions & set(tiny._PRETRAIN_INSTRUCTIONS)
+    prompt, answer = tiny._pretrain_example(random.Random(0), pretrain_words(100))
+    assert answer in prompt and set(answer.split()) <= set(pretrain_words(100))
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -168,8 +184,6 @@ def test_pretraining_runs_and_changes_weights(tmp_path: Path, preset: str) -> No
 
 
 def test_causal_pretraining_batch_masks_the_prompt() -> None:
-    import random
-
     tok = build_tokenizer("llama")
     batch = tiny._pretrain_batch(random.Random(0), pretrain_words(50), tok, "llama", 3)
     for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):

@@ -70,8 +70,7 @@ def _fused_forward(h: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B:
     x = h.reshape(-1, h.shape[-1])
     z = x @ A.T  # (T, n r)
     zg = z if gates is None else (z.view(*lead, -1) * gates).view(z.shape)
-    y = F.linear(x, weight, bias)
-    y.addmm_(zg, B.T, alpha=scale)  # the scaled sum folded into the product
+    y = torch.addmm(F.linear(x, weight, bias), zg, B.T, alpha=scale)  # scale and sum folded into the product
     return y.view(*lead, -1), z
 
 
@@ -113,7 +112,7 @@ class GatedLoRAFunction(torch.autograd.Function):
                 grad_gates = (grad_zg * z).view(*lead, -1).sum_to_size(gates.shape)
             grad_z = (grad_zg.view(*lead, -1) * gates).view(grad_zg.shape)
         if need_h:
-            grad_h = (gy @ weight).addmm_(grad_z, A_all).view(*lead, -1)
+            grad_h = torch.addmm(gy @ weight, grad_z, A_all).view(*lead, -1)
         if need_A:
             grad_A = grad_z[:, k:].T @ x
         if need_B:

@@ -6,10 +6,10 @@ the one tests and the demo exercise. Builds are cached on disk under a name that
 tokenizer corpus and ``BUILDER_VERSION`` (a changed recipe rebuilds), written to a temp dir and
 renamed into place under a file lock (concurrent builders never see a half-written model).
 
-Presets that ask for it get a short generic pre-training of the whole model on random pseudo-word
-strings (span infilling, repeating, "which word follows / precedes X"). A frozen random-init model
-cannot learn to copy an open-vocabulary word with LoRA alone; after this pre-training it can
-(DEMO_FINDINGS.md). The pre-training shares no instruction and no pseudo-word with the demo tasks.
+Presets that ask for it get a short generic pre-training of the whole model: repeating random
+pseudo-word strings. A frozen random-init model cannot learn to copy an open-vocabulary word with
+LoRA alone; after this pre-training it can (DEMO_FINDINGS.md). The pre-training shares no
+instruction and no pseudo-word with the demo tasks.
 """
 from __future__ import annotations
 
@@ -97,13 +97,13 @@ class TinySpec:
 
 PRESETS: dict[str, TinySpec] = {
     # The demo backbone: DEMO_FINDINGS.md's d_model-128, 2+2-layer T5, pre-trained.
-    "t5-demo": TinySpec("t5", d_model=128, layers=2, heads=4, d_ff=512, pretrain_steps=2600, name="t5-demo"),
+    "t5-demo": TinySpec("t5", d_model=128, layers=2, heads=4, d_ff=512, pretrain_steps=1200, name="t5-demo"),
     # Unit tests: random init, builds in seconds.
     "t5-test": TinySpec("t5", d_model=64, layers=2, heads=2, d_ff=128, name="t5-test"),
     "llama-test": TinySpec("llama", d_model=64, layers=2, heads=2, d_ff=128, name="llama-test"),
     # Decoder-only counterpart of t5-demo, pre-trained the same way in causal-LM format.
     "llama-demo": TinySpec(
-        "llama", d_model=128, layers=4, heads=4, d_ff=384, pretrain_steps=2600, name="llama-demo"
+        "llama", d_model=128, layers=4, heads=4, d_ff=384, pretrain_steps=1200, name="llama-demo"
     ),
 }
 
@@ -169,17 +169,16 @@ _MAX_PRETRAIN_WORDS = 2000  # every spec's pool is a prefix of this, so the toke
 def _corpus() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(single-token words, other text) the tokenizer is trained on; fixed, so BPE is deterministic."""
     vocab = demo_vocabulary()
-    pseudo = set(pretrain_words(_MAX_PRETRAIN_WORDS)) | (set(pseudo_word_universe()) & set(vocab["words"]))
-    single = tuple(sorted(set(vocab["answers"]) | pseudo))
-    texts = (*vocab["texts"], *(render_prompt(i, "") for i in _PRETRAIN_INSTRUCTIONS.values()))
-    other = tuple(sorted(set(vocab["words"]) - pseudo)) + texts
-    return single, other
+    single = tuple(sorted({*vocab["answers"], *vocab["words"], *pretrain_words(_MAX_PRETRAIN_WORDS)}))
+    texts = (*vocab["texts"], *(render_prompt(i, "") for i in _PRETRAIN_INSTRUCTIONS))
+    return single, texts
 
 
 @lru_cache(maxsize=1)
 def _corpus_digest() -> str:
     single, other = _corpus()
-    return hashlib.sha256("\n".join(single + ("--",) + other).encode()).hexdigest()[:16]
+    blob = "\n".join((*single, "--", *other, "--", *_ENGLISH))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _corpus_lines() -> Iterator[str]:
@@ -283,35 +282,24 @@ def _make_model(spec: TinySpec, tokenizer: PreTrainedTokenizerFast) -> PreTraine
 
 
 # --- pre-training ---------------------------------------------------------------------------------
-_PRETRAIN_INSTRUCTIONS = {
-    "infill": "Restore the words that the blank replaces.",
-    "repeat": "Write the same words again in the same order.",
-    "after": "Which word comes directly after the marked word?",
-    "before": "Which word comes directly before the marked word?",
-}
-_BLANK = "____"
+# Copying is the skill a frozen random model lacks (DEMO_FINDINGS.md), so pre-training is copying:
+# repeat a random string of 1-8 pseudo-words. Measured on 1 core: 1,000 such steps let LoRA learn
+# "copy the last word" to 99.5%. Mixing in harder lookups ("which word follows / precedes X",
+# "fill the blank") made the model learn neither within 2,500 steps (LoRA then got 8-13% on it),
+# and infilling words that occur nowhere in a random string is pure noise. Several phrasings of the
+# one instruction, none of them a demo instruction, keep the skill from hinging on exact wording.
+_PRETRAIN_INSTRUCTIONS = (
+    "Write the same words again in the same order.",
+    "Repeat the sequence of words.",
+    "Say these words once more, unchanged.",
+)
+_PRETRAIN_LENGTHS = (1, 8)
 
 
 def _pretrain_example(rng: random.Random, words: tuple[str, ...]) -> tuple[str, str]:
-    """One (prompt, answer) pair of a random generic task over random pseudo-word strings."""
-    kind = rng.choice(sorted(_PRETRAIN_INSTRUCTIONS))
-    length = rng.randint(4, 9)
-    if kind in ("after", "before"):  # distinct words, so the marked word and its answer are unique
-        seq = rng.sample(words, length)
-    else:
-        seq = [rng.choice(words) for _ in range(length)]
-    if kind == "infill":
-        length = rng.randint(1, 3)
-        start = rng.randint(0, len(seq) - length)
-        text = " ".join(seq[:start] + [_BLANK] + seq[start + length :])
-        answer = " ".join(seq[start : start + length])
-    elif kind == "repeat":
-        text = answer = " ".join(seq)
-    else:
-        i = rng.randint(0, length - 2) if kind == "after" else rng.randint(1, length - 1)
-        text = f"{' '.join(seq)} (marked: {seq[i]})"
-        answer = seq[i + 1] if kind == "after" else seq[i - 1]
-    return render_prompt(_PRETRAIN_INSTRUCTIONS[kind], text), answer
+    """One (prompt, answer) pair: a random pseudo-word string and the same string back."""
+    seq = " ".join(rng.choice(words) for _ in range(rng.randint(*_PRETRAIN_LENGTHS)))
+    return render_prompt(rng.choice(_PRETRAIN_INSTRUCTIONS), seq), seq
 
 
 def _pretrain_batch(
