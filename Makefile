@@ -9,7 +9,7 @@ GAINLORA_DATA ?= data/CL_Benchmark
 export GAINLORA_DATA
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup run test test-fast data bench report clean sweep agent
+.PHONY: help setup run test data bench report clean sweep agent demo-table
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -44,6 +44,11 @@ agent: $(STAMP) ## run sweep trials: make agent ID=entity/project/sweep_id [COUN
 
 bench: $(STAMP) ## speed and memory of the fused gated branches (prints a table, writes JSON)
 	$(PY) bench/run_bench.py --out bench/results/bench.json
+
+DEMO_METHODS := seqlora inclora olora inflora gainlora_olora gainlora_inflora
+demo-table: $(STAMP) ## the README's method comparison on the demo: six runs, then a report
+	for m in $(DEMO_METHODS); do $(PY) -m gainlora.run experiment=demo method=$$m run_id=table-$$m $(ARGS) || exit 1; done
+	$(PY) -m gainlora.report $(addprefix runs/demo/table-,$(DEMO_METHODS)) --out reports/demo
 
 clean: ## remove caches and build leftovers (keeps runs/ and the virtualenv)
 	rm -rf .pytest_cache src/*.egg-info
