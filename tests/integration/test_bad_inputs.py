@@ -65,6 +65,9 @@ CASES = {
     "unknown order": (["benchmark.order=9"], None, "benchmark.order: unknown order 9"),
     "zero rank": (["lora.rank=0"], None, "lora.rank must be a positive number"),
     "no backbone": (["backbone.tiny=null"], None, "backbone.name_or_path"),
+    "indivisible global batch": (["data.global_batch_size=32", "data.batch_size=5"], None,
+                                 "data.global_batch_size=32 is not a multiple of data.batch_size (5)"),
+    "GainLoRA under ZeRO-3": (["strategy=deepspeed_stage_3"], None, "deepspeed_stage_3 with a GainLoRA method"),
     "known-missing file": (["benchmark=long", "benchmark.tasks=[yelp]", f"paths.data_dir={SHARED}"], None,
                            "yelp/test.json"),
 }
