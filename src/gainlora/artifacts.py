@@ -44,7 +44,8 @@ def write_text(path: Path, text: str) -> Path:
 
 
 def write_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> Path:
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    # Own storage per entry: safetensors refuses tensors that share memory (q and v share a memory).
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))
 
 

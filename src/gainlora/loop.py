@@ -139,6 +139,9 @@ class ContinualLoop:
         self.method.setup(self.module, len(names))
         resumed_time = 0.0
         for t, name in enumerate(names):
+            if self.stop.requested:  # SIGTERM between tasks: stop at this boundary
+                raise TaskInterrupted(f"stopped before task {t + 1} ({name}); finished tasks are saved, "
+                                      "resume with resume=true")
             if self.run_dir.is_done(t, name):
                 files, meta = self.run_dir.load_task(t, name)
                 restore_task(self.module, self.method, t, files)

@@ -107,7 +107,6 @@ def test_resume_after_signal_in_task_two(sig, reference_matrix, tmp_path):
         if "task 2/3" in line and "start" in line:
             break
         assert time.time() < deadline
-    time.sleep(1.0)
     proc.send_signal(sig)
     rest = proc.communicate(timeout=120)[0]
     run_dir = tmp_path / "demo" / "k"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-import torch
 from lightning import Callback
 from torch import Tensor
 
@@ -90,8 +89,6 @@ class SeqLoRA(Method):
 
 
 def subspace_tensors(prefix: str, spaces: dict) -> dict[str, Tensor]:
-    return {f"{prefix}.{name}": space.basis.float().contiguous() for name, space in spaces.items()}
+    # float64 as held: a float32 round trip would make a resumed run drift from an uninterrupted one
+    return {f"{prefix}.{name}": space.basis.contiguous() for name, space in spaces.items()}
 
-
-def detach_float(x: Tensor) -> Tensor:
-    return x.detach().to(torch.float32).contiguous()

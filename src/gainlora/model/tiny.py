@@ -97,13 +97,13 @@ class TinySpec:
 
 PRESETS: dict[str, TinySpec] = {
     # The demo backbone: DEMO_FINDINGS.md's d_model-128, 2+2-layer T5, pre-trained.
-    "t5-demo": TinySpec("t5", d_model=128, layers=2, heads=4, d_ff=512, pretrain_steps=1200, name="t5-demo"),
+    "t5-demo": TinySpec("t5", d_model=128, layers=2, heads=4, d_ff=512, pretrain_steps=2000, name="t5-demo"),
     # Unit tests: random init, builds in seconds.
     "t5-test": TinySpec("t5", d_model=64, layers=2, heads=2, d_ff=128, name="t5-test"),
     "llama-test": TinySpec("llama", d_model=64, layers=2, heads=2, d_ff=128, name="llama-test"),
     # Decoder-only counterpart of t5-demo, pre-trained the same way in causal-LM format.
     "llama-demo": TinySpec(
-        "llama", d_model=128, layers=4, heads=4, d_ff=384, pretrain_steps=1200, name="llama-demo"
+        "llama", d_model=128, layers=4, heads=4, d_ff=384, pretrain_steps=2000, name="llama-demo"
     ),
 }
 
