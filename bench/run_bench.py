@@ -763,6 +763,12 @@ def main(argv: list[str] | None = None) -> int:
                     "shapes": {a.name: asdict(a) for a in archs}, "steps": {}, "memory_update": {},
                     "peak_memory": {}, "checks": {}, "profiles": {}, "layer": {}}
     t0 = time.perf_counter()
+    load_log: dict[str, tuple[float, float, float]] = {}
+
+    def log_load(section: str) -> None:  # other jobs on the machine make timings noisy: keep a record
+        with contextlib.suppress(OSError):
+            load_log[section] = os.getloadavg()
+
     if "steps" in sections:
         for arch in archs:
             print(f"[bench] steps: {arch.name}", file=sys.stderr, flush=True)
@@ -771,10 +777,12 @@ def main(argv: list[str] | None = None) -> int:
                 batch = random_batches(arch, 1, seed=0, device=s.device)[0][0]
                 result["checks"][f"{arch.name}_fused_vs_unfused_15_rel_loss_diff"] = fused_matches_unfused(
                     arch, VARIANT_BY_NAME["gainlora_15"], s, batch)
+            log_load(f"steps:{arch.name}")
     if "layer" in sections:
         for arch in archs:
             print(f"[bench] one adapted layer: {arch.name}", file=sys.stderr, flush=True)
             result["layer"][arch.name] = bench_layer(arch, s)
+        log_load("layer")
     if "update" in sections:
         print("[bench] feature collection + memory update", file=sys.stderr, flush=True)
         tiny = tiny_superni_task(args.data_dir, s)
@@ -786,11 +794,13 @@ def main(argv: list[str] | None = None) -> int:
             # Epochs of 16 full-size steps: a few repeats are enough and keep `make bench` short.
             result["memory_update"]["t5_small"] = bench_memory_update(t5_small_task(s, t5, args.quick), s,
                                                                       repeats=min(s.repeats, 3))
+        log_load("update")
     if "memory" in sections:
         probe_variants = [VARIANT_BY_NAME["lora_1"], VARIANT_BY_NAME["gainlora_15"]] if args.quick else variants
         for arch in archs:
             print(f"[bench] peak memory: {arch.name}", file=sys.stderr, flush=True)
             result["peak_memory"][arch.name] = {v.name: run_probe(arch, v, s, args.quick) for v in probe_variants}
+        log_load("memory")
     if "profile" in sections:
         for arch in archs[:1]:
             for name in ("lora_1", "gainlora_15", "unfused_15"):
@@ -798,6 +808,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[bench] profile: {arch.name} {name}", file=sys.stderr, flush=True)
                     result["profiles"][f"{arch.name}:{name}"] = profile_step(arch, VARIANT_BY_NAME[name], s)
     result["ratios"], result["targets"] = ratios_and_targets(result["steps"], result["memory_update"])
+    result["meta"]["loadavg_by_section"] = load_log
     result["meta"]["elapsed_s"] = time.perf_counter() - t0
     with contextlib.suppress(OSError):
         result["meta"]["loadavg_end"] = os.getloadavg()
