@@ -22,7 +22,9 @@ pytestmark = pytest.mark.slow
 
 def launch(runs: Path, *overrides: str, wait: bool = True):
     cmd = [sys.executable, "-m", "gainlora.run", *TINY, f"paths.runs_dir={runs}", *overrides]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # One thread: a multi-threaded BLAS may split work by the machine's load, and an untrained tiny
+    # model's greedy answers flip on such last-bit differences.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
