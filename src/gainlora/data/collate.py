@@ -1,0 +1,96 @@
+"""Tokenisation into training and evaluation batches, for seq2seq (T5) and causal (LLaMA) models.
+
+Training batches: ``input_ids``, ``attention_mask``, ``labels`` (-100 where no loss), ``gate_mask``
+(the source tokens the gates pool over). Evaluation batches carry the source only (left-padded for
+causal models so generation continues every row) plus ``task_id``, ``references`` and ``metric``.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from gainlora.data.types import Example
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+
+
+@dataclass
+class TruncationCounter:
+    sources: int = 0
+    targets: int = 0
+    seen: int = 0
+    warned: set = field(default_factory=set)
+
+    def report(self, what: str, count: int, limit: int) -> None:
+        if count and what not in self.warned:
+            self.warned.add(what)
+            log.warning("%s longer than %d tokens are truncated (counted in results.json)", what, limit)
+
+
+@dataclass
+class Collator:
+    tokenizer: PreTrainedTokenizerBase
+    kind: str  # "seq2seq" | "causal"
+    max_source_length: int = 512
+    max_target_length: int = 50
+    truncation: TruncationCounter = field(default_factory=TruncationCounter)
+
+    def _encode(self, texts: list[str], limit: int, what: str) -> list[list[int]]:
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        long = sum(len(x) > limit for x in ids)
+        if what == "sources":
+            self.truncation.sources += long
+        else:
+            self.truncation.targets += long
+        self.truncation.report(what, long, limit)
+        return [x[:limit] for x in ids]
+
+    def _sources(self, examples: list[Example]) -> list[list[int]]:
+        tok = self.tokenizer
+        if self.kind == "seq2seq":  # T5 convention: the source ends with EOS
+            ids = self._encode([e.source for e in examples], self.max_source_length - 1, "sources")
+            return [x + [tok.eos_token_id] for x in ids]
+        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        ids = self._encode([e.source for e in examples], self.max_source_length - len(bos), "sources")
+        return [bos + x for x in ids]
+
+    def _targets(self, examples: list[Example]) -> list[list[int]]:
+        ids = self._encode([e.target for e in examples], self.max_target_length - 1, "targets")
+        return [x + [self.tokenizer.eos_token_id] for x in ids]
+
+    def _pad(self, rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+        width = max(len(r) for r in rows)
+        padded = [([value] * (width - len(r)) + r) if left else (r + [value] * (width - len(r))) for r in rows]
+        return torch.tensor(padded, dtype=torch.long)
+
+    def train_batch(self, examples: list[Example]) -> dict:
+        pad = self.tokenizer.pad_token_id
+        sources, targets = self._sources(examples), self._targets(examples)
+        self.truncation.seen += len(examples)
+        if self.kind == "seq2seq":
+            input_ids = self._pad(sources, pad)
+            mask = (self._pad([[1] * len(s) for s in sources], 0))
+            return {"input_ids": input_ids, "attention_mask": mask, "gate_mask": mask,
+                    "labels": self._pad(targets, IGNORE)}
+        rows = [s + t for s, t in zip(sources, targets)]
+        labels = [[IGNORE] * len(s) + t for s, t in zip(sources, targets)]
+        return {"input_ids": self._pad(rows, pad),
+                "attention_mask": self._pad([[1] * len(r) for r in rows], 0),
+                "gate_mask": self._pad([[1] * len(s) + [0] * len(t) for s, t in zip(sources, targets)], 0),
+                "labels": self._pad(labels, IGNORE)}
+
+    def eval_batch(self, items: list[tuple[int, Example, str]]) -> dict:
+        """``items``: (task index, example, metric name)."""
+        examples = [e for _, e, _ in items]
+        sources = self._sources(examples)
+        left = self.kind == "causal"
+        mask = self._pad([[1] * len(s) for s in sources], 0, left=left)
+        return {"input_ids": self._pad(sources, self.tokenizer.pad_token_id, left=left),
+                "attention_mask": mask, "gate_mask": mask,
+                "task_id": torch.tensor([t for t, _, _ in items], dtype=torch.long),
+                "references": [e.references for e in examples], "metric": [m for _, _, m in items],
+                "source": [e.source for e in examples]}

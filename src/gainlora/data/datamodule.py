@@ -1,0 +1,66 @@
+"""TaskStreamDataModule: streams tasks in order, one task at a time."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from gainlora.data.collate import Collator
+from gainlora.data.types import TaskData
+
+
+class TaskStreamDataModule(L.LightningDataModule):
+    """Holds every task's data; ``set_task(t)`` selects what the next fit/test sees.
+
+    - train: task t's training split (only task t: no replay);
+    - val: task t's validation split (model selection, if enabled);
+    - test: tasks 0..t through ONE loader with a task column (several eval loaders break
+      DeepSpeed ZeRO-3, Lightning #18473).
+    """
+
+    def __init__(self, tasks: list[TaskData], collator: Collator, *, batch_size: int = 32,
+                 eval_batch_size: int = 64, num_workers: int = 0, seed: int = 0) -> None:
+        super().__init__()
+        if not tasks:
+            raise ValueError("the task stream is empty")
+        self.tasks = tasks
+        self.collator = collator
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.task = 0
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    def set_task(self, task: int) -> None:
+        if not 0 <= task < self.num_tasks:
+            raise IndexError(f"task {task} outside 0..{self.num_tasks - 1}")
+        self.task = task
+
+    def _loader(self, data, collate, *, batch_size: int, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed * 1009 + self.task) if shuffle else None
+        return DataLoader(data, batch_size=batch_size, shuffle=shuffle, collate_fn=collate,
+                          num_workers=self.num_workers, generator=generator,
+                          persistent_workers=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.tasks[self.task].train, self.collator.train_batch,
+                            batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        task = self.tasks[self.task]
+        items = [(self.task, e, task.metric) for e in task.val]
+        return self._loader(items, self.collator.eval_batch, batch_size=self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        items = [(j, e, t.metric) for j, t in enumerate(self.tasks[: self.task + 1]) for e in t.test]
+        return self._loader(items, self.collator.eval_batch, batch_size=self.eval_batch_size, shuffle=False)
+
+    def feature_batches(self) -> Iterator[dict]:
+        """The current task's training batches in a fixed order (covariance collection)."""
+        return iter(self._loader(self.tasks[self.task].train, self.collator.train_batch,
+                                 batch_size=self.batch_size, shuffle=False))

@@ -1,0 +1,62 @@
+"""Build the task stream a config asks for: which tasks, in which order, from which reader."""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from gainlora.data.types import DataError, TaskData
+
+READERS = ("demo", "superni", "long")
+
+
+def task_order(cfg: Mapping) -> list[str]:
+    """``cfg.tasks`` if given, else ``cfg.orders[cfg.order]``; cut to ``cfg.num_tasks``."""
+    tasks = cfg.get("tasks")
+    if not tasks:
+        orders = cfg.get("orders") or {}
+        order = cfg.get("order")
+        key = next((k for k in orders if str(k) == str(order)), None)
+        if key is None:
+            raise DataError(f"benchmark.order: unknown order {order!r} for benchmark {cfg.get('name')!r}; "
+                            f"known orders: {', '.join(map(str, orders)) or 'none'}")
+        tasks = orders[key]
+    tasks = list(tasks)
+    if cfg.get("num_tasks"):
+        tasks = tasks[: int(cfg["num_tasks"])]
+    if len(set(tasks)) != len(tasks):
+        raise DataError(f"benchmark: a task appears twice in the order: {tasks}")
+    return tasks
+
+
+def data_dir(cfg: Mapping) -> Path:
+    found = cfg.get("data_dir") or os.environ.get("GAINLORA_DATA")
+    if not found:
+        raise DataError("benchmark.data_dir is not set: run `make data` or set GAINLORA_DATA "
+                        "to the CL_Benchmark folder")
+    return Path(found).expanduser()
+
+
+def load_stream(cfg: Mapping, seed: int) -> list[TaskData]:
+    """Validate every task first (clear errors before any training), then load them all."""
+    reader = cfg.get("reader")
+    if reader not in READERS:
+        raise DataError(f"benchmark.reader: unknown {reader!r}; expected one of {READERS}")
+    tasks = task_order(cfg)
+    if reader == "demo":
+        from gainlora.data.demo import make_demo_task
+
+        return [make_demo_task(name, seed=seed, n_train=cfg.get("n_train", 800), n_val=cfg.get("n_val", 100),
+                               n_test=cfg.get("n_test", 200)) for name in tasks]
+    from gainlora.data.benchmarks import load_task, validate_tasks
+
+    root, selection = data_dir(cfg), cfg.get("selection", "carved")
+    validate_tasks(root, reader, tasks, selection=selection)
+    return [load_task(root, reader, name, seed=seed, max_train=cfg.get("max_train_per_task"),
+                      max_eval=cfg.get("max_eval_per_task"), val_size=cfg.get("val_size", 0.1),
+                      selection=selection) for name in tasks]
+
+
+def stream_metric(tasks: Sequence[TaskData]) -> str:
+    metrics = sorted({t.metric for t in tasks})
+    return metrics[0] if len(metrics) == 1 else "+".join(metrics)
