@@ -2,6 +2,8 @@
 
 Everything comes from the run directory: the resolved config.yaml rebuilds the backbone and the
 method, and each finished task's safetensors re-open its branch and gate. Nothing is unpickled.
+A single-task reference run loads as its last finished task's branch alone (each task's branch
+replaced the previous one); a multi-task run as its one jointly trained branch.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from gainlora.artifacts import RunDir
 from gainlora.data.collate import Collator
 from gainlora.data.types import Example
-from gainlora.loop import restore_task
+from gainlora.loop import fits, restore_task
 from gainlora.methods.base import Method
 from gainlora.model.module import ContinualLM
 
@@ -52,12 +54,12 @@ def load_run(path: str | Path) -> TrainedModel:
     module, method, collator = build_model(cfg, names)
     method.setup(module, len(names))
     learned = []
-    for t, name in enumerate(names):
+    for t, name in fits(method, names):  # a multi-task run has a single, joint fit
         if not run_dir.is_done(t, name):
             break
         files, _ = run_dir.load_task(t, name)
         restore_task(module, method, t, files)
-        learned.append(name)
+        learned = names[: t + 1]
     if not learned:
         raise FileNotFoundError(f"{run_dir.root}: no finished task to load")
     module.current_task = len(learned) - 1

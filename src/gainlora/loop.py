@@ -1,5 +1,6 @@
 """The continual loop: for each task, open branches/gates, fit with a fresh Trainer, test on every
 seen task, grow memories, write the task's artifacts. One module and datamodule live throughout.
+A method with ``joint_training`` (the multi-task reference) gets one fit on every task's data instead.
 
 A fresh Trainer per task is deliberate: reusing one across fits silently skips training
 (Lightning #9636, #12789), and Lightning has no notion of tasks, so this loop drives the method's
@@ -20,12 +21,23 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from gainlora.artifacts import RunDir, write_json
 from gainlora.data.datamodule import TaskStreamDataModule
 from gainlora.methods.base import Method
-from gainlora.metrics import cl_metrics
+from gainlora.metrics import RUN_KINDS, run_metrics
 from gainlora.model.module import ContinualLM
-from gainlora.report import plot_forgetting, plot_matrix
+from gainlora.report import plot_run
 
 log = logging.getLogger(__name__)
-TrainerFactory = Callable[[int, list[L.Callback]], L.Trainer]
+# make_trainer(task, callbacks, steps_scale): steps_scale multiplies a positive trainer.max_steps (the
+# per-task budget) for a fit that covers several tasks' data.
+TrainerFactory = Callable[[int, list[L.Callback], int], L.Trainer]
+JOINT = "joint"  # the task-directory name of a joint fit: tasks/<T>-joint
+
+
+def fits(method: Method, names: list[str]) -> list[tuple[int, str]]:
+    """The run's fits as (task index, name): one per task in order; for joint training one fit on
+    every task's data, indexed by the last task (after it, tasks 0..T-1 are learned)."""
+    if method.joint_training:
+        return [(len(names) - 1, JOINT)]
+    return list(enumerate(names))
 
 
 class TaskProgressBar(TQDMProgressBar):
@@ -129,6 +141,11 @@ class ContinualLoop:
     stop: StopFlag = field(default_factory=StopFlag)
     on_task_end: Callable[[int, dict], None] | None = None  # e.g. W&B logging of the CL metrics
     matrix: list[list[float | None]] = field(default_factory=list)
+    single_task: list[float] | None = None  # S[j] from a single-task reference run: FWT
+
+    def label(self, t: int, name: str) -> str:
+        n = len(self.task_names)
+        return f"joint fit on all {n} tasks" if self.method.joint_training else f"task {t + 1}/{n} {name}"
 
     @property
     def task_names(self) -> list[str]:
@@ -138,7 +155,7 @@ class ContinualLoop:
         names, started = self.task_names, time.time()
         self.method.setup(self.module, len(names))
         resumed_time = 0.0
-        for t, name in enumerate(names):
+        for t, name in fits(self.method, names):
             if self.stop.requested:  # SIGTERM between tasks: stop at this boundary
                 raise TaskInterrupted(f"stopped before task {t + 1} ({name}); finished tasks are saved, "
                                       "resume with resume=true")
@@ -147,7 +164,7 @@ class ContinualLoop:
                 restore_task(self.module, self.method, t, files)
                 self.matrix.append(meta["row"] + [None] * (len(names) - t - 1))
                 resumed_time += meta.get("wall_time_s", 0.0)
-                print(f"[gainlora] task {t + 1}/{len(names)} {name}: finished earlier, restored")
+                print(f"[gainlora] {self.label(t, name)}: finished earlier, restored")
                 continue
             task_started = time.time()
             row = self.train_task(t, name)
@@ -163,15 +180,17 @@ class ContinualLoop:
 
     def train_task(self, t: int, name: str) -> list[float]:
         n = len(self.task_names)
-        print(f"[gainlora] task {t + 1}/{n} {name}: start", flush=True)
+        joint = self.method.joint_training
+        label = self.label(t, name)
+        print(f"[gainlora] {label}: start", flush=True)
         L.seed_everything(self.seed + t, workers=True, verbose=False)  # resume reproduces each task
-        self.datamodule.set_task(t)
+        self.datamodule.set_task(t, joint=joint)
         self.module.current_task = t
         self.method.on_task_start(self.module, t, self.datamodule.feature_batches)
         self.module.regularizer = lambda: self.method.regularizer(self.module)
         callbacks = [TaskProgressBar(t, n, name)] if self.progress_bar else []
         callbacks += self.method.callbacks()
-        trainer = self.make_trainer(t, callbacks)
+        trainer = self.make_trainer(t, callbacks, len(self.datamodule.fit_tasks))
         if not self.stop.requested:
             trainer.fit(self.module, datamodule=self.datamodule)
         if self.stop.requested or trainer.received_sigterm or trainer.interrupted:
@@ -180,24 +199,25 @@ class ContinualLoop:
         self.method.on_task_end(self.module, t, self.datamodule.feature_batches)
         trainer.test(self.module, datamodule=self.datamodule, verbose=False)
         row = [round(s, 4) for s in self.module.test_scores()]
-        print(f"[gainlora] task {t + 1}/{n} {name}: scores on seen tasks {row}", flush=True)
+        print(f"[gainlora] {label}: scores on seen tasks {row}", flush=True)
         return row
 
     def write_results(self, *, status: str, wall_time: float) -> dict:
         names = self.task_names
         rows = [[None if v is None else float(v) for v in r] for r in self.matrix]
-        done = [r[: i + 1] for i, r in enumerate(rows)]
-        scores = cl_metrics(done) if done else dict.fromkeys(("AP", "FT", "BWT", "BWT_ref", "FWT", "FWT_diag"))
-        results = {**self.info, "tasks": names, "matrix": rows, **scores,
+        kind = self.method.run_kind
+        scores = (run_metrics(rows, kind, self.single_task) if rows
+                  else dict.fromkeys(("AP", "FT", "BWT", "BWT_ref", "FWT", "FWT_diag")))
+        results = {**self.info, "tasks": names, "run_kind": kind, "matrix": rows, **scores,
                    "wall_time_s": round(wall_time, 2), "status": status,
                    "truncated": {"sources": self.datamodule.collator.truncation.sources,
                                  "targets": self.datamodule.collator.truncation.targets}}
+        if RUN_KINDS[kind]:
+            results["note"] = RUN_KINDS[kind]
         if not self.is_main:
             return results
         write_json(self.run_dir.results, results)
-        if not done:
-            return results
-        title = f"{self.info.get('experiment')} · {self.info.get('method')}"
-        plot_matrix(done, names[: len(done)], self.run_dir.plots / "matrix.png", title=title)
-        plot_forgetting(done, names[: len(done)], self.run_dir.plots / "forgetting.png", title=title)
+        if rows:
+            title = f"{self.info.get('experiment')} · {self.info.get('method')}"
+            plot_run(rows, names, kind, self.run_dir.plots, title=title)
         return results

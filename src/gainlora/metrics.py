@@ -15,13 +15,16 @@ from torch import Tensor
 from torchmetrics import Metric
 
 __all__ = [
+    "RUN_KINDS",
     "SCORERS",
     "TaskScores",
     "cl_metrics",
     "exact_match",
+    "joint_row",
     "lower_triangle",
     "normalize_answer",
     "rouge_l",
+    "run_metrics",
     "score",
 ]
 
@@ -129,7 +132,8 @@ class TaskScores(Metric):
                 raise ValueError(f"task id {t} out of range [0, {self.num_tasks})")
         values = [score(p, refs, m) for p, refs, m in zip(predictions, references, names)]
         index = torch.tensor(ids, dtype=torch.long, device=self.total.device)
-        self.total.index_add_(0, index, torch.tensor(values, dtype=torch.float64, device=self.total.device))
+        # The state's own dtype: wrappers that cast the whole module (DeepSpeed) cast states too.
+        self.total.index_add_(0, index, torch.tensor(values, dtype=self.total.dtype, device=self.total.device))
         self.count.index_add_(0, index, torch.ones_like(index))
 
     def compute(self) -> Tensor:
@@ -217,3 +221,60 @@ def cl_metrics(
         "FWT": fwt,
         "FWT_diag": sum(diag) / (T + 1),
     }
+
+
+# What results.json's matrix holds, by the kind of run (``Method.run_kind``), and what it says about it.
+RUN_KINDS: dict[str, str | None] = {
+    "continual": None,
+    "single_task": (
+        "single-task reference run: every task is learned by a fresh LoRA branch from the plain backbone, "
+        "with no earlier branch active. Only the diagonal R[j][j] is meaningful: it is S[j], the "
+        "single-task score that other runs' FWT is measured against (metrics.single_task_run). "
+        "Off-diagonal entries score task j with a later task's branch. AP here is the mean of the "
+        "diagonal (each task scored by its own branch); FT, BWT and FWT do not apply (null)."
+    ),
+    "multi_task": (
+        "multi-task reference run (the upper bound): one LoRA branch trained jointly on the union of "
+        "every task's training data in one fit, then tested on every task. The matrix has a single row, "
+        "the score on each task; AP is its mean; FT, BWT and FWT do not apply (null)."
+    ),
+}
+_NOT_APPLICABLE = ("FT", "BWT", "BWT_ref", "FWT")
+
+
+def run_metrics(
+    matrix: Sequence[Sequence[float | None]],
+    kind: str = "continual",
+    single_task: Sequence[float] | None = None,
+) -> dict[str, float | None]:
+    """The metrics of a run of kind ``kind`` (a key of :data:`RUN_KINDS`) from its matrix.
+
+    - ``continual``: :func:`cl_metrics` (``single_task`` scores give FWT).
+    - ``single_task``: lower-triangular matrix whose diagonal is S; AP = FWT_diag = mean of the
+      diagonal so far; FT, BWT, BWT_ref, FWT are None.
+    - ``multi_task``: one full row (a score for every task); AP = its mean; the rest None.
+    """
+    if kind == "continual":
+        return cl_metrics(matrix, single_task)
+    if kind == "single_task":
+        rows = lower_triangle(matrix)
+        diag = [rows[j][j] for j in range(len(rows))]
+        mean = sum(diag) / len(diag)
+        return {"AP": mean, **dict.fromkeys(_NOT_APPLICABLE), "FWT_diag": mean}
+    if kind == "multi_task":
+        row = joint_row(matrix)
+        return {"AP": sum(row) / len(row), **dict.fromkeys(_NOT_APPLICABLE), "FWT_diag": None}
+    raise ValueError(f"unknown run kind {kind!r}; expected one of {sorted(RUN_KINDS)}")
+
+
+def joint_row(matrix: Sequence[Sequence[float | None]]) -> list[float]:
+    """The single row of a multi-task run's matrix, validated: a finite score for every task."""
+    if len(matrix) != 1:
+        raise ValueError(f"a multi-task matrix has exactly one row (one joint fit), got {len(matrix)}")
+    row = matrix[0]
+    if len(row) == 0:
+        raise ValueError("the multi-task row is empty")
+    for j, value in enumerate(row):
+        if not _is_finite_number(value):
+            raise ValueError(f"matrix[0][{j}] = {value!r}; a multi-task run scores every task")
+    return [float(v) for v in row]

@@ -22,7 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from gainlora.metrics import cl_metrics, lower_triangle
+from gainlora.metrics import RUN_KINDS, joint_row, lower_triangle, run_metrics
 
 __all__ = [
     "ReportError",
@@ -33,6 +33,9 @@ __all__ = [
     "markdown_table",
     "plot_forgetting",
     "plot_matrix",
+    "plot_run",
+    "plot_task_scores",
+    "single_task_scores",
 ]
 
 Matrix = Sequence[Sequence[float | None]]
@@ -142,6 +145,52 @@ def plot_forgetting(
     return _save_png(fig, Path(path))
 
 
+def plot_task_scores(scores: Sequence[float], tasks: Sequence[str], path: Path | str,
+                     title: str | None = None) -> Path:
+    """Bar chart of one score per task (a multi-task run's single row), with their mean."""
+    if len(scores) != len(tasks):
+        raise ValueError(f"{len(scores)} scores for {len(tasks)} tasks")
+    fig = _new_figure(max(5.0, 0.65 * len(tasks) + 2.5), 4.0)
+    ax = fig.subplots()
+    ax.bar(range(len(tasks)), scores, color=colormaps["viridis"](0.55))
+    for j, value in enumerate(scores):
+        ax.text(j, value + 1.0, f"{value:.1f}", ha="center", va="bottom", fontsize=8)
+    mean = sum(scores) / len(scores)
+    ax.axhline(mean, color="black", linestyle="--", linewidth=1.5, label=f"mean (AP) {mean:.1f}")
+    ax.set_xticks(range(len(tasks)), labels=list(tasks), rotation=45, ha="right")
+    ax.set_ylim(0.0, 105.0)
+    ax.set_ylabel("score")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(title or "Score per task")
+    return _save_png(fig, Path(path))
+
+
+def plot_run(matrix: Matrix, tasks: Sequence[str], kind: str, plots_dir: Path | str,
+             title: str | None = None) -> list[Path]:
+    """The plots of a run directory, by run kind (see :data:`gainlora.metrics.RUN_KINDS`).
+
+    continual: ``matrix.png`` and ``forgetting.png``; single_task: ``matrix.png`` only (its
+    off-diagonal entries are no forgetting); multi_task: ``scores.png`` (one score per task).
+    """
+    plots_dir = Path(plots_dir)
+    title = title or ""
+    if kind == "multi_task":
+        return [plot_task_scores(joint_row(matrix), tasks, plots_dir / "scores.png",
+                                 title=f"{title}\njoint training on all tasks")]
+    rows = lower_triangle(matrix)
+    names = tasks[: len(rows)]
+    if kind == "single_task":
+        return [plot_matrix(rows, names, plots_dir / "matrix.png",
+                            title=f"{title}\nonly the diagonal is meaningful")]
+    return [plot_matrix(rows, names, plots_dir / "matrix.png", title=title or None),
+            plot_forgetting(rows, names, plots_dir / "forgetting.png", title=title or None)]
+
+
+def run_kind(results: dict[str, Any]) -> str:
+    """A results dict's run kind; files written before run kinds existed are continual."""
+    return results.get("run_kind") or "continual"
+
+
 def load_results(run_dir: Path | str) -> dict[str, Any]:
     """Read and check a run's results.json (``run_dir`` may also be the file itself)."""
     run_dir = Path(run_dir)
@@ -159,11 +208,42 @@ def load_results(run_dir: Path | str) -> dict[str, Any]:
         raise ReportError(f"{path}: missing key(s) {', '.join(missing)}")
     if not isinstance(results["tasks"], list) or not isinstance(results["matrix"], list):
         raise ReportError(f"{path}: 'tasks' and 'matrix' must be lists")
+    kind = run_kind(results)
+    if kind not in RUN_KINDS:
+        raise ReportError(f"{path}: unknown run_kind {kind!r}; expected one of {sorted(RUN_KINDS)}")
     try:
-        _rows_and_tasks(results["matrix"], results["tasks"])
+        if kind == "multi_task":
+            if len(joint_row(results["matrix"])) != len(results["tasks"]):
+                raise ValueError(f"one score per task expected, {len(results['tasks'])} tasks")
+        else:
+            _rows_and_tasks(results["matrix"], results["tasks"])
     except (ValueError, TypeError) as err:
         raise ReportError(f"{path}: bad matrix: {err}") from err
     return results
+
+
+def single_task_scores(run_dir: Path | str, tasks: Sequence[str]) -> list[float]:
+    """S[j] for FWT: the diagonal of a finished ``method=single_task`` run over exactly ``tasks``.
+
+    Raises :class:`ReportError` with one line naming the file and what does not fit.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir if run_dir.is_file() else run_dir / RESULTS_FILE
+    results = load_results(run_dir)
+    kind = run_kind(results)
+    if kind != "single_task":
+        raise ReportError(f"{path}: not a single-task reference run (method {results['method']!r}, run_kind "
+                          f"{kind!r}); make one with method=single_task")
+    if results.get("status") != "finished":
+        raise ReportError(f"{path}: status is {results.get('status')!r}, not 'finished'; finish that run first "
+                          "(resume=true)")
+    theirs, ours = list(results["tasks"]), list(tasks)
+    if theirs != ours:
+        raise ReportError(f"{path}: its tasks {theirs} differ from this run's {ours}")
+    rows = lower_triangle(results["matrix"])
+    if len(rows) != len(ours):
+        raise ReportError(f"{path}: {len(rows)} matrix rows for {len(ours)} tasks")
+    return [rows[j][j] for j in range(len(ours))]
 
 
 def _fmt(value: Any) -> str:
@@ -181,17 +261,41 @@ def markdown_table(records: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _summary(label: str, results: dict[str, Any]) -> dict[str, Any]:
-    computed = cl_metrics(results["matrix"])
+def _summary(label: str, results: dict[str, Any],
+             references: dict[tuple[str, ...], list[float]]) -> dict[str, Any]:
+    kind = run_kind(results)
+    single_task = references.get(tuple(results["tasks"])) if kind == "continual" else None
+    computed = run_metrics(results["matrix"], kind, single_task)
     record: dict[str, Any] = {"run": label}
     record.update({k: results[k] for k in ("method", "benchmark", "order")})
-    # Stored numbers are what the run reported; fall back to the matrix for older/partial files.
+    # Stored numbers are what the run reported; fall back to the matrix for older/partial files
+    # (for reference runs FT and BWT stay None: they do not apply).
     for key in ("AP", "FT", "BWT"):
         stored = results.get(key)
         record[key] = float(stored) if isinstance(stored, (int, float)) else computed[key]
-    fwt = results.get("FWT")  # needs single-task runs, which only the run itself knows about
-    record["FWT"] = float(fwt) if isinstance(fwt, (int, float)) else None
+    # FWT needs single-task scores: the run's own (metrics.single_task_run), else a --single-task run.
+    fwt = results.get("FWT")
+    record["FWT"] = float(fwt) if isinstance(fwt, (int, float)) else computed["FWT"]
     return record
+
+
+def _curves(results: dict[str, Any]) -> tuple[list[int], list[float], list[float], str]:
+    """(x, average of seen tasks, score of the first task, line style) of one run for compare.png.
+
+    A multi-task run learned every task at once: flat dashed lines (the upper bound). A single-task
+    run's average is the mean of its diagonal so far, and its first task's score is S[0] throughout.
+    """
+    kind = run_kind(results)
+    if kind == "multi_task":
+        row = joint_row(results["matrix"])
+        steps = list(range(1, len(row) + 1))
+        return steps, [sum(row) / len(row)] * len(row), [row[0]] * len(row), "--"
+    rows = lower_triangle(results["matrix"])
+    steps = list(range(1, len(rows) + 1))
+    if kind == "single_task":
+        diag = [rows[j][j] for j in range(len(rows))]
+        return steps, [sum(diag[: t + 1]) / (t + 1) for t in range(len(diag))], [diag[0]] * len(diag), ":"
+    return steps, average_curve(rows), [row[0] for row in rows], "-"
 
 
 def _labels(run_dirs: Sequence[Path]) -> list[str]:
@@ -202,25 +306,32 @@ def _labels(run_dirs: Sequence[Path]) -> list[str]:
     return [f"{lab} [{i + 1}]" if labels.count(lab) > 1 else lab for i, lab in enumerate(labels)]
 
 
-def compare_runs(run_dirs: Sequence[Path | str], out_dir: Path | str) -> tuple[Path, Path]:
+def compare_runs(run_dirs: Sequence[Path | str], out_dir: Path | str,
+                 single_task: Sequence[Path | str] = ()) -> tuple[Path, Path]:
     """Side-by-side comparison of runs: a figure and a markdown table in ``out_dir``.
 
     Left panel: average score of the seen tasks vs tasks learned; right panel: score of each run's
-    first task vs tasks learned (its forgetting). Returns (figure path, markdown path).
+    first task vs tasks learned (its forgetting). Reference runs are drawn as dashed (multi-task)
+    or dotted (single-task) lines. ``single_task``: finished single-task runs; a continual run
+    whose results hold no FWT gets it from the one with the same task list. Returns (figure path,
+    markdown path).
     """
     if not run_dirs:
         raise ReportError("no run directories given")
     paths = [Path(p) for p in run_dirs]
     all_results = [load_results(p) for p in paths]
     labels = _labels(paths)
+    references = {}
+    for ref in single_task:
+        tasks = load_results(ref)["tasks"]
+        references[tuple(tasks)] = single_task_scores(ref, tasks)
 
     fig = _new_figure(12.0, 4.5)
     ax_avg, ax_first = fig.subplots(1, 2)
     for label, results in zip(labels, all_results):
-        rows = lower_triangle(results["matrix"])
-        steps = list(range(1, len(rows) + 1))
-        ax_avg.plot(steps, average_curve(rows), marker="o", markersize=3, label=label)
-        ax_first.plot(steps, [row[0] for row in rows], marker="o", markersize=3,
+        steps, average, first, style = _curves(results)
+        ax_avg.plot(steps, average, marker="o", markersize=3, linestyle=style, label=label)
+        ax_first.plot(steps, first, marker="o", markersize=3, linestyle=style,
                       label=f"{label} ({results['tasks'][0]})")
     for ax, title in ((ax_avg, "Average score of seen tasks"), (ax_first, "Score of the first task")):
         ax.set_title(title)
@@ -233,7 +344,7 @@ def compare_runs(run_dirs: Sequence[Path | str], out_dir: Path | str) -> tuple[P
 
     out_dir = Path(out_dir)
     figure_path = _save_png(fig, out_dir / "compare.png")
-    table = markdown_table([_summary(lab, res) for lab, res in zip(labels, all_results)])
+    table = markdown_table([_summary(lab, res, references) for lab, res in zip(labels, all_results)])
     markdown_path = _replace_atomically(out_dir / "compare.md", lambda tmp: tmp.write_text(table))
     return figure_path, markdown_path
 
@@ -247,9 +358,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="run directories (each holding results.json)")
     parser.add_argument("--out", type=Path, default=Path("reports"), metavar="DIR",
                         help="output directory (default: reports)")
+    parser.add_argument("--single-task", type=Path, action="append", default=[], metavar="RUN_DIR",
+                        help="a finished method=single_task run: FWT for runs over the same tasks (repeatable)")
     args = parser.parse_args(argv)
     try:
-        figure_path, markdown_path = compare_runs(args.run_dirs, args.out)
+        figure_path, markdown_path = compare_runs(args.run_dirs, args.out, single_task=args.single_task)
     except ReportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

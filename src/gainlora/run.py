@@ -14,7 +14,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
@@ -25,11 +25,12 @@ from gainlora.callbacks.best_state import BestTrainableState
 from gainlora.data.collate import Collator
 from gainlora.data.datamodule import TaskStreamDataModule
 from gainlora.data.tasks import load_stream, stream_metric
-from gainlora.data.types import DataError
+from gainlora.data.types import DataError, TaskData
 from gainlora.loop import ArtifactError, ContinualLoop, StopFlag, TaskInterrupted
 from gainlora.methods.base import Method
 from gainlora.model.backbone import load_backbone
 from gainlora.model.module import ContinualLM
+from gainlora.report import ReportError, single_task_scores
 from gainlora.wandb_logging import log_task_end
 
 log = logging.getLogger("gainlora")
@@ -86,14 +87,31 @@ def build_model(cfg: DictConfig, task_names: list[str]) -> tuple[ContinualLM, Me
     return module, method, collator
 
 
-def build(cfg: DictConfig) -> tuple[ContinualLM, TaskStreamDataModule, Method]:
+def build(cfg: DictConfig, tasks: list[TaskData] | None = None) -> tuple[ContinualLM, TaskStreamDataModule, Method]:
     """Everything a run needs. The data is loaded and validated first, before anything heavy."""
-    tasks = load_stream(cfg.benchmark, seed=cfg.seed)
+    tasks = tasks if tasks is not None else load_stream(cfg.benchmark, seed=cfg.seed)
     module, method, collator = build_model(cfg, [t.name for t in tasks])
     datamodule = TaskStreamDataModule(tasks, collator, batch_size=cfg.data.batch_size,
                                       eval_batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers,
                                       seed=cfg.seed)
     return module, datamodule, method
+
+
+def single_task_reference(cfg: DictConfig, task_names: list[str]) -> list[float] | None:
+    """S[j] from ``metrics.single_task_run`` (a finished method=single_task run over the same tasks),
+    checked before anything is trained; None when the key is unset."""
+    path = cfg.get("metrics", {}).get("single_task_run")
+    if not path:
+        return None
+    target = cfg.method.get("_target_")
+    kind = getattr(get_class(target), "run_kind", "continual") if target else "continual"
+    if kind != "continual":
+        raise ConfigError(f"metrics.single_task_run: FWT applies to continual methods, not to the {kind} "
+                          "reference run; unset it")
+    try:
+        return single_task_scores(Path(path), task_names)
+    except ReportError as err:
+        raise ConfigError(f"metrics.single_task_run: {err}") from None
 
 
 def resolve_run_dir(cfg: DictConfig) -> RunDir:
@@ -123,7 +141,7 @@ def make_loggers(cfg: DictConfig, run_dir: RunDir) -> list:
 
 def log_task_metrics(loggers: list, task: int, results: dict) -> None:
     """Continual-learning metrics after each task, against the task index (never a global step)."""
-    row = results["matrix"][task]
+    row = results["matrix"][-1]  # the row just added (a joint fit's only row covers every task)
     metrics = {"cl/task": task + 1, **{f"cl/{k}": results[k] for k in ("AP", "FT", "BWT") if results[k] is not None},
                **{f"cl/score/{name}": row[j] for j, name in enumerate(results["tasks"][: task + 1])}}
     for logger in loggers:
@@ -164,12 +182,15 @@ def derive_batching(cfg: DictConfig) -> None:
 def trainer_factory(cfg: DictConfig, run_dir: RunDir, loggers: list):
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
 
-    def make(task: int, callbacks: list) -> L.Trainer:
-        if trainer_kwargs.get("limit_val_batches"):  # validation on: keep the best-scoring weights
+    def make(task: int, callbacks: list, steps_scale: int = 1) -> L.Trainer:
+        kwargs = dict(trainer_kwargs)
+        if kwargs.get("max_steps", -1) > 0:  # max_steps is per task: a joint fit on k tasks gets k times it
+            kwargs["max_steps"] *= steps_scale
+        if kwargs.get("limit_val_batches"):  # validation on: keep the best-scoring weights
             callbacks = [*callbacks, BestTrainableState()]
         strategy = cfg.strategy
         strategy = instantiate(strategy) if "_target_" in strategy else strategy.name
-        return L.Trainer(**trainer_kwargs, strategy=strategy, logger=loggers, callbacks=callbacks,
+        return L.Trainer(**kwargs, strategy=strategy, logger=loggers, callbacks=callbacks,
                          default_root_dir=str(run_dir.root))
     return make
 
@@ -228,7 +249,9 @@ def run(cfg: DictConfig) -> dict:
     validate_config(cfg)
     derive_batching(cfg)
     run_dir = prepare_run_dir(cfg)
-    module, datamodule, method = build(cfg)
+    tasks = load_stream(cfg.benchmark, seed=cfg.seed)
+    single_task = single_task_reference(cfg, [t.name for t in tasks])
+    module, datamodule, method = build(cfg, tasks)
     if is_main_process():
         run_dir.root.mkdir(parents=True, exist_ok=True)
         write_text(run_dir.config, OmegaConf.to_yaml(cfg, resolve=True))
@@ -236,6 +259,8 @@ def run(cfg: DictConfig) -> dict:
     info = {"experiment": cfg.exp_name, "method": method.name, "benchmark": cfg.benchmark.name,
             "order": cfg.benchmark.get("order"), "metric": stream_metric(datamodule.tasks), "seed": cfg.seed,
             "selection": cfg.benchmark.get("selection", "carved"), "backbone": module.backbone.name_or_path}
+    if single_task is not None:
+        info["single_task_run"] = str(cfg.metrics.single_task_run)
     started = time.time()
     stop = StopFlag()
     stop.install()
@@ -243,7 +268,7 @@ def run(cfg: DictConfig) -> dict:
                          make_trainer=trainer_factory(cfg, run_dir, loggers), info=info, seed=cfg.seed,
                          progress_bar=cfg.trainer.enable_progress_bar,
                          on_task_end=lambda t, results: log_task_metrics(loggers, t, results),
-                         is_main=is_main_process(), stop=stop)
+                         is_main=is_main_process(), stop=stop, single_task=single_task)
     try:
         results = loop.run()
     except TaskInterrupted as err:
@@ -257,7 +282,7 @@ def run(cfg: DictConfig) -> dict:
         for logger in loggers:
             logger.finalize("success")
     if is_main_process():
-        print(f"AP {results['AP']:.2f}  FT {results['FT']:.2f}  BWT {results['BWT']:.2f}")
+        print("  ".join(f"{k} {results[k]:.2f}" for k in ("AP", "FT", "BWT", "FWT") if results[k] is not None))
         print(run_dir.results)
     return results
 

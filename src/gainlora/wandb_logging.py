@@ -156,26 +156,31 @@ def task_end_payload(task_index: int, results: Mapping, run_dir: Path | None = N
     import wandb
 
     tasks = list(results["tasks"])
-    rows = _matrix_rows(results, task_index)
+    kind = results.get("run_kind") or "continual"
+    joint = kind == "multi_task"  # one joint fit: a single row that scores every task
+    rows = [list(results["matrix"][0])] if joint else _matrix_rows(results, task_index)
     seen = tasks[: task_index + 1]
     payload: dict[str, Any] = {STEP: task_index + 1}
-    for key in ("AP", "FT", "BWT", "BWT_ref", "FWT_diag"):
+    for key in ("AP", "FT", "BWT", "BWT_ref", "FWT", "FWT_diag"):
         if results.get(key) is not None:
             payload[f"cl/{key}"] = results[key]
     for j, name in enumerate(seen):  # every seen task's score now: one curve per task over cl/task
-        if rows[task_index][j] is not None:
-            payload[f"cl/score/{name}"] = rows[task_index][j]
+        if rows[-1][j] is not None:
+            payload[f"cl/score/{name}"] = rows[-1][j]
 
     payload["cl/matrix"] = wandb.Table(columns=["after_task", *seen],
-                                       data=[[tasks[i], *(row + [None] * (len(seen) - len(row)))]
+                                       data=[["all (joint)" if joint else tasks[i],
+                                              *(row + [None] * (len(seen) - len(row)))]
                                              for i, row in enumerate(rows)])
-    # Forgetting curves: task j's score after each task k >= j (x = number of tasks learned).
-    xs = [list(range(j + 1, task_index + 2)) for j in range(len(seen))]
-    ys = [[rows[k][j] for k in range(j, task_index + 1)] for j in range(len(seen))]
-    payload["cl/forgetting"] = wandb.plot.line_series(xs=xs, ys=ys, keys=seen, title="Score per task",
-                                                      xname="tasks learned")
+    if kind == "continual":  # a reference run's off-diagonal entries are no forgetting
+        # Forgetting curves: task j's score after each task k >= j (x = number of tasks learned).
+        xs = [list(range(j + 1, task_index + 2)) for j in range(len(seen))]
+        ys = [[rows[k][j] for k in range(j, task_index + 1)] for j in range(len(seen))]
+        payload["cl/forgetting"] = wandb.plot.line_series(xs=xs, ys=ys, keys=seen, title="Score per task",
+                                                          xname="tasks learned")
     if run_dir is not None:
-        for key, image in (("cl/matrix_heatmap", "matrix.png"), ("cl/forgetting_plot", "forgetting.png")):
+        for key, image in (("cl/matrix_heatmap", "matrix.png"), ("cl/forgetting_plot", "forgetting.png"),
+                           ("cl/scores_plot", "scores.png")):
             path = run_dir / "plots" / image
             if path.is_file():
                 payload[key] = wandb.Image(str(path))

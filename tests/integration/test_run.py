@@ -133,3 +133,54 @@ def test_resume_with_another_config_is_refused(reference_matrix):
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert "lora.rank: 8 -> 4" in done.stdout + done.stderr
+
+
+# -- the reference runs (METHOD.md, Baselines) --------------------------------------------------------
+REFERENCE = ("benchmark.num_tasks=2", "trainer.max_steps=30")
+
+
+def test_single_task_reference_then_fwt_of_a_continual_run(tmp_path):
+    done = launch(tmp_path, *REFERENCE, "method=single_task", "run_id=st")
+    single = results_of(Path(done.stdout.strip().splitlines()[-1]))
+    assert single["status"] == "finished" and single["run_kind"] == "single_task"
+    assert "Only the diagonal" in single["note"]
+    assert single["FT"] is None and single["BWT"] is None and single["FWT"] is None
+    S = [single["matrix"][j][j] for j in range(2)]
+    assert single["AP"] == pytest.approx(sum(S) / 2)
+    assert "FT" not in done.stdout.strip().splitlines()[-2]  # the summary line names no FT for it
+
+    done = launch(tmp_path, *REFERENCE, "method=inclora", f"metrics.single_task_run={tmp_path / 'demo' / 'st'}",
+                  "run_id=inc")
+    results = results_of(Path(done.stdout.strip().splitlines()[-1]))
+    R = results["matrix"]
+    assert results["run_kind"] == "continual" and results["tasks"] == single["tasks"]
+    assert results["FWT"] == pytest.approx(sum(R[j][j] - S[j] for j in range(2)) / 2)
+    assert results["single_task_run"] == str(tmp_path / "demo" / "st")
+
+
+def test_multi_task_reference_joint_fit_and_resume(tmp_path):
+    import gainlora
+
+    done = launch(tmp_path, "benchmark.num_tasks=2", "trainer.max_steps=6", "method=multi_task", "run_id=mt")
+    assert "joint fit on all 2 tasks: start" in done.stdout
+    assert "`max_steps=12` reached" in done.stdout + done.stderr  # max_steps per task x 2 tasks, one fit
+    run_dir = tmp_path / "demo" / "mt"
+    results = results_of(run_dir / "results.json")
+    assert results["status"] == "finished" and results["run_kind"] == "multi_task"
+    (row,) = results["matrix"]
+    assert len(row) == 2 and results["AP"] == pytest.approx(sum(row) / 2)
+    assert all(results[k] is None for k in ("FT", "BWT", "BWT_ref", "FWT"))
+    assert (run_dir / "plots" / "scores.png").is_file() and (run_dir / "tasks" / "02-joint" / "DONE").is_file()
+    with open(run_dir / "metrics.csv", newline="") as file:
+        logged = [r for r in csv.DictReader(file) if r.get("cl/task")]
+    assert [r["cl/task"] for r in logged] == ["2"] and float(logged[0]["cl/AP"]) == pytest.approx(results["AP"])
+
+    again = launch(tmp_path, "benchmark.num_tasks=2", "trainer.max_steps=6", "method=multi_task", "run_id=mt",
+                   "resume=true")
+    assert "finished earlier, restored" in again.stdout and "joint fit on all 2 tasks: start" not in again.stdout
+    assert results_of(run_dir / "results.json")["matrix"] == results["matrix"]
+
+    recorded = json.loads((run_dir / "predictions.json").read_text())
+    model = gainlora.load_run(run_dir)
+    assert model.tasks == results["tasks"]
+    assert model.generate([r["source"] for r in recorded], batch_size=5) == [r["prediction"] for r in recorded]

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from gainlora.data.collate import Collator
-from gainlora.data.types import TaskData
+from gainlora.data.types import Example, TaskData
 
 
 class TaskStreamDataModule(L.LightningDataModule):
@@ -16,6 +16,8 @@ class TaskStreamDataModule(L.LightningDataModule):
 
     - train: task t's training split (only task t: no replay);
     - val: task t's validation split (model selection, if enabled);
+    - with ``set_task(t, joint=True)`` (the multi-task reference) train and val are the union of
+      tasks 0..t's splits instead;
     - test: tasks 0..t through ONE loader with a task column (several eval loaders break
       DeepSpeed ZeRO-3, Lightning #18473).
     """
@@ -31,15 +33,25 @@ class TaskStreamDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.task = 0
+        self.joint = False
 
     @property
     def num_tasks(self) -> int:
         return len(self.tasks)
 
-    def set_task(self, task: int) -> None:
+    def set_task(self, task: int, *, joint: bool = False) -> None:
         if not 0 <= task < self.num_tasks:
             raise IndexError(f"task {task} outside 0..{self.num_tasks - 1}")
         self.task = task
+        self.joint = joint
+
+    @property
+    def fit_tasks(self) -> list[int]:
+        """The tasks whose training and validation data the next fit sees."""
+        return list(range(self.task + 1)) if self.joint else [self.task]
+
+    def train_data(self) -> list[Example]:
+        return [e for j in self.fit_tasks for e in self.tasks[j].train]
 
     def _loader(self, data, collate, *, batch_size: int, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed * 1009 + self.task) if shuffle else None
@@ -48,12 +60,10 @@ class TaskStreamDataModule(L.LightningDataModule):
                           persistent_workers=False)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.tasks[self.task].train, self.collator.train_batch,
-                            batch_size=self.batch_size, shuffle=True)
+        return self._loader(self.train_data(), self.collator.train_batch, batch_size=self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        task = self.tasks[self.task]
-        items = [(self.task, e, task.metric) for e in task.val]
+        items = [(j, e, self.tasks[j].metric) for j in self.fit_tasks for e in self.tasks[j].val]
         return self._loader(items, self.collator.eval_batch, batch_size=self.eval_batch_size, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
@@ -61,6 +71,6 @@ class TaskStreamDataModule(L.LightningDataModule):
         return self._loader(items, self.collator.eval_batch, batch_size=self.eval_batch_size, shuffle=False)
 
     def feature_batches(self) -> Iterator[dict]:
-        """The current task's training batches in a fixed order (covariance collection)."""
-        return iter(self._loader(self.tasks[self.task].train, self.collator.train_batch,
+        """The fit's training batches in a fixed order (covariance collection)."""
+        return iter(self._loader(self.train_data(), self.collator.train_batch,
                                  batch_size=self.batch_size, shuffle=False))

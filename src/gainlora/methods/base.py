@@ -23,6 +23,11 @@ class Method:
     new_branch_per_task = True
     wants_layer_features = False  # does init_branch / update_memories need layer covariances?
     gate_spec: dict | None = None  # gate architecture for the model; None means gate-free
+    # The loop reads these two. joint_training: one fit on the union of every task's training data
+    # instead of one fit per task (the multi-task reference). run_kind: what results.json's matrix
+    # means and which metrics apply (gainlora.metrics.RUN_KINDS).
+    joint_training = False
+    run_kind = "continual"
 
     def __init__(self, max_batches: int | None = 100) -> None:
         self.max_batches = max_batches  # cap on batches for feature collection

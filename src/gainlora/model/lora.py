@@ -175,6 +175,10 @@ class GatedLoRALinear(nn.Module):
         self.lora_A = nn.Parameter(A.detach().to(device, torch.float32).clone())
         self.lora_B = nn.Parameter(B.detach().to(device, torch.float32).clone())
 
+    def discard_current(self) -> None:
+        """Drop the current branch without keeping it (a single-task reference restarts from zero)."""
+        self.lora_A = self.lora_B = None
+
     def freeze_current(self) -> None:
         """Move the current branch into the frozen stacks (bit-exact copy)."""
         if self.lora_A is None:

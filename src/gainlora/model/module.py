@@ -68,6 +68,13 @@ class ContinualLM(L.LightningModule):
         for name, layer in self.adapted.items():
             layer.add_branch(*init.get(name, (None, None)))
 
+    def reset_branch(self) -> None:
+        """Discard every layer's current branch and open a fresh one (A kaiming, B zero), as
+        ``add_branch`` would: the model is the plain backbone again, plus any frozen branches."""
+        for layer in self.adapted.values():
+            layer.discard_current()
+            layer.add_branch()
+
     def freeze_all(self) -> None:
         for layer in self.adapted.values():
             layer.freeze_current()
@@ -165,7 +172,9 @@ class ContinualLM(L.LightningModule):
         self._score_batch(batch)
 
     def on_validation_epoch_end(self) -> None:
-        score = self.scores.compute()[self.current_task]
+        # The tasks the fit validates on: the current one, or all seen ones for joint training
+        # (tasks without validation examples are nan and left out).
+        score = torch.nanmean(self.scores.compute()[: self.current_task + 1])
         self.log("val/score", score, prog_bar=True, sync_dist=False)
 
     def on_test_epoch_start(self) -> None:
