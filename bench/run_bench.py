@@ -723,6 +723,18 @@ def machine_info(s: Settings) -> dict:
     return info
 
 
+def save(result: dict, load_log: dict, t0: float, out: Path) -> None:
+    """Derive ratios, targets and the markdown table from what is measured so far; write the JSON."""
+    result["ratios"], result["targets"] = ratios_and_targets(result["steps"], result["memory_update"])
+    result["meta"]["loadavg_by_section"] = load_log
+    result["meta"]["elapsed_s"] = time.perf_counter() - t0
+    with contextlib.suppress(OSError):
+        result["meta"]["loadavg_end"] = os.getloadavg()
+    result["markdown"] = markdown(result)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -732,7 +744,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--archs", default="t5_small,llama_tiny")
-    p.add_argument("--variants", default=",".join(v.name for v in VARIANTS))
+    p.add_argument("--variants", default="lora_1,gainlora_1,gainlora_5,gainlora_15,unfused_15",
+                   help=f"comma list of {', '.join(VARIANT_BY_NAME)}")
     p.add_argument("--sections", default="steps,layer,update,memory,profile",
                    help="comma list of steps, layer, update, memory (peak, subprocesses), profile")
     p.add_argument("--data-dir", default=None, help="CL_Benchmark folder for the tiny_superni task")
@@ -748,7 +761,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     s = Settings(args.device, args.dtype, args.threads,
                  warmup=args.warmup if args.warmup is not None else (1 if args.quick else 2),
-                 repeats=args.repeats if args.repeats is not None else (2 if args.quick else 7), quick=args.quick)
+                 repeats=args.repeats if args.repeats is not None else (2 if args.quick else 5), quick=args.quick)
     archs = [ARCHS[a] for a in args.archs.split(",") if a]
     archs = [shrink(a) for a in archs] if args.quick else archs
     if args.probe:
@@ -778,11 +791,13 @@ def main(argv: list[str] | None = None) -> int:
                 result["checks"][f"{arch.name}_fused_vs_unfused_15_rel_loss_diff"] = fused_matches_unfused(
                     arch, VARIANT_BY_NAME["gainlora_15"], s, batch)
             log_load(f"steps:{arch.name}")
+            save(result, load_log, t0, Path(args.out))  # partial results survive an interrupted run
     if "layer" in sections:
         for arch in archs:
             print(f"[bench] one adapted layer: {arch.name}", file=sys.stderr, flush=True)
             result["layer"][arch.name] = bench_layer(arch, s)
         log_load("layer")
+        save(result, load_log, t0, Path(args.out))
     if "update" in sections:
         print("[bench] feature collection + memory update", file=sys.stderr, flush=True)
         tiny = tiny_superni_task(args.data_dir, s)
@@ -795,30 +810,25 @@ def main(argv: list[str] | None = None) -> int:
             result["memory_update"]["t5_small"] = bench_memory_update(t5_small_task(s, t5, args.quick), s,
                                                                       repeats=min(s.repeats, 3))
         log_load("update")
-    if "memory" in sections:
-        probe_variants = [VARIANT_BY_NAME["lora_1"], VARIANT_BY_NAME["gainlora_15"]] if args.quick else variants
-        for arch in archs:
-            print(f"[bench] peak memory: {arch.name}", file=sys.stderr, flush=True)
-            result["peak_memory"][arch.name] = {v.name: run_probe(arch, v, s, args.quick) for v in probe_variants}
-        log_load("memory")
+        save(result, load_log, t0, Path(args.out))
     if "profile" in sections:
         for arch in archs[:1]:
             for name in ("lora_1", "gainlora_15", "unfused_15"):
                 if name in VARIANT_BY_NAME:
                     print(f"[bench] profile: {arch.name} {name}", file=sys.stderr, flush=True)
                     result["profiles"][f"{arch.name}:{name}"] = profile_step(arch, VARIANT_BY_NAME[name], s)
-    result["ratios"], result["targets"] = ratios_and_targets(result["steps"], result["memory_update"])
-    result["meta"]["loadavg_by_section"] = load_log
-    result["meta"]["elapsed_s"] = time.perf_counter() - t0
-    with contextlib.suppress(OSError):
-        result["meta"]["loadavg_end"] = os.getloadavg()
-    table = markdown(result)
-    result["markdown"] = table
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(table)
-    print(f"[bench] wrote {out} in {result['meta']['elapsed_s']:.0f} s", file=sys.stderr)
+        log_load("profile")
+        save(result, load_log, t0, Path(args.out))
+    if "memory" in sections:
+        probe_variants = [VARIANT_BY_NAME["lora_1"], VARIANT_BY_NAME["gainlora_15"]] if args.quick else variants
+        for arch in archs:
+            print(f"[bench] peak memory: {arch.name}", file=sys.stderr, flush=True)
+            result["peak_memory"][arch.name] = {v.name: run_probe(arch, v, s, args.quick) for v in probe_variants}
+        log_load("memory")
+        save(result, load_log, t0, Path(args.out))
+    save(result, load_log, t0, Path(args.out))
+    print(result["markdown"])
+    print(f"[bench] wrote {args.out} in {result['meta']['elapsed_s']:.0f} s", file=sys.stderr)
     return 0
 
 
