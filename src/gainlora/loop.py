@@ -143,6 +143,10 @@ class ContinualLoop:
     matrix: list[list[float | None]] = field(default_factory=list)
     single_task: list[float] | None = None  # S[j] from a single-task reference run: FWT
 
+    def say(self, message: str) -> None:
+        if self.is_main:  # one line per event, not one per rank
+            print(f"[gainlora] {message}", flush=True)
+
     def label(self, t: int, name: str) -> str:
         n = len(self.task_names)
         return f"joint fit on all {n} tasks" if self.method.joint_training else f"task {t + 1}/{n} {name}"
@@ -164,7 +168,7 @@ class ContinualLoop:
                 restore_task(self.module, self.method, t, files)
                 self.matrix.append(meta["row"] + [None] * (len(names) - t - 1))
                 resumed_time += meta.get("wall_time_s", 0.0)
-                print(f"[gainlora] {self.label(t, name)}: finished earlier, restored")
+                self.say(f"{self.label(t, name)}: finished earlier, restored")
                 continue
             task_started = time.time()
             row = self.train_task(t, name)
@@ -182,7 +186,7 @@ class ContinualLoop:
         n = len(self.task_names)
         joint = self.method.joint_training
         label = self.label(t, name)
-        print(f"[gainlora] {label}: start", flush=True)
+        self.say(f"{label}: start")
         L.seed_everything(self.seed + t, workers=True, verbose=False)  # resume reproduces each task
         self.datamodule.set_task(t, joint=joint)
         self.module.current_task = t
@@ -199,7 +203,7 @@ class ContinualLoop:
         self.method.on_task_end(self.module, t, self.datamodule.feature_batches)
         trainer.test(self.module, datamodule=self.datamodule, verbose=False)
         row = [round(s, 4) for s in self.module.test_scores()]
-        print(f"[gainlora] {label}: scores on seen tasks {row}", flush=True)
+        self.say(f"{label}: scores on seen tasks {row}")
         return row
 
     def write_results(self, *, status: str, wall_time: float) -> dict:

@@ -15,6 +15,18 @@ def threshold_at(eps: float, task_index: int, num_tasks: int) -> float:
     return eps + (1.0 - eps) * task_index / num_tasks
 
 
+def distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+
+
+def shard() -> tuple[int, int]:
+    """(rank, world size) of the process group, (0, 1) outside one."""
+    if not distributed():
+        return 0, 1
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
 class CovarianceAccumulator:
     """Running uncentred covariance E[x x^T] of row vectors, accumulated in place in float64."""
 
@@ -26,6 +38,15 @@ class CovarianceAccumulator:
         x = x.reshape(-1, x.shape[-1]).to(torch.float64)
         self.sum.addmm_(x.T, x)
         self.count += x.shape[0]
+
+    def all_reduce(self) -> None:
+        """Sum over the ranks of a process group (each rank collected its own share of the batches)."""
+        if not distributed():
+            return
+        count = torch.tensor([self.count], dtype=torch.float64, device=self.sum.device)
+        torch.distributed.all_reduce(self.sum)
+        torch.distributed.all_reduce(count)
+        self.count = int(count.item())
 
     def covariance(self) -> Tensor:
         if self.count == 0:

@@ -58,6 +58,11 @@ def validate_config(cfg: DictConfig) -> None:
     if "DeepSpeed" in target and cfg.strategy.get("stage") == 3 and gated:
         raise ConfigError("strategy deepspeed_stage_3 with a GainLoRA method is not supported: the gate "
                           "update projection needs replicated gate parameters; use deepspeed_stage_2")
+    accelerator = cfg.trainer.get("accelerator", "auto")
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if target == "lightning.pytorch.strategies.DeepSpeedStrategy" and on_cpu:
+        raise ConfigError("strategy deepspeed_*: Lightning runs DeepSpeed on CUDA GPUs only and this run would "
+                          "use the CPU; use strategy=ddp (or auto) here, or set trainer.accelerator=gpu on a GPU machine")
 
 
 def build_method(cfg: DictConfig) -> Method:
@@ -258,7 +263,8 @@ def run(cfg: DictConfig) -> dict:
     loggers = make_loggers(cfg, run_dir)
     info = {"experiment": cfg.exp_name, "method": method.name, "benchmark": cfg.benchmark.name,
             "order": cfg.benchmark.get("order"), "metric": stream_metric(datamodule.tasks), "seed": cfg.seed,
-            "selection": cfg.benchmark.get("selection", "carved"), "backbone": module.backbone.name_or_path}
+            "selection": cfg.benchmark.get("selection", "carved"), "backbone": module.backbone.name_or_path,
+            "derived": OmegaConf.to_container(cfg.derived)}  # world size, per-device and global batch
     if single_task is not None:
         info["single_task_run"] = str(cfg.metrics.single_task_run)
     started = time.time()

@@ -4,11 +4,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import lightning as L
-import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from gainlora.data.collate import Collator
-from gainlora.data.types import Example, TaskData
+from gainlora.data.types import PAD_TASK, Example, TaskData
 
 
 class TaskStreamDataModule(L.LightningDataModule):
@@ -53,24 +52,48 @@ class TaskStreamDataModule(L.LightningDataModule):
     def train_data(self) -> list[Example]:
         return [e for j in self.fit_tasks for e in self.tasks[j].train]
 
-    def _loader(self, data, collate, *, batch_size: int, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed * 1009 + self.task) if shuffle else None
-        return DataLoader(data, batch_size=batch_size, shuffle=shuffle, collate_fn=collate,
-                          num_workers=self.num_workers, generator=generator,
-                          persistent_workers=False)
+    def _loader(self, data, collate, *, batch_size: int, sampler=None) -> DataLoader:
+        return DataLoader(data, batch_size=batch_size, sampler=sampler, collate_fn=collate,
+                          num_workers=self.num_workers, persistent_workers=False)
+
+    def _eval_loader(self, items: list[tuple[int, object, str]]) -> DataLoader:
+        """Evaluation items, each scored exactly once however many ranks share them.
+
+        Lightning's DistributedSampler would repeat items to even out the ranks, counting them twice.
+        Instead the list is padded to a multiple of the world size with ``PAD_TASK`` rows, which are
+        generated (every rank must run as many batches: ZeRO-3 generation is collective) but never
+        scored, and sharded here, so Lightning keeps this sampler.
+        """
+        world, rank = self._world()
+        sampler = None
+        if world > 1 and items:
+            items = items + [(PAD_TASK, items[0][1], items[0][2])] * (-len(items) % world)
+            sampler = DistributedSampler(items, num_replicas=world, rank=rank, shuffle=False)
+        return self._loader(items, self.collator.eval_batch, batch_size=self.eval_batch_size,
+                            sampler=sampler)
+
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_data(), self.collator.train_batch, batch_size=self.batch_size, shuffle=True)
+        """Shuffled by one seeded permutation per epoch that every rank shares, rank r taking items
+        r, r + W, ...: with the per-device batch scaled down, N devices see the same global batches
+        as one device does."""
+        data = self.train_data()
+        world, rank = self._world()
+        sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True,
+                                     seed=self.seed * 1009 + self.task)
+        return self._loader(data, self.collator.train_batch, batch_size=self.batch_size,
+                            sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
-        items = [(j, e, self.tasks[j].metric) for j in self.fit_tasks for e in self.tasks[j].val]
-        return self._loader(items, self.collator.eval_batch, batch_size=self.eval_batch_size, shuffle=False)
+        return self._eval_loader([(j, e, self.tasks[j].metric) for j in self.fit_tasks for e in self.tasks[j].val])
 
     def test_dataloader(self) -> DataLoader:
-        items = [(j, e, t.metric) for j, t in enumerate(self.tasks[: self.task + 1]) for e in t.test]
-        return self._loader(items, self.collator.eval_batch, batch_size=self.eval_batch_size, shuffle=False)
+        return self._eval_loader([(j, e, t.metric) for j, t in enumerate(self.tasks[: self.task + 1]) for e in t.test])
 
     def feature_batches(self) -> Iterator[dict]:
         """The fit's training batches in a fixed order (covariance collection)."""
         return iter(self._loader(self.train_data(), self.collator.train_batch,
-                                 batch_size=self.batch_size, shuffle=False))
+                                 batch_size=self.batch_size))

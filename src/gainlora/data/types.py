@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+PAD_TASK = -1  # task index of the rows that even out evaluation shards across ranks; never scored
+
 
 class DataError(ValueError):
     """Bad benchmark input. The message names the file, task or key at fault."""

@@ -9,7 +9,8 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from gainlora.memory import CovarianceAccumulator
+from gainlora.memory import CovarianceAccumulator, shard
+from gainlora.data.types import PAD_TASK
 from gainlora.metrics import TaskScores
 from gainlora.model.backbone import Backbone, adapted_layers, replace_module
 from gainlora.model.gates import GateBank, pool_embeddings
@@ -160,7 +161,9 @@ class ContinualLM(L.LightningModule):
     def _score_batch(self, batch: dict) -> None:
         preds = self.generate(batch)
         task_ids = batch["task_id"].tolist()
-        self.scores.update(preds, batch["references"], task_ids, batch["metric"])
+        real = [i for i, t in enumerate(task_ids) if t != PAD_TASK]  # padding that evens out ranks
+        self.scores.update([preds[i] for i in real], [batch["references"][i] for i in real],
+                           [task_ids[i] for i in real], [batch["metric"][i] for i in real])
         if not self.trainer.sanity_checking and self.trainer.testing:
             for p, r, t, src in zip(preds, batch["references"], task_ids, batch["source"]):
                 self.predictions.append({"task": t, "source": src, "prediction": p, "references": list(r)})
@@ -183,6 +186,15 @@ class ContinualLM(L.LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._score_batch(batch)
+
+    def on_test_epoch_end(self) -> None:
+        """Gather every rank's predictions in dataset order (rank r held items r, r + W, ...)."""
+        rank, world = shard()
+        if world > 1:
+            shards: list[list[dict]] = [[] for _ in range(world)]
+            torch.distributed.all_gather_object(shards, self.predictions)
+            self.predictions = [p for row in zip(*shards) for p in row]  # shards are equal-sized
+        self.predictions = [p for p in self.predictions if p["task"] != PAD_TASK]
 
     def test_scores(self) -> list[float]:
         """Per-task scores of the last test (tasks 0..current)."""
@@ -211,11 +223,14 @@ class ContinualLM(L.LightningModule):
         gate_accs = [CovarianceAccumulator(d, self.device) for d in
                      ((self.gates.dim, self.gates.hidden, self.gates.dim) if gate else ())]
         was_training = self.training
+        rank, world = shard()  # under DDP/DeepSpeed each rank takes every world-th batch; sums are reduced
         self.eval()
         try:
             for i, batch in enumerate(batches):
                 if max_batches is not None and i >= max_batches:
                     break
+                if i % world != rank:
+                    continue
                 batch = self._to_device(batch)
                 if gate:
                     p0 = self.pooled_embeddings(batch["input_ids"], batch["gate_mask"])
@@ -231,6 +246,10 @@ class ContinualLM(L.LightningModule):
         finally:
             self.context.reset()
             self.train(was_training)
+        if world > 1:
+            accs = self._reduce_layer_sums(accs) if layers else accs
+            for acc in gate_accs:
+                acc.all_reduce()
         covs: dict[int, Tensor] = {}  # one tensor per shared accumulator, so q and v share SVDs later
         for name, acc in accs.items():
             if id(acc) not in covs:
@@ -238,6 +257,26 @@ class ContinualLM(L.LightningModule):
             feats.layers[name] = covs[id(acc)]
         feats.gate = [acc.covariance() for acc in gate_accs]
         return feats
+
+    def _reduce_layer_sums(self, accs: dict[str, CovarianceAccumulator]) -> dict[str, CovarianceAccumulator]:
+        """All-reduce every adapted layer's sums, in the same order on every rank.
+
+        Reduced per layer name, never per shared accumulator: a rank that drew no batch has no
+        sharing to mirror, and every rank must make the same collective calls. Sharing is restored
+        afterwards where this rank saw it, so q and v still share one SVD.
+        """
+        reduced: dict[int, CovarianceAccumulator] = {}
+        out: dict[str, CovarianceAccumulator] = {}
+        for name, layer in self.adapted.items():
+            local = accs.get(name)
+            acc = CovarianceAccumulator(layer.in_features, self.device)
+            if local is not None:
+                acc.sum.copy_(local.sum)
+                acc.count = local.count
+            acc.all_reduce()
+            if acc.count:  # a layer no batch reached stays absent, as in a single process
+                out[name] = reduced.setdefault(id(local), acc) if local is not None else acc
+        return out
 
     def _stream_masks(self, batch: dict) -> dict[str, Tensor]:
         if self.kind == "causal":
