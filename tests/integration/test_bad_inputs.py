@@ -67,7 +67,7 @@ CASES = {
     "no backbone": (["backbone.tiny=null"], None, "backbone.name_or_path"),
     "indivisible global batch": (["data.global_batch_size=32", "data.batch_size=5"], None,
                                  "data.global_batch_size=32 is not a multiple of data.batch_size (5)"),
-    "GainLoRA under ZeRO-3": (["strategy=deepspeed_stage_3"], None, "deepspeed_stage_3 with a GainLoRA method"),
+    "ZeRO-3": (["strategy=deepspeed_stage_3", "method=inclora"], None, "deepspeed_stage_3 is not supported"),
     "DeepSpeed on CPU": (["strategy=deepspeed_stage_2", "trainer.accelerator=cpu"], None,
                          "Lightning runs DeepSpeed on CUDA GPUs only"),
     "missing single-task reference": (["metrics.single_task_run=/nonexistent/st"], None,

@@ -99,6 +99,30 @@ def test_expanded_batch_reuses_each_examples_coefficients() -> None:
         layer(h)
 
 
+def test_bf16_autocast_matches_float32_forward_and_gradients() -> None:
+    """The fused path under torch.autocast: bf16 products like F.linear's, fp32 parameters and grads."""
+    layer, _, context = make_layer()
+    g = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        layer.add_branch(*random_branch(g))
+    h = torch.randn(4, 6, D_IN, generator=g)
+    context.coeffs = torch.rand(4, 3, generator=g)
+
+    def run(autocast: bool) -> tuple[Tensor, list[Tensor]]:
+        layer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = layer(h)
+        y.float().pow(2).mean().backward()
+        return y, [layer.lora_A.grad, layer.lora_B.grad]
+
+    y32, grads32 = run(False)
+    y16, grads16 = run(True)
+    assert y16.dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in grads16)
+    torch.testing.assert_close(y16.float(), y32, rtol=3e-2, atol=3e-2)
+    for got, want in zip(grads16, grads32):
+        assert ((got - want).norm() / want.norm()).item() < 3e-2
+
+
 def test_optimizer_only_sees_the_current_branch() -> None:
     layer, _, context = make_layer()
     g = torch.Generator().manual_seed(4)
