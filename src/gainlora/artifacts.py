@@ -71,6 +71,10 @@ class RunDir:
     def plots(self) -> Path:
         return self.root / "plots"
 
+    def checkpoint_dir(self, task: int, name: str) -> Path:
+        """Lightning checkpoints of an unfinished task (resume inside a task)."""
+        return self.root / "checkpoints" / f"{task + 1:02d}-{name}"
+
     def task_dir(self, task: int, name: str) -> Path:
         return self.root / "tasks" / f"{task + 1:02d}-{name}"
 

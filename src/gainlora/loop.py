@@ -9,14 +9,16 @@ task hooks itself.
 from __future__ import annotations
 
 import logging
+import shutil
 import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
 from gainlora.artifacts import RunDir, write_json
 from gainlora.data.datamodule import TaskStreamDataModule
@@ -141,6 +143,7 @@ class ContinualLoop:
     stop: StopFlag = field(default_factory=StopFlag)
     on_task_end: Callable[[int, dict], None] | None = None  # e.g. W&B logging of the CL metrics
     matrix: list[list[float | None]] = field(default_factory=list)
+    checkpoint: dict | None = None  # in-task checkpoints: every_n_epochs / every_n_train_steps
     single_task: list[float] | None = None  # S[j] from a single-task reference run: FWT
 
     def say(self, message: str) -> None:
@@ -177,6 +180,7 @@ class ContinualLoop:
             if self.is_main:
                 self.run_dir.save_task(t, name, task_tensors(self.module, self.method, t), meta)
                 write_json(self.run_dir.root / "predictions.json", self.module.predictions)
+                shutil.rmtree(self.run_dir.checkpoint_dir(t, name), ignore_errors=True)  # done: not needed
             results = self.write_results(status="running", wall_time=resumed_time + time.time() - started)
             if self.on_task_end is not None:
                 self.on_task_end(t, results)
@@ -194,9 +198,13 @@ class ContinualLoop:
         self.module.regularizer = lambda: self.method.regularizer(self.module)
         callbacks = [TaskProgressBar(t, n, name)] if self.progress_bar else []
         callbacks += self.method.callbacks()
-        trainer = self.make_trainer(t, callbacks, len(self.datamodule.fit_tasks))
+        saver, last = self.in_task_checkpoint(t, name)
+        trainer = self.make_trainer(t, callbacks + saver, len(self.datamodule.fit_tasks))
+        if last is not None:
+            self.say(f"{label}: continuing from its checkpoint {last.relative_to(self.run_dir.root)}")
         if not self.stop.requested:
-            trainer.fit(self.module, datamodule=self.datamodule)
+            # weights_only: a checkpoint is tensors, numbers and strings; nothing in it runs code.
+            trainer.fit(self.module, datamodule=self.datamodule, ckpt_path=last, weights_only=True)
         if self.stop.requested or trainer.received_sigterm or trainer.interrupted:
             raise TaskInterrupted(f"task {t + 1} ({name}) was interrupted before it finished; "
                                   "finished tasks are saved, resume with resume=true")
@@ -205,6 +213,20 @@ class ContinualLoop:
         row = [round(s, 4) for s in self.module.test_scores()]
         self.say(f"{label}: scores on seen tasks {row}")
         return row
+
+    def in_task_checkpoint(self, t: int, name: str) -> tuple[list[L.Callback], Path | None]:
+        """A ModelCheckpoint writing <run_dir>/checkpoints/<task>/last.ckpt, and that file if an
+        interrupted attempt at this task left one (the task is re-opened exactly as before by the
+        seeded task start, then the checkpoint restores what trained and the loop state)."""
+        if not self.checkpoint:
+            return [], None
+        folder = self.run_dir.checkpoint_dir(t, name)
+        steps = self.checkpoint.get("every_n_train_steps") or None
+        saver = ModelCheckpoint(dirpath=folder, save_top_k=0, save_last=True, every_n_train_steps=steps,
+                                every_n_epochs=None if steps else self.checkpoint.get("every_n_epochs"),
+                                save_on_train_epoch_end=True, enable_version_counter=False)
+        last = folder / "last.ckpt"
+        return [saver], last if last.is_file() else None
 
     def write_results(self, *, status: str, wall_time: float) -> dict:
         names = self.task_names

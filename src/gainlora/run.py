@@ -16,6 +16,7 @@ import hydra
 import lightning as L
 from hydra.utils import get_class, instantiate
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -197,6 +198,9 @@ def trainer_factory(cfg: DictConfig, run_dir: RunDir, loggers: list):
             kwargs["max_steps"] *= steps_scale
         if kwargs.get("limit_val_batches"):  # validation on: keep the best-scoring weights
             callbacks = [*callbacks, BestTrainableState()]
+        # Lightning refuses a ModelCheckpoint when checkpointing is off, and adds its own (of the
+        # whole model) when it is on without one: on exactly when the loop passes its own.
+        kwargs["enable_checkpointing"] = any(isinstance(c, ModelCheckpoint) for c in callbacks)
         strategy = cfg.strategy
         strategy = instantiate(strategy) if "_target_" in strategy else strategy.name
         return L.Trainer(**kwargs, strategy=strategy, logger=loggers, callbacks=callbacks,
@@ -204,9 +208,22 @@ def trainer_factory(cfg: DictConfig, run_dir: RunDir, loggers: list):
     return make
 
 
+def in_task_checkpoints(cfg: DictConfig) -> dict | None:
+    """The loop's ModelCheckpoint cadence, or None. Off under DeepSpeed: its checkpoints are engine
+    folders that DeepSpeed loads by unpickling, and artifacts must load without pickle; such runs
+    resume at task granularity."""
+    spec = OmegaConf.to_container(cfg.checkpoint) if cfg.get("checkpoint") else {}
+    if not (spec.get("every_n_epochs") or spec.get("every_n_train_steps")):
+        return None
+    if "DeepSpeed" in str(cfg.strategy.get("_target_", "")):
+        log.info("in-task checkpoints are off under DeepSpeed; an interrupted task restarts on resume")
+        return None
+    return spec
+
+
 RUN_ID_ENV = "GAINLORA_RUN_ID"
 # Keys that may differ between an interrupted run and its resumption.
-RESUMABLE_KEYS = {"resume", "run_id", "paths", "logger", "trainer.enable_progress_bar", "derived"}
+RESUMABLE_KEYS = {"resume", "run_id", "paths", "logger", "trainer.enable_progress_bar", "derived", "checkpoint"}
 
 
 def config_differences(saved: DictConfig, current: DictConfig) -> list[str]:
@@ -278,7 +295,8 @@ def run(cfg: DictConfig) -> dict:
                          make_trainer=trainer_factory(cfg, run_dir, loggers), info=info, seed=cfg.seed,
                          progress_bar=cfg.trainer.enable_progress_bar,
                          on_task_end=lambda t, results: log_task_metrics(loggers, t, results),
-                         is_main=is_main_process(), stop=stop, single_task=single_task)
+                         is_main=is_main_process(), stop=stop, single_task=single_task,
+                         checkpoint=in_task_checkpoints(cfg))
     try:
         results = loop.run()
     except TaskInterrupted as err:

@@ -126,6 +126,26 @@ def test_resume_after_signal_in_task_two(sig, reference_matrix, tmp_path):
     assert results_of(run_dir / "results.json")["matrix"] == matrix
 
 
+def test_resume_inside_a_task_from_its_checkpoint(reference_matrix, tmp_path):
+    """SIGKILL right after task 2's first epoch-end checkpoint: the resumed run continues task 2
+    from that checkpoint (not from its start) and still gives the uninterrupted matrix."""
+    matrix, _ = reference_matrix
+    proc = launch(tmp_path, *THREE, "run_id=c", wait=False)
+    run_dir = tmp_path / "demo" / "c"
+    deadline = time.time() + 300
+    while not list((run_dir / "checkpoints").glob("02-*/last.ckpt")):
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint of task 2 was written"
+        time.sleep(0.02)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert not list((run_dir / "tasks").glob("02-*/DONE")), "task 2 finished before the kill"
+    assert not (run_dir / "checkpoints" / "01-demo_colour").exists()  # removed once task 1 was done
+    done = launch(tmp_path, *THREE, "run_id=c", "resume=true")
+    assert "task 2/3 demo_parity: continuing from its checkpoint checkpoints/02-demo_parity/last.ckpt" in done.stdout
+    assert results_of(run_dir / "results.json")["matrix"] == matrix
+    assert not list((run_dir / "checkpoints").glob("*/last.ckpt"))
+
+
 def test_resume_with_another_config_is_refused(reference_matrix):
     _, runs = reference_matrix
     cmd = [sys.executable, "-m", "gainlora.run", *TINY, f"paths.runs_dir={runs}", *THREE, "run_id=a",

@@ -38,6 +38,7 @@ class ContinualLM(L.LightningModule):
                  gates: dict | None = None, optimizer: Callable[..., torch.optim.Optimizer] | None = None,
                  generation: dict | None = None, task_names: list[str] | None = None) -> None:
         super().__init__()
+        self.strict_loading = False  # checkpoints hold only what trains (on_load_checkpoint checks it)
         self.backbone = backbone.model
         self.tokenizer = backbone.tokenizer
         self.kind = backbone.kind
@@ -126,6 +127,20 @@ class ContinualLM(L.LightningModule):
         return total
 
     regularizer: Callable[[], Tensor | None] | None = None  # set by methods that add a loss term
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """In-task checkpoints hold what trains; the frozen backbone and old branches and gates
+        are rebuilt from the run directory on resume."""
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        saved = set(checkpoint["state_dict"])
+        if saved != trainable:
+            raise RuntimeError(f"in-task checkpoint does not match the re-opened task: it holds {sorted(saved)[:3]}..., "
+                               f"the model trains {sorted(trainable)[:3]}...; delete the task's checkpoints folder "
+                               "to restart the task")
 
     def on_fit_start(self) -> None:
         # The backbone is loaded in eval mode and Lightning keeps submodules' modes (its eval loops
