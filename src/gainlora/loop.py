@@ -8,6 +8,7 @@ task hooks itself.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import signal
@@ -184,6 +185,9 @@ class ContinualLoop:
             results = self.write_results(status="running", wall_time=resumed_time + time.time() - started)
             if self.on_task_end is not None:
                 self.on_task_end(t, results)
+        if self.is_main and self.checkpoint:  # every task's checkpoints went when it was done
+            with contextlib.suppress(OSError):
+                (self.run_dir.root / "checkpoints").rmdir()
         return self.write_results(status="finished", wall_time=resumed_time + time.time() - started)
 
     def train_task(self, t: int, name: str) -> list[float]:
