@@ -42,6 +42,15 @@ class ConfigError(ValueError):
     """A bad configuration value; the message names the key."""
 
 
+def strategy_target(cfg: DictConfig) -> str:
+    return str(cfg.strategy.get("_target_", cfg.strategy.get("name", "")))
+
+
+def is_deepspeed(cfg: DictConfig) -> bool:
+    """Lightning's DeepSpeedStrategy or a subclass of it (by name: nothing is imported)."""
+    return "DeepSpeed" in strategy_target(cfg)
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Cheap checks of the values a run depends on, before anything is loaded or trained."""
     def positive(key: str, value) -> None:
@@ -54,8 +63,8 @@ def validate_config(cfg: DictConfig) -> None:
     positive("data.batch_size", cfg.data.batch_size)
     if not (cfg.backbone.get("name_or_path") or cfg.backbone.get("tiny")):
         raise ConfigError("backbone: set backbone.name_or_path (a Hugging Face name or a local path) or backbone.tiny")
-    target = str(cfg.strategy.get("_target_", cfg.strategy.get("name", "")))
-    if "DeepSpeed" in target and cfg.strategy.get("stage") == 3:
+    target = strategy_target(cfg)
+    if is_deepspeed(cfg) and cfg.strategy.get("stage") == 3:
         # Measured with the CPU shim: task 1 trains and generates, then IncLoRA fails at task 2 (the
         # new Trainer's engine meets the last one's partitioned parameters and hooks) and InfLoRA
         # hangs collecting features outside the engine; GainLoRA's gate projection would also need
@@ -215,7 +224,7 @@ def in_task_checkpoints(cfg: DictConfig) -> dict | None:
     spec = OmegaConf.to_container(cfg.checkpoint) if cfg.get("checkpoint") else {}
     if not (spec.get("every_n_epochs") or spec.get("every_n_train_steps")):
         return None
-    if "DeepSpeed" in str(cfg.strategy.get("_target_", "")):
+    if is_deepspeed(cfg):
         log.info("in-task checkpoints are off under DeepSpeed; an interrupted task restarts on resume")
         return None
     return spec

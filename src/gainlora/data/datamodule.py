@@ -61,8 +61,8 @@ class TaskStreamDataModule(L.LightningDataModule):
 
         Lightning's DistributedSampler would repeat items to even out the ranks, counting them twice.
         Instead the list is padded to a multiple of the world size with ``PAD_TASK`` rows, which are
-        generated (every rank must run as many batches: ZeRO-3 generation is collective) but never
-        scored, and sharded here, so Lightning keeps this sampler.
+        generated but never scored, and sharded here, so Lightning keeps this sampler. Equal shards
+        let the predictions be gathered back in dataset order (``ContinualLM.on_test_epoch_end``).
         """
         world, rank = self._world()
         sampler = None

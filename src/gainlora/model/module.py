@@ -162,10 +162,6 @@ class ContinualLM(L.LightningModule):
     def generate(self, batch: dict, **overrides) -> list[str]:
         """Greedy (or beam) generation; gates computed once per example from the source."""
         kwargs = {**self.generation, **overrides}
-        if getattr(getattr(self._trainer, "strategy", None), "zero_stage_3", False):
-            # Partitioned parameters are gathered by every rank's forward: all ranks must keep
-            # stepping until the longest answer of any rank is done.
-            kwargs.setdefault("synced_gpus", True)
         self._prepare(batch)
         try:
             out = self.backbone.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
