@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -42,12 +43,27 @@ pytestmark = pytest.mark.slow
 
 
 def launch(runs: Path, name: str) -> Path:
+    """Run one configuration; its whole output is kept in <runs>/<name>-<attempt>.log.
+
+    A failed launch is retried once, in a fresh run directory, and the failure is reported as a
+    warning with its log: one full-suite run saw a launch of this fixture exit non-zero, and seven
+    later runs did not reproduce it (a rendezvous port race is suspected). A deterministic failure
+    fails both attempts.
+    """
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT / "tests" / "support")}
-    cmd = [sys.executable, "-m", "gainlora.run", *BASE, *RUNS[name], f"paths.runs_dir={runs}", f"run_id={name}"]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return Path(done.stdout.strip().splitlines()[-1]).parent
+    for attempt in (1, 2):
+        cmd = [sys.executable, "-m", "gainlora.run", *BASE, *RUNS[name], f"paths.runs_dir={runs}",
+               f"run_id={name}" if attempt == 1 else f"run_id={name}-retry"]
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        log = runs / f"{name}-{attempt}.log"
+        log.write_text(done.stdout + "\n--- stderr ---\n" + done.stderr)
+        if done.returncode == 0:
+            return Path(done.stdout.strip().splitlines()[-1]).parent
+        if attempt == 1:
+            warnings.warn(f"{name} launch failed (exit {done.returncode}), retrying; log: {log}\n"
+                          + done.stderr[-2000:], stacklevel=1)
+    raise AssertionError(f"{name} failed twice; log: {log}\n" + done.stdout[-3000:] + done.stderr[-3000:])
 
 
 @pytest.fixture(scope="module")
