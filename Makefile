@@ -36,7 +36,7 @@ report: $(STAMP) ## compare runs: make report RUNS="runs/demo/a runs/demo/b"
 	$(PY) -m gainlora.report $(RUNS) --out reports
 
 COUNT ?= 1
-sweep: $(STAMP) ## create a W&B sweep: make sweep SWEEP=experiments/sweeps/demo_lr.yaml
+sweep: $(STAMP) ## create a W&B sweep: make sweep SWEEP=sweeps/demo_lr.yaml
 	$(VENV)/bin/wandb sweep $(SWEEP)
 
 agent: $(STAMP) ## run sweep trials: make agent ID=entity/project/sweep_id [COUNT=1]
