@@ -26,7 +26,7 @@ setup: $(STAMP) ## create the virtualenv and install the pinned dependencies
 run: $(STAMP) ## run an experiment: make run [EXP=demo] [ARGS="key=value ..."]
 	$(PY) -m gainlora.run experiment=$(EXP) $(ARGS)
 
-test: $(STAMP) ## run the test suite (CPU; GPU tests skip without CUDA)
+test: $(STAMP) ## run the test suite (CPU; GPU tests skip without CUDA); ends with skip counts by reason
 	$(PY) -m pytest -q $(ARGS)
 
 data: $(STAMP) ## download the CL benchmark into $(GAINLORA_DATA), checking every file's hash
