@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -135,6 +136,18 @@ def test_paper_hyperparameters(name: str) -> None:
         assert cfg.strategy.stage == 2 and cfg.backbone.dtype == "bfloat16"
 
 
+def test_orders_match_the_documented_lists() -> None:
+    """conf/benchmark/{superni,long}.yaml hold exactly the orders of docs/benchmark_orders.md."""
+    text = (ROOT / "docs" / "benchmark_orders.md").read_text()
+    documented = dict(re.findall(r"^(\w+) -> ([\w,]+)$", text, flags=re.MULTILINE))
+    expected = {("superni", 1): "superni_order1", ("superni", 2): "superni_order2", ("long", 3): "long_order3",
+                ("long", 4): "long_order4", **{("long", f"lit{k}"): f"order{k}" for k in range(1, 7)}}
+    for (benchmark, order), doc_name in expected.items():
+        orders = compose_cfg(f"benchmark={benchmark}").benchmark.orders
+        assert list(orders[order]) == documented[doc_name].split(","), (benchmark, order)
+    assert sum(len(compose_cfg(f"benchmark={b}").benchmark.orders) for b in ("superni", "long")) == len(expected)
+
+
 def test_deepspeed_strategies_instantiate() -> None:
     """The three DeepSpeed configs build Lightning strategies with the stage/offload they name."""
     pytest.importorskip("deepspeed")
@@ -188,8 +201,8 @@ def test_llama_experiments_debug_with_a_tiny_llama() -> None:
                     reason="the Long Sequence data is complete (nothing to refuse)")
 @pytest.mark.parametrize("name", ["t5_large_order3", "t5_large_order4"])
 def test_long_orders_refuse_missing_files_before_training(name: str) -> None:
-    """A copy without the large Long Sequence files (docs/benchmark_orders.md, "Data files"): the run
-    must stop at validation, naming one."""
+    """A copy without the large Long Sequence files (docs/benchmark_data.md, "What is missing, and
+    why"): the run must stop at validation, naming one."""
     from gainlora.data.tasks import load_stream
 
     cfg = compose_cfg(f"experiment={name}", f"paths.data_dir={DATA}")
