@@ -26,7 +26,7 @@ setup: $(STAMP) ## create the virtualenv and install the pinned dependencies
 run: $(STAMP) ## run an experiment: make run [EXP=demo] [ARGS="key=value ..."]
 	$(PY) -m gainlora.run experiment=$(EXP) $(ARGS)
 
-test: $(STAMP) ## run the test suite (CPU; GPU tests skip without CUDA)
+test: $(STAMP) ## run the test suite (CPU; GPU tests skip without CUDA); ends with skip counts by reason
 	$(PY) -m pytest -q $(ARGS)
 
 data: $(STAMP) ## download the CL benchmark into $(GAINLORA_DATA), checking every file's hash
@@ -36,7 +36,7 @@ report: $(STAMP) ## compare runs: make report RUNS="runs/demo/a runs/demo/b"
 	$(PY) -m gainlora.report $(RUNS) --out reports
 
 COUNT ?= 1
-sweep: $(STAMP) ## create a W&B sweep: make sweep SWEEP=experiments/sweeps/demo_lr.yaml
+sweep: $(STAMP) ## create a W&B sweep: make sweep SWEEP=sweeps/demo_lr.yaml
 	$(VENV)/bin/wandb sweep $(SWEEP)
 
 agent: $(STAMP) ## run sweep trials: make agent ID=entity/project/sweep_id [COUNT=1]

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Generator
 from pathlib import Path
 
 import lightning as L
@@ -67,3 +68,22 @@ def cpu_trainer(max_steps: int = 20, callbacks: list[L.Callback] | None = None) 
 def make_trainer() -> Callable[..., L.Trainer]:
     """``make_trainer(max_steps=20, callbacks=[...])``: see ``cpu_trainer``."""
     return cpu_trainer
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)  # outermost: after pytest's own short summary (-ra)
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> Generator[None]:
+    """End the run with what did not run and why: one line per skip reason with its count (``-ra``
+    lists every skipped test; this groups them so that a whole-suite run can be read at a glance)."""
+    yield
+    skipped = terminalreporter.stats.get("skipped", [])
+    if not skipped:
+        terminalreporter.write_sep("-", "no test skipped")
+        return
+    reasons: Counter[str] = Counter()
+    for report in skipped:
+        # A skip's longrepr is (path, line, "Skipped: <reason>"); keep only the reason.
+        message = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reasons[message.removeprefix("Skipped: ")] += 1
+    terminalreporter.section(f"{len(skipped)} skipped, by reason", sep="-")
+    for reason, count in reasons.most_common():
+        terminalreporter.write_line(f"{count:5d}  {reason}")

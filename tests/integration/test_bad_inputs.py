@@ -16,7 +16,7 @@ import torch
 from gainlora.run import CONF_DIR, run
 
 ROOT = Path(__file__).resolve().parents[2]
-SHARED = Path(os.environ.get("GAINLORA_DATA", ROOT.parent / "shared" / "CL_Benchmark"))
+SHARED = Path(os.environ.get("GAINLORA_DATA", ROOT / "data" / "CL_Benchmark"))
 TINY = ["experiment=demo", "backbone=tiny_t5_test", "benchmark.num_tasks=1", "data.batch_size=16",
         "trainer.max_steps=2", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"]
 DEMO = ["benchmark.n_train=32", "benchmark.n_test=8"]

@@ -155,7 +155,7 @@ def test_resume_with_another_config_is_refused(reference_matrix):
     assert "lora.rank: 8 -> 4" in done.stdout + done.stderr
 
 
-# -- the reference runs (METHOD.md, Baselines) --------------------------------------------------------
+# -- the reference runs (docs/method.md, "Baselines") --------------------------------------------------------
 REFERENCE = ("benchmark.num_tasks=2", "trainer.max_steps=30")
 
 

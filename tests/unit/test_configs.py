@@ -1,19 +1,22 @@
 """Every experiment composes, builds its method, optimizer and strategy, carries the paper's
-hyperparameters, and turns into a CPU smoke run with the single override ``debug=cpu_tiny``."""
+hyperparameters (from its recipe in conf/recipe/), and turns into a CPU smoke run with the single
+override ``debug=cpu_tiny``."""
 from __future__ import annotations
 
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from gainlora.data.types import DataError
 from gainlora.run import CONF_DIR, build_method
@@ -21,7 +24,8 @@ from gainlora.run import CONF_DIR, build_method
 ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml"))
 METHODS = sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml"))
-DATA = Path(os.environ.get("GAINLORA_DATA", "/work/shared/CL_Benchmark"))
+RECIPES = sorted(p.stem for p in (CONF_DIR / "recipe").glob("*.yaml"))
+DATA = Path(os.environ.get("GAINLORA_DATA", ROOT / "data" / "CL_Benchmark"))
 
 # name: (backbone, benchmark, order, lr, epochs, rank, source length, precision, strategy class)
 DS = "lightning.pytorch.strategies.DeepSpeedStrategy"
@@ -63,6 +67,53 @@ def test_experiment_composes_and_builds(name: str) -> None:
         assert get_class(cfg.strategy._target_)  # the class resolves even where it cannot run
 
 
+def read_yaml(path: Path) -> dict:
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def leaves(tree: dict, prefix: str = "") -> dict:
+    """{"data.batch_size": 16, ...}: the dotted keys of a YAML file's values (``defaults`` left out)."""
+    out = {}
+    for key, value in tree.items():
+        if key == "defaults" and not prefix:
+            continue
+        if isinstance(value, dict):
+            out.update(leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def recipe_of(name: str) -> str | None:
+    defaults = read_yaml(ROOT / "experiments" / f"{name}.yaml").get("defaults", [])
+    found = [d["/recipe"] for d in defaults if isinstance(d, dict) and "/recipe" in d]
+    assert len(found) <= 1, found
+    return found[0] if found else None
+
+
+def test_every_paper_experiment_has_a_recipe() -> None:
+    assert set(RECIPES) == {"t5_superni", "t5_long", "llama_superni"}
+    used = {name: recipe_of(name) for name in PAPER}
+    assert set(used.values()) == set(RECIPES), used
+    for name, recipe in used.items():  # named <backbone family>_<benchmark>
+        family = "llama" if name.startswith("llama") else "t5"
+        assert recipe == f"{family}_{PAPER[name][1]}", (name, recipe)
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_recipe_values_reach_the_resolved_config(name: str) -> None:
+    """Every value the recipe sets is in the experiment's resolved config, unless the experiment
+    itself sets that key (then the experiment's value wins)."""
+    recipe = leaves(read_yaml(CONF_DIR / "recipe" / f"{recipe_of(name)}.yaml"))
+    own = leaves(read_yaml(ROOT / "experiments" / f"{name}.yaml"))
+    cfg = compose_cfg(f"experiment={name}")
+    assert recipe
+    for key, value in {**recipe, **own}.items():
+        assert OmegaConf.select(cfg, key) == value, (key, value)
+    assert set(own) - {"exp_name", "benchmark.order"} <= {"data.batch_size", "data.eval_batch_size"}, \
+        "an experiment overrides only its backbone, order, name and per-device batch sizes"
+
+
 @pytest.mark.parametrize("name", sorted(PAPER))
 def test_paper_hyperparameters(name: str) -> None:
     backbone, benchmark, order, lr, epochs, rank, source, precision, strategy = PAPER[name]
@@ -83,6 +134,18 @@ def test_paper_hyperparameters(name: str) -> None:
     assert cfg.strategy.get("_target_") == strategy
     if strategy:
         assert cfg.strategy.stage == 2 and cfg.backbone.dtype == "bfloat16"
+
+
+def test_orders_match_the_documented_lists() -> None:
+    """conf/benchmark/{superni,long}.yaml hold exactly the orders of docs/benchmark_orders.md."""
+    text = (ROOT / "docs" / "benchmark_orders.md").read_text()
+    documented = dict(re.findall(r"^(\w+) -> ([\w,]+)$", text, flags=re.MULTILINE))
+    expected = {("superni", 1): "superni_order1", ("superni", 2): "superni_order2", ("long", 3): "long_order3",
+                ("long", 4): "long_order4", **{("long", f"lit{k}"): f"order{k}" for k in range(1, 7)}}
+    for (benchmark, order), doc_name in expected.items():
+        orders = compose_cfg(f"benchmark={benchmark}").benchmark.orders
+        assert list(orders[order]) == documented[doc_name].split(","), (benchmark, order)
+    assert sum(len(compose_cfg(f"benchmark={b}").benchmark.orders) for b in ("superni", "long")) == len(expected)
 
 
 def test_deepspeed_strategies_instantiate() -> None:
@@ -134,9 +197,12 @@ def test_llama_experiments_debug_with_a_tiny_llama() -> None:
 
 
 @pytest.mark.skipif(not (DATA / "Long_Sequence").is_dir(), reason="no CL_Benchmark data")
+@pytest.mark.skipif((DATA / "Long_Sequence" / "yahoo" / "train.json").is_file(),
+                    reason="the Long Sequence data is complete (nothing to refuse)")
 @pytest.mark.parametrize("name", ["t5_large_order3", "t5_large_order4"])
 def test_long_orders_refuse_missing_files_before_training(name: str) -> None:
-    """The shared copy lacks large Long Sequence files: the run must stop at validation, naming one."""
+    """A copy without the large Long Sequence files (docs/benchmark_data.md, "What is missing, and
+    why"): the run must stop at validation, naming one."""
     from gainlora.data.tasks import load_stream
 
     cfg = compose_cfg(f"experiment={name}", f"paths.data_dir={DATA}")
@@ -145,8 +211,8 @@ def test_long_orders_refuse_missing_files_before_training(name: str) -> None:
 
 
 def data_with_stand_ins(root: Path) -> Path:
-    """The shared benchmark, linked, with a stand-in for each split the shared copy lacks (a
-    dataset's dev/test made of its first training instances), so that every order can start."""
+    """The benchmark at DATA, linked, with a stand-in for each split it lacks (a dataset's dev/test
+    made of its first training instances), so that every order can start."""
     for group in ("SuperNI", "Long_Sequence"):
         for dataset in sorted((DATA / group).iterdir()):
             target = root / group / dataset.name

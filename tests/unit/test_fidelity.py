@@ -1,13 +1,13 @@
 """The public reference implementation's tensors, loaded into this project's model, give its outputs.
 
-/work/shared/fidelity (README there) holds a tiny two-task GainLoRA T5 as the reference code built it,
-one batch of inputs, and the gate coefficients and logits it produced. Loaded with ``pool:
-padded_mean``, our forward pass must reproduce both: the strongest evidence that it is the paper's.
+tests/data/fidelity (its README gives the provenance and the name mapping) holds a tiny two-task
+GainLoRA T5 as the reference code built it, one batch of inputs, and the gate coefficients and logits it
+produced. Loaded with ``pool: padded_mean``, our forward pass must reproduce both: the strongest
+evidence that it is the paper's.
 """
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -18,26 +18,15 @@ from transformers import T5Config, T5ForConditionalGeneration
 from gainlora.model.backbone import Backbone
 from gainlora.model.module import ContinualLM
 
-NAME = "ref_2task_tiny_t5"
-REPO = Path(__file__).resolve().parents[2]
+REFERENCE = Path(__file__).resolve().parents[1] / "data" / "fidelity" / "ref_2task_tiny_t5"
 REFERENCE_ONLY = ("lora_q.", "lora_v.", "previous_lora_weights_", "trans_input", "prompt_key", "prompts_keys")
-
-
-def fidelity_dir() -> Path | None:
-    candidates = [os.environ.get("GAINLORA_FIDELITY"), REPO.parent / "shared" / "fidelity"]
-    for folder in filter(None, candidates):
-        if (Path(folder) / f"{NAME}.safetensors").is_file():
-            return Path(folder)
-    return None
 
 
 @pytest.fixture(scope="module")
 def reference() -> tuple[dict[str, torch.Tensor], dict]:
-    folder = fidelity_dir()
-    if folder is None:
-        pytest.skip("fidelity reference not found (set GAINLORA_FIDELITY or provide ../shared/fidelity)")
-    tensors = load_file(str(folder / f"{NAME}.safetensors"))
-    return tensors, json.loads((folder / f"{NAME}.json").read_text())
+    """Committed with the tests, so this never skips: a missing file is a broken checkout."""
+    tensors = load_file(str(REFERENCE.with_suffix(".safetensors")))
+    return tensors, json.loads(REFERENCE.with_suffix(".json").read_text())
 
 
 def reference_branch(tensors: dict[str, torch.Tensor], layer: str, previous: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""GainLoRA's gates (METHOD.md, "Gate g_i"): p1 = SiLU(G1 p0), p2 = SiLU(G2 p1), b = 4 cos(p2, k),
+"""GainLoRA's gates (docs/method.md, "Gate g_i"): p1 = SiLU(G1 p0), p2 = SiLU(G2 p1), b = 4 cos(p2, k),
 a = |2 sigmoid(b) - 1|; pooling over the source's own tokens."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from gainlora.model.module import ContinualLM
 
 
 def by_hand(p0: Tensor, G1: Tensor, G2: Tensor, key: Tensor) -> Tensor:
-    """The gate of METHOD.md written out with elementary operations, in float64."""
+    """The gate of docs/method.md written out with elementary operations, in float64."""
     def silu(x: Tensor) -> Tensor:
         return x / (1 + torch.exp(-x))
 

@@ -1,4 +1,4 @@
-"""The gated multi-branch LoRA layer: y = W h + sum_i a_i(x) * s * B_i A_i h (METHOD.md, Branches)."""
+"""The gated multi-branch LoRA layer: y = W h + sum_i a_i(x) * s * B_i A_i h (docs/method.md, "Branches")."""
 from __future__ import annotations
 
 import lightning as L

@@ -1,4 +1,4 @@
-"""GPM memories (METHOD.md, "Memory update"), on covariances whose spectrum is known by construction."""
+"""GPM memories (docs/method.md, "Memory update"), on covariances whose spectrum is known by construction."""
 from __future__ import annotations
 
 import pytest

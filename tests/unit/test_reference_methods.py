@@ -1,4 +1,4 @@
-"""The reference runs of METHOD.md: single-task (S for FWT) and multi-task (joint training).
+"""The reference runs of docs/method.md: single-task (S for FWT) and multi-task (joint training).
 
 - single_task: every task starts from the plain backbone; its diagonal is S; FWT of another run
   from a finished single-task run equals mean_j (R[j][j] - S[j]); bad references are refused.

@@ -1,20 +1,26 @@
-"""W&B: the sweep specs (experiments/sweeps/*.yaml) and the run logging their objective comes from.
+"""W&B: the sweep specs (sweeps/*.yaml) and the run logging their objective comes from.
 
-Sweeps: every command is the Hydra entry point on an existing experiment, and every swept key and
-candidate value composes with that experiment and builds its method. Logging: the logger config,
+Sweeps: every command is the Hydra entry point on an existing experiment, every swept key and
+candidate value composes with that experiment and builds its method, and the appendix studies' keys
+(gate width, LoRA rank) reach the tensors a run saves. Logging: the logger config,
 offline mode without a key, stable ids, and what ``log_task_end`` writes into an offline run.
 """
 from __future__ import annotations
 
 import json
+import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from hydra import compose, initialize_config_dir
+from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from safetensors import safe_open
 
 from gainlora.report import plot_forgetting, plot_matrix
 from gainlora.run import CONF_DIR, build_method
@@ -28,7 +34,8 @@ from gainlora.wandb_logging import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-SWEEPS = sorted((ROOT / "experiments" / "sweeps").glob("*.yaml"))
+SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
+APPENDIX = {"gate_width": ("method.hidden", [50, 100, 200]), "lora_rank": ("lora.rank", [2, 4, 8])}
 MACROS = {"${env}", "${interpreter}", "${args_no_hyphens}"}
 MISSING = object()
 
@@ -57,6 +64,43 @@ def candidates(param: dict) -> list:
 
 def test_there_are_sweeps() -> None:
     assert {p.stem for p in SWEEPS} >= {"demo_lr", "t5_large_order1_thresholds"}
+
+
+def test_sweeps_are_not_experiments() -> None:
+    """Sweep specs are W&B files, not Hydra configs: they must not compose as ``experiment=...``."""
+    assert not list((ROOT / "experiments").rglob("*/*.yaml"))
+    with pytest.raises(MissingConfigException):
+        compose_cfg("experiment=sweeps/demo_lr")
+
+
+@pytest.mark.parametrize("scale", ["demo", "t5_large_order1"])
+@pytest.mark.parametrize("study", sorted(APPENDIX))
+def test_appendix_studies_have_sweeps(scale: str, study: str) -> None:
+    """The paper's appendix studies on the demo and at paper scale: one grid over the study's values."""
+    key, values = APPENDIX[study]
+    spec = load_sweep(ROOT / "sweeps" / f"{scale}_{study}.yaml")
+    assert spec["method"] == "grid" and f"experiment={scale}" in spec["command"]
+    assert spec["parameters"][key]["values"] == values
+
+
+@pytest.mark.slow
+def test_appendix_keys_reach_the_saved_tensors(tmp_path: Path) -> None:
+    """Gate width and LoRA rank are read by the model: a run's saved gate and branch have those sizes."""
+    width, rank = APPENDIX["gate_width"][1][0], APPENDIX["lora_rank"][1][0]
+    cmd = [sys.executable, "-m", "gainlora.run", "experiment=demo", "backbone=tiny_t5_test",
+           f"method.hidden={width}", f"lora.rank={rank}", "benchmark.num_tasks=2", "benchmark.n_train=16",
+           "benchmark.n_test=8", "trainer.max_steps=1", "trainer.enable_progress_bar=false", "run_id=appendix",
+           f"paths.runs_dir={tmp_path}"]
+    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    task = min((tmp_path / "demo" / "appendix" / "tasks").iterdir())
+    with safe_open(str(task / "gate.safetensors"), "pt") as gate:
+        assert gate.get_slice("G1").get_shape()[0] == width and gate.get_slice("G2").get_shape()[1] == width
+    with safe_open(str(task / "branch.safetensors"), "pt") as branch:
+        shapes = {name: branch.get_slice(name).get_shape() for name in branch.keys()}
+    assert shapes and all(s[0] == rank for n, s in shapes.items() if n.endswith(".A"))
+    assert all(s[1] == rank for n, s in shapes.items() if n.endswith(".B"))
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
