@@ -1,0 +1,110 @@
+"""Today's decoder-only families (Qwen2, Qwen3, Mistral, Gemma, Phi-3, Phi) on tiny random configs
+built locally (tiny.py presets ``<family>-test``): which layers are adapted, a training step, the
+gate initialization constraint, and batched generation equal to one-at-a-time generation."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from gainlora.data.collate import Collator
+from gainlora.data.demo import make_demo_task
+from gainlora.model.backbone import FusedQKV, adapted_layers, load_backbone
+from gainlora.model.tiny import build_tiny_backbone
+import functools
+
+import lightning as L
+
+from gainlora.data.datamodule import TaskStreamDataModule
+from gainlora.model.module import ContinualLM
+from test_invariants import (BATCH, LR, N_TRAIN, SILENT, STEPS, TASKS, coefficients_on, exact_span_memories,
+                             gainlora, gated_model)
+
+FAMILIES = ("qwen2", "qwen3", "mistral", "gemma", "phi3", "phi")
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, tiny_cache: Path) -> tuple[str, Path]:
+    return request.param, build_tiny_backbone(f"{request.param}-test", cache_dir=tiny_cache)
+
+
+def test_q_and_v_of_every_attention_block_are_adapted(family) -> None:
+    name, path = family
+    backbone = load_backbone(str(path))
+    layers = adapted_layers(backbone.model, backbone.kind)
+    suffix = r"\.self_attn\.qkv_proj\.(q|v)$" if name == "phi3" else r"\.self_attn\.(q_proj|v_proj)$"
+    assert len(layers) == 2 * backbone.model.config.num_hidden_layers
+    assert all(re.search(suffix, n) for n in layers)
+    assert {stream for _, stream in layers.values()} == {"decoder"}
+
+
+def test_split_phi3_qkv_computes_the_fused_projection(tiny_cache: Path) -> None:
+    path = build_tiny_backbone("phi3-test", cache_dir=tiny_cache)
+    fused = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    split = load_backbone(str(path)).model
+    assert isinstance(split.model.layers[0].self_attn.qkv_proj, FusedQKV)
+    ids = torch.randint(4, 200, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(fused(input_ids=ids).logits, split(input_ids=ids).logits)
+
+
+def test_discovery_finds_the_table_s_layers_for_an_unlisted_model_type(family) -> None:
+    name, path = family
+    model = load_backbone(str(path)).model
+    listed = set(adapted_layers(model, "causal"))
+    model.config.model_type = f"unlisted-{name}"
+    assert set(adapted_layers(model, "causal")) == listed
+
+
+def test_training_step_and_new_gate_silent_on_old_task(family, make_trainer) -> None:
+    """Task 0 trains (its branch moves away from B = 0), then gate 1 opens silent on task 0."""
+    _, path = family
+    backbone, method = load_backbone(str(path)), gainlora()
+    torch.manual_seed(0)
+    module = ContinualLM(backbone, rank=4, alpha=32, gates=method.gate_spec,
+                         optimizer=functools.partial(torch.optim.AdamW, lr=LR, weight_decay=0.0))
+    tasks = [make_demo_task(name, n_train=N_TRAIN, n_val=0, n_test=0) for name in TASKS[:2]]
+    dm = TaskStreamDataModule(tasks, Collator(backbone.tokenizer, backbone.kind, 128, 8), batch_size=BATCH)
+    method.setup(module, 2)
+    L.seed_everything(0, verbose=False)
+    dm.set_task(0)
+    module.current_task = 0
+    method.on_task_start(module, 0, dm.feature_batches)
+    make_trainer(STEPS, method.callbacks()).fit(module, train_dataloaders=dm.train_dataloader())
+    assert min(layer.branch(0)[1].abs().max().item() for layer in module.adapted.values()) > 0
+    method.on_task_end(module, 0, dm.feature_batches)
+    exact_span_memories(module, method, dm.feature_batches)
+    dm.set_task(1)
+    module.current_task = 1
+    method.on_task_start(module, 1, dm.feature_batches)
+    assert coefficients_on(module, dm, 0)[:, 1].max().item() < SILENT
+    assert coefficients_on(module, dm, 1)[:, 1].mean().item() > 100 * SILENT  # it does respond to its task
+
+
+def test_batched_generation_equals_one_at_a_time(family) -> None:
+    _, path = family
+    backbone = load_backbone(str(path))
+    module = gated_model(backbone)
+    collator = Collator(backbone.tokenizer, backbone.kind, 128, 8)
+    items = [(j, e, "rougeL") for j, name in enumerate(TASKS)
+             for e in make_demo_task(name, n_train=0, n_val=0, n_test=2).test]
+    batch = collator.eval_batch(items)
+    assert (batch["attention_mask"][:, 0] == 0).any()  # left padded
+    assert module.gate_coefficients(batch).std(0).min() > 1e-3
+    batched = module.generate(batch)
+    single = [module.generate(collator.eval_batch([item]))[0] for item in items]
+    assert batched == single
+    assert any(batched)  # something was generated
+
+
+@pytest.mark.parametrize("kind", ["t5", "llama"])
+def test_t5_and_llama_keep_their_adapted_layers(kind: str, t5_backbone, llama_backbone) -> None:
+    """The per-family table leaves the original two patterns' choice exactly as it was."""
+    before = {"t5": r"\.(SelfAttention|EncDecAttention)\.(q|v)$", "llama": r"\.self_attn\.(q_proj|v_proj)$"}[kind]
+    backbone = (t5_backbone if kind == "t5" else llama_backbone)()
+    expected = {n for n, m in backbone.model.named_modules() if re.search(before, n) and isinstance(m, torch.nn.Linear)}
+    assert set(adapted_layers(backbone.model, backbone.kind)) == expected
+    assert len(expected) == {"t5": 12, "llama": 4}[kind]
