@@ -108,3 +108,48 @@ def test_t5_and_llama_keep_their_adapted_layers(kind: str, t5_backbone, llama_ba
     expected = {n for n, m in backbone.model.named_modules() if re.search(before, n) and isinstance(m, torch.nn.Linear)}
     assert set(adapted_layers(backbone.model, backbone.kind)) == expected
     assert len(expected) == {"t5": 12, "llama": 4}[kind]
+
+
+# LLaMA-3-Instruct's template (tokenizer_config.json of Meta-Llama-3-8B-Instruct), without the system default.
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    "+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+
+def test_chat_template_wraps_sources_in_a_user_turn(llama_backbone) -> None:
+    from gainlora.data.types import DataError
+
+    backbone = llama_backbone()
+    tok = backbone.tokenizer
+    tok.chat_template = LLAMA3_TEMPLATE
+    # Special tokens, as in LLaMA-3's tokenizer (the embedding rows are never looked up here).
+    tok.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]})
+    example = make_demo_task("demo_colour", n_train=1, n_val=0, n_test=0).train[0]
+    plain = Collator(tok, "causal", 128, 8)
+    chat = Collator(tok, "causal", 128, 8, chat_template=True)
+    rendered = tok.apply_chat_template([{"role": "user", "content": example.source}], tokenize=False,
+                                       add_generation_prompt=True)
+    assert rendered.startswith(tok.bos_token + "<|start_header_id|>user")
+    batch = chat.eval_batch([(0, example, "rougeL")])
+    assert batch["input_ids"][0].tolist() == tok(rendered, add_special_tokens=False)["input_ids"]
+    assert plain.eval_batch([(0, example, "rougeL")])["input_ids"][0, 0].item() == tok.bos_token_id  # off: as before
+    train = chat.train_batch([example])
+    answer = tok(example.target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    labels = train["labels"][0].tolist()
+    assert labels[labels.index(next(x for x in labels if x != -100)):] == answer  # loss only on the answer
+    # Truncation shortens the content and keeps the turn's markers.
+    limit = len(tok(tok.apply_chat_template([{"role": "user", "content": ""}], tokenize=False,
+                                            add_generation_prompt=True), add_special_tokens=False)["input_ids"]) + 5
+    assert limit < len(batch["input_ids"][0])
+    short = Collator(tok, "causal", limit, 8, chat_template=True).eval_batch([(0, example, "rougeL")])["input_ids"][0]
+    assert limit - 2 <= len(short) <= limit
+    full = batch["input_ids"][0].tolist()
+    turn_end = full[full.index(tok.convert_tokens_to_ids("<|eot_id|>")):]  # eot, then the assistant header
+    assert short.tolist()[-len(turn_end):] == turn_end and short.tolist()[:6] == full[:6]
+    with pytest.raises(DataError, match="shorter than the chat template"):
+        Collator(tok, "causal", limit - 6, 8, chat_template=True).eval_batch([(0, example, "rougeL")])
+    with pytest.raises(DataError, match="backbone.chat_template=true"):
+        Collator(tok, "seq2seq", 128, 8, chat_template=True)
