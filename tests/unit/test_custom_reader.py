@@ -125,14 +125,28 @@ def test_bad_task_entries_name_the_key(tmp_path: Path) -> None:
         assert fragment in refused(config), fragment
 
 
-def test_a_save_to_disk_folder_is_a_task(tmp_path: Path) -> None:
+def test_save_to_disk_folders_are_tasks(tmp_path: Path) -> None:
     datasets = pytest.importorskip("datasets")
-    rows = {k: [ROW[k]] * 4 for k in ROW}
-    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows),
-                          "test": datasets.Dataset.from_dict({k: v[:2] for k, v in rows.items()})}
-                         ).save_to_disk(str(tmp_path / "hf"))
-    [task] = load_stream(cfg(str(tmp_path / "hf")), seed=0)
-    assert task.name == "hf" and len(task.train) + len(task.val) == 4 and len(task.test) == 2
+    import pyarrow as pa
+    from datasets.table import InMemoryTable
+
+    def dataset(rows: list[dict], tag: str):  # an explicit fingerprint skips datasets' dill hashing
+        return datasets.Dataset(InMemoryTable(pa.Table.from_pylist(rows)), fingerprint=tag)
+
+    rows = [{"instruction": "Say it.", "input": f"x{i}", "output": ["y", "z"]} for i in range(4)]
+    datasets.DatasetDict({"train": dataset(rows, "a"), "validation": dataset(rows[:1], "b"),
+                          "test": dataset(rows[:2], "c")}).save_to_disk(str(tmp_path / "hf"))
+    dataset(rows[:3], "d").save_to_disk(str(tmp_path / "one_split"))
+    [folder, mapped] = load_stream(cfg(str(tmp_path / "hf"), {"name": "m", "train": str(tmp_path / "one_split"),
+                                                              "test": str(tmp_path / "one_split")}), seed=0)
+    assert folder.name == "hf" and (len(folder.train), len(folder.val), len(folder.test)) == (4, 1, 2)
+    assert folder.test[1].references == ("y", "z") and "Input: x1" in folder.test[1].source
+    assert len(mapped.train) + len(mapped.val) == 3
+    datasets.DatasetDict({"train": dataset(rows, "e")}).save_to_disk(str(tmp_path / "notest"))
+    assert "has no 'test' split (has: train)" in refused(cfg(str(tmp_path / "notest")))
+    bad = [{"instruction": "i", "input": "x", "output": None}] * 2
+    datasets.DatasetDict({"train": dataset(bad, "f"), "test": dataset(bad, "g")}).save_to_disk(str(tmp_path / "bad"))
+    assert f"{tmp_path / 'bad'}[train] row 0: missing field 'output'" in refused(cfg(str(tmp_path / "bad")))
 
 
 def test_a_bad_file_stops_the_entry_point_with_one_line(tmp_path: Path) -> None:

@@ -205,9 +205,10 @@ def _dataset_rows(path: Path, split: str | None = None) -> list[Row]:
         dataset = dataset[split]
     elif hasattr(dataset, "keys"):
         raise DataError(f"{path}: a DatasetDict; name the task's folder instead of one split")
-    rows = [(f"{path} row {i}", dict(row)) for i, row in enumerate(dataset)]
+    name = f"{path}[{split}]" if split else str(path)
+    rows = [(f"{name} row {i}", dict(row)) for i, row in enumerate(dataset)]
     if not rows:
-        raise DataError(f"{path}{'/' + split if split else ''}: no examples (empty split)")
+        raise DataError(f"{name}: no examples (empty split)")
     return rows
 
 
