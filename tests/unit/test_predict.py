@@ -3,6 +3,7 @@ input lines are named by line number before anything loads; the CLI end to end o
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +33,10 @@ def test_bucketed_predictions_equal_one_at_a_time_in_input_order(kind, t5_backbo
     collator = Collator(backbone.tokenizer, backbone.kind, 128, 8)
     trained = SimpleNamespace(module=module, collator=collator,
                               config=OmegaConf.create({"benchmark": {"reader": "demo"}}))
-    examples = [e for name in TASKS for e in make_demo_task(name, n_train=0, n_val=0, n_test=3).test]
+    # Lengths out of input order (padding words), so that sorting moves every batch's examples.
+    examples = [replace(e, source=e.source + " ok" * pad) for e, pad in zip(
+        (e for name in TASKS for e in make_demo_task(name, n_train=0, n_val=0, n_test=3).test),
+        (0, 6, 2, 9, 4, 1, 8, 3, 7))]
     prompts = [e.source for e in examples]
     widths: list[int] = []
     generate = module.generate
