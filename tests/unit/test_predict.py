@@ -114,8 +114,9 @@ def test_cli_on_a_fresh_run(tmp_path) -> None:
             {"id": "b", "input": "12"},
             {"id": "c", "prompt": "Definition: Is it even? Input: 7 Output:"}]
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    done = subprocess.run([sys.executable, "-m", "gainlora.predict", str(tmp_path / "demo" / "r"), str(source), str(out),
-                           "--batch-size", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "-m", "gainlora.predict", str(tmp_path / "demo" / "r"), str(source), str(out),
+               "--batch-size", "2"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert "predicting" in done.stderr and "100%" in done.stderr  # the progress bar
     lines = done.stdout.strip().splitlines()
