@@ -153,3 +153,37 @@ def test_chat_template_wraps_sources_in_a_user_turn(llama_backbone) -> None:
         Collator(tok, "causal", limit - 6, 8, chat_template=True).eval_batch([(0, example, "rougeL")])
     with pytest.raises(DataError, match="backbone.chat_template=true"):
         Collator(tok, "seq2seq", 128, 8, chat_template=True)
+
+
+CONFIGS = {"qwen2_5_7b": "qwen2", "qwen3_8b": "qwen3", "mistral_7b": "mistral", "gemma_7b": "gemma",
+           "phi3_mini": "phi3"}
+
+
+def compose_cfg(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    from gainlora.run import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("config, preset", CONFIGS.items())
+def test_family_backbone_configs_debug_on_their_tiny_preset(config: str, preset: str) -> None:
+    full = compose_cfg("experiment=demo", f"backbone={config}")
+    assert full.backbone.name_or_path and full.backbone.family == preset
+    tiny = compose_cfg("experiment=demo", f"backbone={config}", "debug=cpu_tiny")
+    assert (tiny.backbone.name_or_path, tiny.backbone.tiny) == (None, f"{preset}-test")
+
+
+@pytest.mark.slow
+def test_phi3_runs_end_to_end_through_the_entry_point(tmp_path: Path, tiny_cache: Path) -> None:
+    from gainlora.api import load_run
+    from gainlora.run import run
+
+    results = run(compose_cfg("experiment=demo", "backbone=phi3_mini", "debug=cpu_tiny", "benchmark.n_train=16",
+                              "benchmark.n_test=4", f"paths.runs_dir={tmp_path}", "run_id=r",
+                              f"paths.cache_dir={tiny_cache}"))
+    assert results["status"] == "finished" and len(results["matrix"]) == 2
+    trained = load_run(tmp_path / "demo" / "r")
+    assert sorted(trained.module.adapted)[0] == "model.layers.0.self_attn.qkv_proj.q"
