@@ -3,8 +3,6 @@ one-line errors that name the file and line, and the example under examples/cust
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -149,30 +147,37 @@ def test_save_to_disk_folders_are_tasks(tmp_path: Path) -> None:
     assert f"{tmp_path / 'bad'}[train] row 0: missing field 'output'" in refused(cfg(str(tmp_path / "bad")))
 
 
-def test_a_bad_file_stops_the_entry_point_with_one_line(tmp_path: Path) -> None:
+def test_a_bad_file_stops_the_run_before_anything_is_written(tmp_path: Path) -> None:
+    """run() raises the DataError that the entry point prints as its one `error:` line (exit 2)."""
+    from gainlora.run import USER_ERRORS, run
+
     folder = task_folder(tmp_path, train=[ROW, ROW, ROW, {"input": "x"}])
-    cmd = [sys.executable, "-m", "gainlora.run", "experiment=demo", "backbone=tiny_t5_test", "benchmark=custom",
-           f"benchmark.tasks=[{folder}]", f"paths.runs_dir={tmp_path / 'runs'}"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1] == f"error: {folder}/train.jsonl line 4: missing field 'instruction'"
+    with pytest.raises(USER_ERRORS) as err:
+        run(compose_run("experiment=demo", "backbone=tiny_t5_test", "benchmark=custom", f"benchmark.tasks=[{folder}]",
+                        f"paths.runs_dir={tmp_path / 'runs'}"))
+    assert str(err.value) == f"{folder}/train.jsonl line 4: missing field 'instruction'"
     assert not (tmp_path / "runs").exists()
+
+
+def compose_run(*overrides: str):
+    from gainlora.run import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
 
 
 @pytest.mark.slow
 def test_the_example_runs_end_to_end(tmp_path: Path) -> None:
     """The README's command, on the test backbone with 2 steps per task."""
-    from gainlora.run import CONF_DIR, run
+    from gainlora.run import run
 
     readme = (EXAMPLE / "README.md").read_text()
     tasks = "benchmark.tasks=[examples/custom_tasks/antonyms,examples/custom_tasks/plurals]"
     assert tasks in readme
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        config = compose("config", overrides=[
-            "experiment=demo", "benchmark=custom", tasks.replace("examples/", f"{ROOT}/examples/"),
-            "benchmark.metric=exact_match", "exp_name=custom", "backbone=tiny_t5_test", "trainer.max_steps=2",
-            "trainer.enable_progress_bar=false", f"paths.runs_dir={tmp_path}", "run_id=r"])
-    results = run(config)
+    results = run(compose_run(
+        "experiment=demo", "benchmark=custom", tasks.replace("examples/", f"{ROOT}/examples/"),
+        "benchmark.metric=exact_match", "exp_name=custom", "backbone=tiny_t5_test", "trainer.max_steps=2",
+        "trainer.enable_progress_bar=false", f"paths.runs_dir={tmp_path}", "run_id=r"))
     assert results["tasks"] == ["antonyms", "plurals"] and results["metric"] == "exact_match"
     assert len(results["matrix"]) == 2
     assert (tmp_path / "custom" / "r" / "tasks" / "02-plurals" / "DONE").is_file()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,8 +14,6 @@ from gainlora.data.collate import Collator
 from gainlora.data.demo import make_demo_task
 from gainlora.predict import length_buckets, main, predict, predict_file
 from test_invariants import TASKS, gated_model
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_length_buckets_sort_longest_first_and_keep_ties_in_order() -> None:
@@ -99,7 +95,7 @@ def test_bad_arguments_are_named(tmp_path, capsys) -> None:
 
 
 @pytest.mark.slow
-def test_cli_on_a_fresh_run(tmp_path) -> None:
+def test_cli_on_a_fresh_run(tmp_path, capsys) -> None:
     from hydra import compose, initialize_config_dir
 
     from gainlora.run import CONF_DIR, run
@@ -114,12 +110,11 @@ def test_cli_on_a_fresh_run(tmp_path) -> None:
             {"id": "b", "input": "12"},
             {"id": "c", "prompt": "Definition: Is it even? Input: 7 Output:"}]
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    command = [sys.executable, "-m", "gainlora.predict", str(tmp_path / "demo" / "r"), str(source), str(out),
-               "--batch-size", "2"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
-    assert "predicting" in done.stderr and "100%" in done.stderr  # the progress bar
-    lines = done.stdout.strip().splitlines()
+    capsys.readouterr()
+    assert main([str(tmp_path / "demo" / "r"), str(source), str(out), "--batch-size", "2"]) == 0
+    done = capsys.readouterr()
+    assert "predicting" in done.err and "100%" in done.err  # the progress bar
+    lines = done.out.strip().splitlines()
     assert lines[-1] == str(out) and "3 predictions in" in lines[-2] and "examples/s" in lines[-2]
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in written] == ["a", "b", "c"]
