@@ -1,5 +1,5 @@
 """Tiny backbones built locally (no model hub): a byte-level BPE tokenizer and a small T5 or decoder-only
-model (Llama, Qwen2/3, Mistral, Gemma, Phi-3, Phi; configs in ``tiny_models``).
+model (Llama, Qwen2/3, Mistral, Gemma 1/2/3, Phi-3, Phi; configs in ``tiny_models``).
 
 ``build_tiny_backbone("t5-demo")`` returns a directory that ``AutoModelForSeq2SeqLM.from_pretrained``
 and ``AutoTokenizer.from_pretrained`` load, exactly like a hub checkpoint, so the real loading path is
@@ -97,7 +97,7 @@ PRESETS: dict[str, TinySpec] = {
     "llama-test": TinySpec("llama", d_model=64, layers=2, heads=2, d_ff=128, name="llama-test"),
     # Today's decoder-only families, the same shape as llama-test (tests/unit/test_families.py).
     **{f"{arch}-test": TinySpec(arch, d_model=64, layers=2, heads=2, d_ff=128, name=f"{arch}-test")
-       for arch in ("qwen2", "qwen3", "mistral", "gemma", "phi3", "phi")},
+       for arch in ("qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3", "phi3", "phi")},
     # Decoder-only counterpart of t5-demo, pre-trained the same way in causal-LM format.
     "llama-demo": TinySpec(
         "llama", d_model=128, layers=4, heads=4, d_ff=384, pretrain_steps=2000, name="llama-demo"

@@ -2,7 +2,8 @@
 
 Decoder-only families share one recipe (hidden size, depth, heads, MLP width); each family then
 adds what makes it itself: grouped-query attention (one key/value head for two query heads) on
-Qwen, Mistral, Gemma and Phi-3, Qwen3's q/k norms, Gemma's explicit head size, Phi-3's fused
+Qwen, Mistral, Gemma and Phi-3, Qwen3's and Gemma 3's q/k norms, Gemma's explicit head size (and
+Gemma 2/3's sliding-window layers, with a window shorter than the test prompts), Phi-3's fused
 qkv projection, Phi's partial rotary and biased projections.
 """
 from __future__ import annotations
@@ -22,6 +23,8 @@ CAUSAL = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"gqa": True, "head_dim": True}),
     "mistral": ("MistralConfig", "MistralForCausalLM", {"gqa": True, "sliding_window": None}),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", {"gqa": True, "head_dim": True}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"gqa": True, "head_dim": True, "sliding_window": 16}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"gqa": True, "head_dim": True, "sliding_window": 16}),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {"gqa": True}),
     "phi": ("PhiConfig", "PhiForCausalLM", {"partial_rotary_factor": 0.5}),
 }
