@@ -27,10 +27,9 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
-from gainlora.artifacts import RunDir
+from gainlora.artifacts import RunDir, write_json, write_text, write_tensors
 
 FORMATS = ("peft",)
 SIDECAR_VERSION = 1
@@ -57,21 +56,22 @@ def peft_tensors(module, branches: dict[str, tuple[Tensor, Tensor]]) -> dict[str
     targets: dict[str, tuple[Tensor, Tensor]] = {}
     fused: dict[str, list[tuple[int, Tensor, Tensor]]] = {}
     for name, (A, B) in branches.items():
+        A, B = A.detach().float().cpu().contiguous(), B.detach().float().cpu().contiguous()
         found = _fused_parent(module, name)
         if found is None:
-            targets[name] = (A.detach().float().contiguous(), B.detach().float().contiguous())
+            targets[name] = (A, B)
         else:
             fused.setdefault(found[0], []).append((found[1], A, B))
     for parent, parts in fused.items():
         layer = module.backbone.get_submodule(parent)
         out_features = layer.q.out_features + layer.k.out_features + layer.v.out_features
-        A = torch.cat([a for _, a, _ in parts]).float()
+        A = torch.cat([a for _, a, _ in parts])
         B = torch.zeros(out_features, A.shape[0])
         col = 0
         for offset, a, b in parts:
-            B[offset:offset + b.shape[0], col:col + a.shape[0]] = b.float()
+            B[offset:offset + b.shape[0], col:col + a.shape[0]] = b
             col += a.shape[0]
-        targets[parent] = (A.contiguous(), B)
+        targets[parent] = (A, B)
     return targets
 
 
@@ -93,7 +93,7 @@ def write_peft_adapter(out: Path, module, branches: dict[str, tuple[Tensor, Tens
     for target, (A, B) in targets.items():
         tensors[f"base_model.model.{target}.lora_A.weight"] = A
         tensors[f"base_model.model.{target}.lora_B.weight"] = B
-    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    write_tensors(out / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
     return out
 
 
@@ -137,12 +137,11 @@ def export_peft(run: str | Path, out: str | Path) -> dict:
     if not gated:
         write_peft_adapter(out / "merged", module, merged_branches(module), scale)
     else:
-        G1, G2, keys = (t.detach().float().contiguous() for t in module.gates.stacked())
-        (out / "gainlora").mkdir(parents=True, exist_ok=True)
-        save_file({"G1": G1, "G2": G2, "keys": keys}, str(out / "gainlora" / "gates.safetensors"))
-        memories = {k: v.detach().float().contiguous() for k, v in method.memory_tensors().items()}
-        if memories:
-            save_file(memories, str(out / "gainlora" / "memories.safetensors"))
+        G1, G2, keys = (t.float() for t in module.gates.stacked())
+        write_tensors(out / "gainlora" / "gates.safetensors", {"G1": G1, "G2": G2, "keys": keys})
+        memories = {k: v.float() for k, v in method.memory_tensors().items()}
+        if memories:  # write_tensors copies each entry: q and v may share one memory tensor
+            write_tensors(out / "gainlora" / "memories.safetensors", memories)
         sidecar["gates"] = {
             "file": "gainlora/gates.safetensors",
             "order": "gate i belongs to adapters' i-th task (tasks order)",
@@ -158,8 +157,8 @@ def export_peft(run: str | Path, out: str | Path) -> dict:
         sidecar["memories"] = {"file": "gainlora/memories.safetensors" if memories else None,
                                "what": "GPM bases (orthonormal columns) of the gate and layer input spaces; "
                                        "only needed to continue training"}
-    (out / "gainlora.json").write_text(json.dumps(sidecar, indent=2) + "\n")
-    (out / "README.md").write_text(_readme(sidecar))
+    write_json(out / "gainlora.json", sidecar)
+    write_text(out / "README.md", _readme(sidecar))
     return sidecar
 
 
