@@ -9,7 +9,7 @@ GAINLORA_DATA ?= data/CL_Benchmark
 export GAINLORA_DATA
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup run test data bench report clean sweep agent demo-table
+.PHONY: help setup run test data bench report clean sweep agent demo-table predict
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -53,3 +53,6 @@ demo-table: $(STAMP) ## the README's method comparison on the demo: six runs, th
 clean: ## remove caches and build leftovers (keeps runs/ and the virtualenv)
 	rm -rf .pytest_cache src/*.egg-info
 	find . -name __pycache__ -not -path './$(VENV)/*' -prune -exec rm -rf {} +
+
+predict: $(STAMP) ## batch inference: make predict RUN=runs/demo/<id> INPUT=in.jsonl OUT=out.jsonl [ARGS="--batch-size 64"]
+	$(PY) -m gainlora.predict $(RUN) $(INPUT) $(OUT) $(ARGS)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from gainlora.data.types import Example
+from gainlora.data.types import DataError, Example
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -38,6 +38,45 @@ class Collator:
     max_source_length: int = 512
     max_target_length: int = 50
     truncation: TruncationCounter = field(default_factory=TruncationCounter)
+    # Chat/instruct checkpoints (LLaMA-3-Instruct, Qwen-Instruct, ...): each source becomes one user
+    # turn of the tokenizer's chat template, ending with the assistant header the answer follows.
+    chat_template: bool = False
+
+    def __post_init__(self) -> None:
+        if self.chat_template and (self.kind != "causal" or not getattr(self.tokenizer, "chat_template", None)):
+            raise DataError(f"backbone.chat_template=true: needs a decoder-only model whose tokenizer has a chat "
+                            f"template (this {self.kind} model's tokenizer has none)")
+
+    def _chat_ids(self, content: str) -> list[int]:
+        tok = self.tokenizer
+        text = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                       add_generation_prompt=True)
+        return tok(text, add_special_tokens=False)["input_ids"]  # the template writes its own BOS
+
+    def _chat_sources(self, examples: list[Example]) -> list[list[int]]:
+        """Each source as one user turn, tokenized whole as the checkpoint saw it in training.
+
+        Stripped, as LLaMA-3's template trims: "Output: " ends the user turn, the answer is the
+        assistant's. Too long: the content is cut (never the turn's markers) and re-rendered.
+        """
+        limit, rows, long = self.max_source_length, [], 0
+        for example in examples:
+            content = example.source.strip()
+            ids = self._chat_ids(content)
+            if len(ids) > limit:
+                long += 1
+                pieces = self.tokenizer(content, add_special_tokens=False)["input_ids"]
+                keep = len(pieces) - (len(ids) - limit)
+                while len(ids) > limit and keep > 0:  # re-tokenizing may shift a token or two
+                    ids = self._chat_ids(self.tokenizer.decode(pieces[:keep]))
+                    keep -= max(len(ids) - limit, 1)
+                if len(ids) > limit:
+                    raise DataError(f"backbone.max_source_length={limit}: shorter than the chat template's own "
+                                    f"{len(self._chat_ids(''))} tokens")
+            rows.append(ids)
+        self.truncation.sources += long
+        self.truncation.report("sources", long, limit)
+        return rows
 
     def _encode(self, texts: list[str], limit: int, what: str) -> list[list[int]]:
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -54,6 +93,8 @@ class Collator:
         if self.kind == "seq2seq":  # T5 convention: the source ends with EOS
             ids = self._encode([e.source for e in examples], self.max_source_length - 1, "sources")
             return [x + [tok.eos_token_id] for x in ids]
+        if self.chat_template:
+            return self._chat_sources(examples)
         bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
         ids = self._encode([e.source for e in examples], self.max_source_length - len(bos), "sources")
         return [bos + x for x in ids]

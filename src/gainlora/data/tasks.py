@@ -7,7 +7,7 @@ from pathlib import Path
 
 from gainlora.data.types import DataError, TaskData
 
-READERS = ("demo", "superni", "long")
+READERS = ("demo", "superni", "long", "custom")
 
 
 def task_order(cfg: Mapping) -> list[str]:
@@ -42,6 +42,10 @@ def load_stream(cfg: Mapping, seed: int) -> list[TaskData]:
     reader = cfg.get("reader")
     if reader not in READERS:
         raise DataError(f"benchmark.reader: unknown {reader!r}; expected one of {READERS}")
+    if reader == "custom":  # tasks name their own files (gainlora.data.custom)
+        from gainlora.data.custom import load_custom_stream
+
+        return load_custom_stream(cfg, seed=seed)
     tasks = task_order(cfg)
     if reader == "demo":
         from gainlora.data.demo import make_demo_task

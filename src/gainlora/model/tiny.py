@@ -1,4 +1,5 @@
-"""Tiny backbones built locally (no model hub): a byte-level BPE tokenizer and a small T5 or Llama.
+"""Tiny backbones built locally (no model hub): a byte-level BPE tokenizer and a small T5 or decoder-only
+model (Llama, Qwen2/3, Mistral, Gemma 1/2/3, Phi-3, Phi; configs in ``tiny_models``).
 
 ``build_tiny_backbone("t5-demo")`` returns a directory that ``AutoModelForSeq2SeqLM.from_pretrained``
 and ``AutoTokenizer.from_pretrained`` load, exactly like a hub checkpoint, so the real loading path is
@@ -26,20 +27,13 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedModel,
-    PreTrainedTokenizerFast,
-    T5Config,
-    T5ForConditionalGeneration,
-)
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from gainlora.data.demo import PROMPT_PIECES, demo_vocabulary, pseudo_word_universe, render_prompt
+from gainlora.model.tiny_models import make_model
 
 try:  # POSIX only; elsewhere concurrent builds are merely wasteful, the rename still keeps them safe
     import fcntl
@@ -68,9 +62,10 @@ PAD, EOS, UNK, BOS = "<pad>", "</s>", "<unk>", "<s>"  # ids 0..3, T5's conventio
 
 @dataclass(frozen=True)
 class TinySpec:
-    """Shape and recipe of a tiny backbone. ``layers`` is the encoder (T5) or decoder (Llama) depth."""
+    """Shape and recipe of a tiny backbone. ``layers`` is the encoder (T5) or decoder depth;
+    ``arch`` is ``t5`` or a decoder-only family of ``tiny_models.CAUSAL``."""
 
-    arch: Literal["t5", "llama"]
+    arch: str
     d_model: int
     layers: int
     heads: int
@@ -100,6 +95,9 @@ PRESETS: dict[str, TinySpec] = {
     # Unit tests: random init, builds in seconds.
     "t5-test": TinySpec("t5", d_model=64, layers=2, heads=2, d_ff=128, name="t5-test"),
     "llama-test": TinySpec("llama", d_model=64, layers=2, heads=2, d_ff=128, name="llama-test"),
+    # Today's decoder-only families, the same shape as llama-test (tests/unit/test_families.py).
+    **{f"{arch}-test": TinySpec(arch, d_model=64, layers=2, heads=2, d_ff=128, name=f"{arch}-test")
+       for arch in ("qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3", "phi3", "phi")},
     # Decoder-only counterpart of t5-demo, pre-trained the same way in causal-LM format.
     "llama-demo": TinySpec(
         "llama", d_model=128, layers=4, heads=4, d_ff=384, pretrain_steps=2000, name="llama-demo"
@@ -194,10 +192,10 @@ def _corpus_lines() -> Iterator[str]:
         yield " ".join(w.capitalize() for w in _ENGLISH)
 
 
-def build_tokenizer(arch: Literal["t5", "llama"] = "t5", vocab_size: int = 6000) -> PreTrainedTokenizerFast:
+def build_tokenizer(arch: str = "t5", vocab_size: int = 6000) -> PreTrainedTokenizerFast:
     """Byte-level BPE: any text encodes without unknown tokens; every demo answer is one token.
 
-    T5 style appends ``</s>`` to every encoding; Llama style prepends ``<s>``. A leading space is
+    T5 style appends ``</s>`` to every encoding; every other arch (Llama style) prepends ``<s>``. A leading space is
     added before pre-tokenization (so "red" alone and " red" inside a sentence are the same token)
     and stripped again when decoding.
     """
@@ -237,47 +235,6 @@ def build_tokenizer(arch: Literal["t5", "llama"] = "t5", vocab_size: int = 6000)
         clean_up_tokenization_spaces=False,
         padding_side="right" if arch == "t5" else "left",
     )
-
-
-# --- model ----------------------------------------------------------------------------------------
-def _make_model(spec: TinySpec, tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
-    ids = {
-        "pad_token_id": tokenizer.pad_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
-    }
-    if spec.arch == "t5":
-        if spec.d_model % spec.heads:
-            raise ValueError("d_model must be divisible by heads")
-        config = T5Config(
-            vocab_size=len(tokenizer),
-            d_model=spec.d_model,
-            d_kv=spec.d_model // spec.heads,
-            d_ff=spec.d_ff,
-            num_layers=spec.layers,
-            num_decoder_layers=spec.decoder_layers or spec.layers,
-            num_heads=spec.heads,
-            dropout_rate=0.0,  # tiny models trained for a few hundred steps: dropout only slows them
-            feed_forward_proj="relu",
-            tie_word_embeddings=True,
-            decoder_start_token_id=tokenizer.pad_token_id,
-            **ids,
-        )
-        return T5ForConditionalGeneration(config)
-    if spec.arch == "llama":
-        config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=spec.d_model,
-            intermediate_size=spec.d_ff,
-            num_hidden_layers=spec.layers,
-            num_attention_heads=spec.heads,
-            num_key_value_heads=spec.heads,
-            max_position_embeddings=spec.max_positions,
-            tie_word_embeddings=True,
-            **ids,
-        )
-        return LlamaForCausalLM(config)
-    raise ValueError(f"unknown arch {spec.arch!r}; expected 't5' or 'llama'")
 
 
 # --- pre-training ---------------------------------------------------------------------------------
@@ -383,7 +340,7 @@ def _lock(path: Path) -> Iterator[None]:
 def _build_into(spec: TinySpec, out: Path) -> None:
     tokenizer = build_tokenizer(spec.arch, spec.vocab_size)
     with _deterministic(spec.seed):
-        model = _make_model(spec, tokenizer)
+        model = make_model(spec, tokenizer)
         stats = _pretrain(model, tokenizer, spec) if spec.pretrain_steps > 0 else {}
     model.save_pretrained(out)  # safetensors
     tokenizer.save_pretrained(out)

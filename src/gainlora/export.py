@@ -1,0 +1,207 @@
+"""Export a run's adapters in PEFT's LoRA format: ``python -m gainlora.export RUN --format peft OUT``.
+
+Writes, under OUT:
+
+- ``tasks/<NN>-<task>/``: each task's branch as a PEFT LoRA adapter (``adapter_config.json`` +
+  ``adapter_model.safetensors``), loadable with ``peft.PeftModel.from_pretrained(base, path)`` on the
+  plain Hugging Face backbone. For SeqLoRA (one branch trained through every task) it is that
+  branch's state after the task.
+- ``merged/`` (gate-free methods: IncLoRA, O-LoRA, InfLoRA, SeqLoRA and the reference runs): the
+  model as it answers, every branch summed with coefficient 1, as one adapter of rank n * r
+  (``[B_1 .. B_n] [A_1; ..; A_n] = sum_i B_i A_i``; alpha scaled so alpha / rank is unchanged).
+- ``gainlora/`` (gated methods): ``gates.safetensors`` (``G1`` n x h x d, ``G2`` n x d x h, ``keys``
+  n x d), ``memories.safetensors`` (the method's GPM bases, needed only to keep training) and
+  ``gainlora.json``, which says how to combine the per-task adapters: per input,
+  ``y = W h + sum_i a_i(x) (alpha / r) B_i A_i h`` with ``a_i`` from the gates (formula in the JSON).
+  PEFT has no per-input weighting of adapters, so a gated model is these files, not one adapter.
+- ``README.md``: what the folder holds.
+
+Phi-3 fuses q, k and v into one ``qkv_proj``: its q and v branches become one LoRA on ``qkv_proj``
+of rank 2r whose B is zero on the k rows, the same function.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from gainlora.artifacts import RunDir, write_json, write_text, write_tensors
+
+FORMATS = ("peft",)
+SIDECAR_VERSION = 1
+
+
+def _fused_parent(module, name: str) -> tuple[str, int] | None:
+    """(qkv_proj's name, row offset) for the q or v part of a split fused projection, else None."""
+    from gainlora.model.backbone import FusedQKV
+
+    parent, _, part = name.rpartition(".")
+    fused = module.backbone.get_submodule(parent) if parent else None
+    if not isinstance(fused, FusedQKV):
+        return None
+    offsets = {"q": 0, "k": fused.q.out_features, "v": fused.q.out_features + fused.k.out_features}
+    return parent, offsets[part]
+
+
+def peft_tensors(module, branches: dict[str, tuple[Tensor, Tensor]]) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per PEFT target module: (A, B) of the LoRA that computes the given per-layer branches.
+
+    ``branches``: adapted layer name -> (A r x d_in, B d_out x r). Parts of a fused projection are
+    stacked: A = [A_q; A_v], B holds B_q and B_v in their output rows and zeros elsewhere.
+    """
+    targets: dict[str, tuple[Tensor, Tensor]] = {}
+    fused: dict[str, list[tuple[int, Tensor, Tensor]]] = {}
+    for name, (A, B) in branches.items():
+        A, B = A.detach().float().cpu().contiguous(), B.detach().float().cpu().contiguous()
+        found = _fused_parent(module, name)
+        if found is None:
+            targets[name] = (A, B)
+        else:
+            fused.setdefault(found[0], []).append((found[1], A, B))
+    for parent, parts in fused.items():
+        layer = module.backbone.get_submodule(parent)
+        out_features = layer.q.out_features + layer.k.out_features + layer.v.out_features
+        A = torch.cat([a for _, a, _ in parts])
+        B = torch.zeros(out_features, A.shape[0])
+        col = 0
+        for offset, a, b in parts:
+            B[offset:offset + b.shape[0], col:col + a.shape[0]] = b
+            col += a.shape[0]
+        targets[parent] = (A, B)
+    return targets
+
+
+def write_peft_adapter(out: Path, module, branches: dict[str, tuple[Tensor, Tensor]], scale: float) -> Path:
+    """One PEFT LoRA adapter computing ``scale * B A h`` on each adapted layer."""
+    from peft import LoraConfig
+
+    targets = peft_tensors(module, branches)
+    ranks = {A.shape[0] for A, _ in targets.values()}
+    if len(ranks) != 1:
+        raise ValueError(f"adapters of mixed rank {sorted(ranks)} are not exported")
+    rank = ranks.pop()
+    config = LoraConfig(r=rank, lora_alpha=scale * rank, target_modules=sorted(targets), lora_dropout=0.0,
+                        bias="none", task_type="SEQ_2_SEQ_LM" if module.kind == "seq2seq" else "CAUSAL_LM",
+                        base_model_name_or_path=str(module.backbone.name_or_path), inference_mode=True)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(out))
+    tensors = {}
+    for target, (A, B) in targets.items():
+        tensors[f"base_model.model.{target}.lora_A.weight"] = A
+        tensors[f"base_model.model.{target}.lora_B.weight"] = B
+    write_tensors(out / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
+    return out
+
+
+def _scale(module) -> float:
+    scales = {layer.scale for layer in module.adapted.values()}
+    if len(scales) != 1:
+        raise ValueError(f"layers with different LoRA scales {sorted(scales)}")
+    return scales.pop()
+
+
+def merged_branches(module) -> dict[str, tuple[Tensor, Tensor]]:
+    """Every branch of each layer stacked: with coefficient 1 each, sum_i B_i A_i = B_all A_all."""
+    return {name: tuple(t.detach() for t in layer.stacked()) for name, layer in module.adapted.items()}
+
+
+def export_peft(run: str | Path, out: str | Path) -> dict:
+    """Write the run's adapters under ``out`` (see the module docstring); returns the sidecar dict."""
+    from gainlora.api import load_run
+    from gainlora.loop import fits
+
+    trained = load_run(run)
+    module, method = trained.module, trained.method
+    run_dir, out = RunDir(run), Path(out)
+    scale = _scale(module)
+    adapters = {}
+    for t, name in fits(method, json.loads(run_dir.results.read_text())["tasks"]):
+        if not run_dir.is_done(t, name):
+            break
+        files, _ = run_dir.load_task(t, name)
+        branch = {layer: (files["branch"][f"{layer}.A"], files["branch"][f"{layer}.B"]) for layer in module.adapted}
+        folder = run_dir.task_dir(t, name).name
+        write_peft_adapter(out / "tasks" / folder, module, branch, scale)
+        adapters[name] = f"tasks/{folder}"
+    gated = module.gates is not None
+    sidecar = {
+        "format": "gainlora-peft-export", "version": SIDECAR_VERSION, "method": method.name,
+        "run_kind": method.run_kind, "tasks": list(trained.tasks), "adapters": adapters,
+        "base_model": str(module.backbone.name_or_path), "lora_scale": scale,
+        "merged": None if gated else "merged",
+    }
+    if not gated:
+        write_peft_adapter(out / "merged", module, merged_branches(module), scale)
+    else:
+        G1, G2, keys = (t.float() for t in module.gates.stacked())
+        write_tensors(out / "gainlora" / "gates.safetensors", {"G1": G1, "G2": G2, "keys": keys})
+        memories = {k: v.float() for k, v in method.memory_tensors().items()}
+        if memories:  # write_tensors copies each entry: q and v may share one memory tensor
+            write_tensors(out / "gainlora" / "memories.safetensors", memories)
+        sidecar["gates"] = {
+            "file": "gainlora/gates.safetensors",
+            "order": "gate i belongs to adapters' i-th task (tasks order)",
+            "pool": module.gate_pool, "key_scale": module.gates.key_scale,
+            "p0": "the input token embeddings (model.get_input_embeddings()) of the prompt's tokens (T5: the "
+                  "prompt then EOS; decoder-only: BOS then the prompt), averaged over those tokens ('mean'; "
+                  "'padded_mean' divides by the batch's padded length instead), in float32",
+            "formula": "p1 = silu(G1[i] @ p0); p2 = silu(G2[i] @ p1); "
+                       "a_i = |tanh(key_scale * cos(p2, keys[i]) / 2)|  (= |2 sigmoid(key_scale * cos) - 1|)",
+            "combine": "y = W h + sum_i a_i(x) * lora_scale * B_i A_i h on every adapted layer, with A_i, B_i "
+                       "from adapters[task i]; the coefficients are computed once per input, from the prompt",
+        }
+        sidecar["memories"] = {"file": "gainlora/memories.safetensors" if memories else None,
+                               "what": "GPM bases (orthonormal columns) of the gate and layer input spaces; "
+                                       "only needed to continue training"}
+    write_json(out / "gainlora.json", sidecar)
+    write_text(out / "README.md", _readme(sidecar))
+    return sidecar
+
+
+def _readme(sidecar: dict) -> str:
+    lines = [f"# PEFT export of a {sidecar['method']} run", "",
+             f"Base model: `{sidecar['base_model']}`. Each folder under `tasks/` is one task's LoRA branch, "
+             "loadable with `peft.PeftModel.from_pretrained(base_model, folder)`.", ""]
+    if sidecar["merged"]:
+        lines += ["`merged/` is the model as it answers: every branch summed (gate-free method), one adapter.", ""]
+    else:
+        lines += ["The method gates its branches per input, which PEFT cannot express: combine the task adapters "
+                  "with the coefficients that `gainlora/gates.safetensors` gives, as `gainlora.json` describes "
+                  "(`gates.formula`, `gates.combine`).", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gainlora.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", help="a run directory (runs/<experiment>/<run_id>)")
+    parser.add_argument("out", help="output folder (must not exist or be empty)")
+    parser.add_argument("--format", default="peft", help=f"one of {', '.join(FORMATS)}")
+    args = parser.parse_args(argv)
+    if args.format not in FORMATS:
+        return _fail(f"--format={args.format}: expected one of {', '.join(FORMATS)}")
+    run = Path(args.run)
+    if not (run / "config.yaml").is_file() or not (run / "results.json").is_file():
+        return _fail(f"run={run}: not a run directory (needs config.yaml and results.json)")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        return _fail(f"out={out}: exists and is not an empty folder")
+    try:
+        sidecar = export_peft(run, out)
+    except FileNotFoundError as err:  # load_run: no finished task
+        return _fail(f"run={run}: {err}")
+    print(f"{len(sidecar['adapters'])} task adapter(s){' + merged' if sidecar['merged'] else ' + gate sidecar'} "
+          f"in {out}")
+    return 0
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

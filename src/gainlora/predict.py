@@ -1,0 +1,185 @@
+"""Batch inference with a trained run: ``python -m gainlora.predict RUN INPUT.jsonl OUT.jsonl``
+(``make predict RUN=... INPUT=... OUT=...``).
+
+Each input line is a JSON object with either ``prompt`` (used as is) or ``input`` and optionally
+``instruction``, rendered with the run's prompt template (``--prompt`` overrides it). Every output
+line is the input object plus ``prediction``, in input order. Prompts are generated in batches of
+similar length (sorted by token count, longest first, so padding is small and the memory peak
+comes first), then put back in order. A progress bar runs on stderr and the throughput is printed
+at the end. Every line is checked before anything is generated: a bad one stops with
+``error: INPUT line N: ...`` and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from gainlora.artifacts import write_text
+from gainlora.data.benchmarks import long_sequence_prompt, superni_prompt
+from gainlora.data.demo import render_prompt
+from gainlora.data.types import DataError, Example
+
+PROMPTS: dict[str, Callable[[str, str], str]] = {"superni": superni_prompt, "long": long_sequence_prompt,
+                                                 "demo": render_prompt}
+
+
+@dataclass
+class Throughput:
+    examples: int
+    seconds: float
+    prompt_tokens: int
+    batches: int
+
+    def __str__(self) -> str:
+        rate = self.examples / max(self.seconds, 1e-9)
+        return (f"{self.examples} predictions in {self.seconds:.1f} s: {rate:.1f} examples/s, "
+                f"{self.prompt_tokens / max(self.seconds, 1e-9):.0f} prompt tokens/s, {self.batches} batches")
+
+
+def run_template(config) -> str:
+    """The prompt template the run was trained with."""
+    bench = config.get("benchmark", {})
+    reader = bench.get("reader")
+    return bench.get("prompt", "superni") if reader == "custom" else {"long": "long", "demo": "demo"}.get(
+        reader, "superni")
+
+
+def read_inputs(path: Path, template: Callable[[str, str], str]) -> list[tuple[dict[str, Any], str]]:
+    """(row, prompt) for every non-blank line; a DataError names the first bad line."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        try:
+            lines = list(enumerate(handle, 1))
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}: not valid UTF-8 at byte {err.start}") from None
+    for number, line in lines:
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        if "prediction" in row:
+            raise DataError(f"{where}: has a 'prediction' field already (it would be overwritten)")
+        if "prompt" in row:
+            fields = ("prompt",)
+        elif "input" in row:
+            fields = ("instruction", "input") if "instruction" in row else ("input",)
+        else:
+            raise DataError(f"{where}: needs 'prompt', or 'input' (with an optional 'instruction')")
+        for field in fields:
+            if not isinstance(row[field], str):
+                raise DataError(f"{where}: '{field}' must be a string, got {type(row[field]).__name__}")
+        prompt = row["prompt"] if "prompt" in row else template(row.get("instruction", "").strip(), row["input"])
+        rows.append((row, prompt))
+    if not rows:
+        raise DataError(f"{path}: no input lines")
+    return rows
+
+
+def length_buckets(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices in batches of similar length: sorted longest first (stable, so ties keep input order)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@torch.no_grad()
+def predict(trained, prompts: Sequence[str], *, batch_size: int = 32, progress: bool = True,
+            **generation) -> tuple[list[str], Throughput]:
+    """Answers for formatted prompts, in their order, generated in length-sorted batches."""
+    module, collator = trained.module, trained.collator
+    module.eval()
+    lengths = [len(ids) for ids in collator.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    answers: list[str | None] = [None] * len(prompts)
+    buckets = length_buckets(lengths, batch_size)
+    start = time.perf_counter()
+    with tqdm(total=len(prompts), desc="predicting", unit="ex", disable=not progress, file=sys.stderr) as bar:
+        for bucket in buckets:
+            items = [(0, Example(source=prompts[i], target="", references=("",)), "exact_match") for i in bucket]
+            batch = {k: v.to(module.device) if isinstance(v, torch.Tensor) else v
+                     for k, v in collator.eval_batch(items).items()}
+            for i, answer in zip(bucket, module.generate(batch, **generation)):
+                answers[i] = answer
+            bar.update(len(bucket))
+    stats = Throughput(len(prompts), time.perf_counter() - start, sum(lengths), len(buckets))
+    return answers, stats  # type: ignore[return-value]
+
+
+def write_predictions(path: str | Path, rows: Sequence[tuple[dict[str, Any], str]], answers: Sequence[str]) -> None:
+    """Each input object plus ``prediction``, one per line, written atomically."""
+    write_text(Path(path), "".join(json.dumps({**row, "prediction": answer}, ensure_ascii=False) + "\n"
+                                   for (row, _), answer in zip(rows, answers)))
+
+
+def predict_file(trained, input_path: str | Path, output_path: str | Path, *, batch_size: int = 32,
+                 prompt: str | None = None, progress: bool = True, **generation) -> Throughput:
+    """Read INPUT (JSONL), write OUTPUT (JSONL: each input object plus ``prediction``)."""
+    template = prompt or run_template(trained.config)
+    if template not in PROMPTS:
+        raise DataError(f"prompt={template}: expected one of {', '.join(PROMPTS)}")
+    rows = read_inputs(Path(input_path), PROMPTS[template])
+    answers, stats = predict(trained, [p for _, p in rows], batch_size=batch_size, progress=progress, **generation)
+    write_predictions(output_path, rows, answers)
+    return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gainlora.predict", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", help="a run directory (runs/<experiment>/<run_id>)")
+    parser.add_argument("input", help="JSONL: one object per line with 'prompt', or 'input' (+ 'instruction')")
+    parser.add_argument("output", help="JSONL written: each input object plus 'prediction'")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's")
+    parser.add_argument("--prompt", default=None, help=f"template for 'input' lines: {', '.join(PROMPTS)} "
+                                                       "(default: the run's)")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        return _fail(f"--batch-size={args.batch_size}: a positive integer")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        return _fail(f"--max-new-tokens={args.max_new_tokens}: a positive integer")
+    if args.prompt is not None and args.prompt not in PROMPTS:
+        return _fail(f"--prompt={args.prompt}: expected one of {', '.join(PROMPTS)}")
+    run = Path(args.run)
+    if not (run / "config.yaml").is_file() or not (run / "results.json").is_file():
+        return _fail(f"run={run}: not a run directory (needs config.yaml and results.json)")
+    try:
+        from omegaconf import OmegaConf
+
+        from gainlora.api import load_run
+
+        template = args.prompt or run_template(OmegaConf.load(run / "config.yaml"))
+        rows = read_inputs(Path(args.input), PROMPTS[template])  # every line checked before the model loads
+        trained = load_run(run)
+        generation = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
+        answers, stats = predict(trained, [p for _, p in rows], batch_size=args.batch_size, **generation)
+        write_predictions(args.output, rows, answers)
+    except DataError as err:
+        return _fail(str(err))
+    except FileNotFoundError as err:  # load_run: no finished task
+        return _fail(f"run={run}: {err}")
+    print(stats)
+    print(args.output)
+    return 0
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
