@@ -120,7 +120,7 @@ def collect_features(model: ContinualLM, batches: Iterable[dict], *, max_batches
                     break
                 if i % world != rank:
                     continue
-                batch = {k: v.to(model.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+                batch = model._to_device(batch)
                 if gate:
                     p0 = model.pooled_embeddings(batch["input_ids"], batch["gate_mask"])
                     p1, p2 = gates.features(p0)

@@ -201,3 +201,6 @@ class ContinualLM(L.LightningModule):
         """Uncentred covariances of adapted-layer inputs and/or the current gate's p0, p1, p2
         (``gainlora.model.features``)."""
         return collect_features(self, batches, max_batches=max_batches, layers=layers, gate=gate)
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
