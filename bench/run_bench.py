@@ -28,8 +28,8 @@ import subprocess
 import sys
 import time
 import types
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -37,12 +37,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
-from gainlora.memory import Subspace, threshold_at
 from gainlora.methods.gainlora import GainLoRA
 from gainlora.methods.inflora import InfLoRA
 from gainlora.model.backbone import Backbone, load_backbone
 from gainlora.model.lora import BranchContext, GatedLoRALinear
-from gainlora.model.module import ContinualLM, Features
+from gainlora.model.features import Features
+from gainlora.model.module import ContinualLM
 from gainlora.model.tiny import build_tiny_backbone, with_overrides
 
 RANK, ALPHA, GATE_HIDDEN = 8, 32.0, 100
@@ -148,10 +148,7 @@ def make_model(arch: Arch):
 def unfused_forward(self: GatedLoRALinear, h: Tensor) -> Tensor:
     """The reference implementation's loop: y += a_i(x) * s * (h A_i^T) B_i^T, one branch at a time."""
     y = F.linear(h, self.weight, self.bias)
-    ctx = self.context
-    if ctx.collector is not None:
-        ctx.collector(self, h)
-    coeffs = ctx.coeffs
+    coeffs = self.context.coeffs
     if coeffs is not None and coeffs.shape[0] != h.shape[0]:  # generate() expands rows per example
         coeffs = coeffs.repeat_interleave(h.shape[0] // coeffs.shape[0], dim=0)
     for i in range(self.num_branches):
@@ -492,10 +489,8 @@ def bench_memory_update(task: TaskShape, s: Settings, repeats: int | None = None
     empty = (copy.deepcopy(layer_spaces.memories), copy.deepcopy(method.gate_memory))
 
     def update(t: int, feats: Features) -> None:
-        """InfLoRA layer memories + gate memories, exactly as GainLoRA.on_task_end does."""
-        layer_spaces.update_memories(module, t, feats)
-        for memory, eps, cov in zip(method.gate_memory, method.thresholds, feats.gate):
-            memory.update(cov, threshold_at(eps, t, method.num_tasks))
+        """InfLoRA layer memories + gate memories: GainLoRA's task-end step after collection."""
+        method.update_memories(module, t, feats)
 
     def restore(state: tuple) -> None:
         layer_spaces.memories, method.gate_memory = copy.deepcopy(state[0]), copy.deepcopy(state[1])
@@ -515,8 +510,7 @@ def bench_memory_update(task: TaskShape, s: Settings, repeats: int | None = None
         update(1, next_feats)
 
     def init_start() -> None:  # InfLoRA A init (residual SVD per layer input) + gate key init
-        method.branches.init_branch(module, 0, feats)
-        method._init_key(module, 0, feats.gate[2])
+        method.init_branch(module, 0, feats)
 
     restore(empty)  # copies are part of neither update: time them alone and subtract
     fns = {"epoch": epoch, "forward_pass": forward_pass, "collect": lambda: collect(task.batches),

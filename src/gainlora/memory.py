@@ -1,4 +1,4 @@
-"""Gradient Projection Memory (GPM, Saha et al. 2021) as GainLoRA uses it (METHOD.md).
+"""Gradient Projection Memory (GPM, Saha et al. 2021) as GainLoRA uses it (docs/method.md).
 
 A memory is an orthonormal basis M (d x k) of the span of some layer's inputs over all old tasks.
 It grows after each task by a thresholded SVD of that task's uncentred covariance, and is used to
@@ -9,22 +9,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from gainlora.dist import distributed
+
 
 def threshold_at(eps: float, task_index: int, num_tasks: int) -> float:
     """eps_t = eps + (1 - eps) * (t - 1) / T for the 0-based ``task_index`` t - 1."""
     return eps + (1.0 - eps) * task_index / num_tasks
-
-
-def distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() \
-        and torch.distributed.get_world_size() > 1
-
-
-def shard() -> tuple[int, int]:
-    """(rank, world size) of the process group, (0, 1) outside one."""
-    if not distributed():
-        return 0, 1
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
 class CovarianceAccumulator:
@@ -75,10 +65,6 @@ class Subspace:
     @property
     def rank(self) -> int:
         return self.basis.shape[1]
-
-    def to(self, device: torch.device | str) -> "Subspace":
-        self.basis = self.basis.to(device)
-        return self
 
     def residual(self, cov: Tensor) -> Tensor:
         """C - M M^T C: the part of the covariance outside the memory."""

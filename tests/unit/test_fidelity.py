@@ -68,12 +68,9 @@ def test_reference_gates_and_logits(reference, t5_backbone) -> None:
         coeffs = module.gate_coefficients(batch)
         # Reference column 0 is the current task (our task 1), column 1 the previous one (our task 0).
         torch.testing.assert_close(coeffs.flip(1), tensors["__gates"], rtol=0, atol=2e-6)
-        module._prepare(batch)
-        try:
+        with module.gated(batch):
             logits = module.backbone(input_ids=batch["input_ids"], attention_mask=mask,
                                      decoder_input_ids=tensors["__decoder_input_ids"]).logits
-        finally:
-            module.context.coeffs = None
     torch.testing.assert_close(logits, tensors["__logits"], rtol=0, atol=1e-5)
 
 

@@ -3,7 +3,7 @@
 After each optimizer step, Delta = P_new - P_old is replaced by Delta - Delta M M^T for each gate
 parameter (G1 with M1, G2 with M2, the key with M3). Projecting the parameter change (not the
 gradient) keeps the constraint exact under stateful optimizers such as AdamW. Under DeepSpeed ZeRO
-the change is read from and written to the optimizer's fp32 master copy (ARCHITECTURE.md).
+the change is read from and written to the optimizer's fp32 master copy (docs/architecture.md).
 """
 from __future__ import annotations
 

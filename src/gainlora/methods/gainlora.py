@@ -1,53 +1,54 @@
 """GainLoRA: a gate per task, constrained so that a new branch stays silent on old tasks.
 
-Wraps a branch method (InfLoRA or O-LoRA) and adds, per METHOD.md:
+Wraps a branch method (InfLoRA or O-LoRA) and adds, per docs/method.md:
 - the initialization constraint: the new gate copies the previous gate's hidden layers and takes
   as key the top direction of its current-task features outside the old tasks' span;
 - the update constraint: after every optimizer step each gate parameter's change is projected off
   the old tasks' span (``GateProjection`` callback);
 - gate memories M1, M2, M3 (inputs of gate layers 1-3), grown by GPM after each task.
+
+The reference code's behaviour is a preset, not a switch: conf/method/gainlora_*_reference.yaml.
 """
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from lightning import Callback
+from pydantic import Field
 from torch import Tensor
 
 from gainlora.callbacks.gate_projection import GateProjection
 from gainlora.memory import Subspace, threshold_at
-from gainlora.methods.base import Batches, Method, subspace_tensors
-from gainlora.methods.inflora import InfLoRA
+from gainlora.methods.base import MaxBatches, Method, Needs, Stage, Threshold, subspace_tensors
+from gainlora.model.features import Features
+from gainlora.model.gates import Pool
 from gainlora.model.module import ContinualLM
 
 GATE_LAYERS = ("G1", "G2", "key")  # parameter acted on by memory M1, M2, M3
 
 
 class GainLoRA(Method):
-    def __init__(self, branches: Method, *, hidden: int = 100, pool: str = "mean",
+    """``branches``: the method that opens, initialises and remembers the LoRA branches.
+
+    ``pool``: how p0 averages token embeddings (``padded_mean`` is the reference code's);
+    ``thresholds``: GPM eps of the gate memories M1, M2, M3; ``renorm_rows``: the reference code's
+    row renormalisation after the projection (breaks the exact invariance); ``seed``: gate draws.
+    """
+
+    def __init__(self, branches: Method, *, hidden: Annotated[int, Field(ge=1)] = 100, pool: Pool = "mean",
                  init_constraint: bool = True, update_constraint: bool = True,
-                 thresholds: tuple[float, float, float] = (0.995, 0.99999, 0.99999),
-                 renorm_rows: bool = False, reference_compat: bool = False,
-                 max_batches: int | None = 100, seed: int = 0) -> None:
+                 thresholds: tuple[Threshold, Threshold, Threshold] = (0.995, 0.99999, 0.99999),
+                 renorm_rows: bool = False, max_batches: MaxBatches = 100, seed: int = 0) -> None:
         super().__init__(max_batches=max_batches)
         self.branches = branches
         self.name = f"gainlora_{branches.name}"
-        if reference_compat:  # every reference-code behaviour at once (METHOD.md)
-            pool, renorm_rows = "padded_mean", True
-            eps = getattr(branches, "threshold", thresholds[0])
-            thresholds = (eps, eps, eps)
-            if isinstance(branches, InfLoRA):
-                branches.cross_value_features = "decoder"
-        if len(thresholds) != 3:
-            raise ValueError("gainlora.thresholds needs one value per gate layer (3)")
         self.gate_spec = {"hidden": hidden, "pool": pool}
         self.init_constraint, self.update_constraint = init_constraint, update_constraint
         self.thresholds = tuple(float(t) for t in thresholds)
         self.renorm_rows = renorm_rows
-        self.reference_compat = reference_compat
         self.seed = seed
         self.gate_memory: list[Subspace] = []
-        self.new_branch_per_task = True
-        self.wants_layer_features = branches.wants_layer_features
 
     def setup(self, model: ContinualLM, num_tasks: int) -> None:
         super().setup(model, num_tasks)
@@ -58,11 +59,19 @@ class GainLoRA(Method):
             self.gate_memory = [Subspace(model.gates.dim), Subspace(model.gates.hidden), Subspace(model.gates.dim)]
 
     # -- task boundaries ----------------------------------------------------------------------
-    def on_task_start(self, model: ContinualLM, task: int, batches: Batches) -> None:
+    def needs(self, stage: Stage) -> Needs:
+        # The key is initialised from the current gate's p2 (start); every gate memory grows (end).
+        gate = self.init_constraint if stage == "start" else True
+        return Needs(layers=self.branches.needs(stage).layers, gate=gate)
+
+    def open_branch(self, model: ContinualLM, task: int) -> None:
+        """A new gate (seeded per task; copying the previous gate's G1, G2 under the initialization
+        constraint), then the branch method's new branch."""
         generator = torch.Generator().manual_seed(self.seed * 1000 + task)
         model.gates.add_gate(copy_previous=self.init_constraint and task > 0, generator=generator)
         self.branches.open_branch(model, task)
-        feats = self.collect(model, batches, layers=self.wants_layer_features, gate=self.init_constraint)
+
+    def init_branch(self, model: ContinualLM, task: int, feats: Features) -> None:
         self.branches.init_branch(model, task, feats)
         if self.init_constraint:
             self._init_key(model, task, feats.gate[2])
@@ -75,17 +84,12 @@ class GainLoRA(Method):
         with torch.no_grad():
             gates.key.copy_(direction / direction.norm() * norm)
 
-    def on_task_end(self, model: ContinualLM, task: int, batches: Batches) -> None:
-        feats = self.collect(model, batches, layers=self.wants_layer_features, gate=True)
-        if self.wants_layer_features:
-            self.branches.update_memories(model, task, feats)
+    def update_memories(self, model: ContinualLM, task: int, feats: Features) -> None:
+        self.branches.update_memories(model, task, feats)
         for memory, eps, cov in zip(self.gate_memory, self.thresholds, feats.gate):
             memory.update(cov, threshold_at(eps, task, self.num_tasks))
 
     # -- training-time hooks --------------------------------------------------------------------
-    def open_branch(self, model: ContinualLM, task: int) -> None:
-        self.branches.open_branch(model, task)
-
     def regularizer(self, model: ContinualLM) -> Tensor | None:
         return self.branches.regularizer(model)
 

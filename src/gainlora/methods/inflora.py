@@ -2,37 +2,39 @@
 
 Before task t, A_t <- (top-r left singular vectors of C_h - M_h M_h^T C_h)^T / sqrt(3) for every
 adapted module, from the current task's input covariance C_h and the module's memory M_h; only B_t
-trains. After the task, M_h grows by the GPM rule (METHOD.md, Variants).
+trains. After the task, M_h grows by the GPM rule (docs/method.md, "Variants").
 """
 from __future__ import annotations
 
 import math
 import re
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from gainlora.memory import Subspace, threshold_at
-from gainlora.methods.base import IncLoRA, subspace_tensors
-from gainlora.model.module import ContinualLM, Features
+from gainlora.methods.base import IncLoRA, MaxBatches, Needs, Stage, Threshold, subspace_tensors
+from gainlora.model.features import Features
+from gainlora.model.module import ContinualLM
 
 CROSS_VALUE = re.compile(r"EncDecAttention\.v$")
 
 
 class InfLoRA(IncLoRA):
     name = "inflora"
-    wants_layer_features = True
 
-    def __init__(self, threshold: float = 0.995, cross_value_features: str = "encoder",
-                 max_batches: int | None = 100) -> None:
+    def __init__(self, threshold: Threshold = 0.995, cross_value_features: Literal["encoder", "decoder"] = "encoder",
+                 max_batches: MaxBatches = 100) -> None:
         super().__init__(max_batches=max_batches)
-        if cross_value_features not in ("encoder", "decoder"):
-            raise ValueError("inflora.cross_value_features must be 'encoder' or 'decoder'")
         self.threshold = threshold
         # "decoder" reproduces the reference code, which feeds cross-attention v the covariance of
         # the decoder stream (what cross-attention q reads) instead of the encoder output v reads.
         self.cross_value_features = cross_value_features
         self.memories: dict[str, Subspace] = {}
+
+    def needs(self, stage: Stage) -> Needs:
+        return Needs(layers=True)  # A from the task's inputs (start); memories grown by them (end)
 
     def _covariances(self, feats: Features) -> dict[str, Tensor]:
         covs = dict(feats.layers)

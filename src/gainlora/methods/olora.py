@@ -1,10 +1,16 @@
 """O-LoRA (Wang et al., 2023): each new branch trains A and B, with A pushed orthogonal to old A's."""
 from __future__ import annotations
 
+from typing import Annotated
+
+from pydantic import Field
 from torch import Tensor
 
-from gainlora.methods.base import IncLoRA
+from gainlora.methods.base import IncLoRA, MaxBatches
 from gainlora.model.module import ContinualLM
+
+
+NonNegative = Annotated[float, Field(ge=0)]
 
 
 class OLoRA(IncLoRA):
@@ -12,7 +18,7 @@ class OLoRA(IncLoRA):
 
     name = "olora"
 
-    def __init__(self, lambda1: float = 0.5, lambda2: float = 0.0, max_batches: int | None = 100) -> None:
+    def __init__(self, lambda1: NonNegative = 0.5, lambda2: NonNegative = 0.0, max_batches: MaxBatches = 100) -> None:
         super().__init__(max_batches=max_batches)
         self.lambda1, self.lambda2 = lambda1, lambda2
 

@@ -1,4 +1,4 @@
-"""The two reference runs of METHOD.md ("Baselines"): single-task and multi-task.
+"""The two reference runs of docs/method.md ("Baselines"): single-task and multi-task.
 
 Neither is a continual method; they give the numbers continual runs are measured against.
 

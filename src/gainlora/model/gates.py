@@ -1,4 +1,4 @@
-"""GainLoRA's gating modules (METHOD.md, "Gate g_i").
+"""GainLoRA's gating modules (docs/method.md, "Gate g_i").
 
 Gate i maps the pooled input embeddings p0(x) of an example to one coefficient a_i(x):
 p1 = SiLU(G1 p0), p2 = SiLU(G2 p1), b = 4 cos(p2, k_i), a_i = |2 sigmoid(b) - 1|.
@@ -8,15 +8,19 @@ the current gate is trainable.
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-POOLS = ("mean", "padded_mean")
+from gainlora.model.stacks import FrozenStack, Slot
+
+Pool = Literal["mean", "padded_mean"]
+POOLS: tuple[str, ...] = get_args(Pool)
 
 
-def pool_embeddings(embeds: Tensor, mask: Tensor, mode: str = "mean") -> Tensor:
+def pool_embeddings(embeds: Tensor, mask: Tensor, mode: Pool = "mean") -> Tensor:
     """Pool token embeddings (B, S, d) over valid tokens -> (B, d).
 
     ``mean`` divides by the example's own token count, so a coefficient never depends on the
@@ -32,26 +36,20 @@ def pool_embeddings(embeds: Tensor, mask: Tensor, mode: str = "mean") -> Tensor:
     raise ValueError(f"unknown gate pool {mode!r}; expected one of {POOLS}")
 
 
-class GateBank(nn.Module):
+class GateBank(FrozenStack):
     """Every task's gate. ``forward(p0)`` returns coefficients (B, num_gates), task order."""
+
+    slots = (Slot("G1", "frozen_G1"), Slot("G2", "frozen_G2"), Slot("key", "frozen_keys"))
 
     def __init__(self, dim: int, hidden: int = 100, key_scale: float = 4.0) -> None:
         super().__init__()
         self.dim, self.hidden, self.key_scale = dim, hidden, key_scale
-        self.register_buffer("frozen_G1", torch.zeros(0, hidden, dim))
-        self.register_buffer("frozen_G2", torch.zeros(0, dim, hidden))
-        self.register_buffer("frozen_keys", torch.zeros(0, dim))
-        self.G1: nn.Parameter | None = None
-        self.G2: nn.Parameter | None = None
-        self.key: nn.Parameter | None = None
-
-    @property
-    def num_frozen(self) -> int:
-        return self.frozen_G1.shape[0]
+        self.init_stacks({"frozen_G1": torch.zeros(0, hidden, dim), "frozen_G2": torch.zeros(0, dim, hidden),
+                          "frozen_keys": torch.zeros(0, dim)})
 
     @property
     def num_gates(self) -> int:
-        return self.num_frozen + (self.G1 is not None)
+        return self.num_entries
 
     def add_gate(self, *, copy_previous: bool, generator: torch.Generator | None = None,
                  G1: Tensor | None = None, G2: Tensor | None = None, key: Tensor | None = None) -> None:
@@ -62,7 +60,6 @@ class GateBank(nn.Module):
         initialization constraint later replaces it (see methods.gainlora).
         """
         self.freeze_current()
-        device = self.frozen_G1.device
         if G1 is None or G2 is None:
             if copy_previous and self.num_frozen:
                 G1, G2 = self.frozen_G1[-1], self.frozen_G2[-1]
@@ -71,30 +68,11 @@ class GateBank(nn.Module):
                 G2 = _linear_init(self.dim, self.hidden, generator)
         if key is None:
             key = torch.rand(self.dim, generator=generator) * 2 - 1
-        self.G1 = nn.Parameter(G1.detach().to(device, torch.float32).clone())
-        self.G2 = nn.Parameter(G2.detach().to(device, torch.float32).clone())
-        self.key = nn.Parameter(key.detach().to(device, torch.float32).clone())
-
-    def freeze_current(self) -> None:
-        if self.G1 is None:
-            return
-        self.frozen_G1 = torch.cat([self.frozen_G1, self.G1.detach()[None]])
-        self.frozen_G2 = torch.cat([self.frozen_G2, self.G2.detach()[None]])
-        self.frozen_keys = torch.cat([self.frozen_keys, self.key.detach()[None]])
-        self.G1 = self.G2 = self.key = None
+        self.open_current({"G1": G1, "G2": G2, "key": key})
 
     def gate(self, i: int) -> dict[str, Tensor]:
-        if i < self.num_frozen:
-            return {"G1": self.frozen_G1[i], "G2": self.frozen_G2[i], "key": self.frozen_keys[i]}
-        if i == self.num_frozen and self.G1 is not None:
-            return {"G1": self.G1, "G2": self.G2, "key": self.key}
-        raise IndexError(f"gate {i} of {self.num_gates}")
-
-    def stacked(self) -> tuple[Tensor, Tensor, Tensor]:
-        if self.G1 is None:
-            return self.frozen_G1, self.frozen_G2, self.frozen_keys
-        return (torch.cat([self.frozen_G1, self.G1[None]]), torch.cat([self.frozen_G2, self.G2[None]]),
-                torch.cat([self.frozen_keys, self.key[None]]))
+        """G1, G2 and key of gate i (0-based), frozen or current."""
+        return self.entry(i)
 
     def features(self, p0: Tensor) -> tuple[Tensor, Tensor]:
         """p1 (B, n, hidden) and p2 (B, n, dim) of every gate."""

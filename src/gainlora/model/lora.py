@@ -1,6 +1,6 @@
 """The gated multi-branch LoRA layer.
 
-Every adapted ``nn.Linear`` W becomes ``y = W h + s * sum_i a_i(x) B_i A_i h`` (METHOD.md, Branches).
+Every adapted ``nn.Linear`` W becomes ``y = W h + s * sum_i a_i(x) B_i A_i h`` (docs/method.md, "Branches").
 All branches are stacked so the cost is two matrix products whatever the number of tasks:
 ``z = (h @ A_all^T) * gate``, ``y += s * z @ B_all^T``. Finished branches live in buffers (never seen
 by an optimizer); only the current branch is made of Parameters. ``GatedLoRAFunction`` gives these
@@ -9,31 +9,30 @@ products a hand-written backward (see there why); plain autograd remains for LoR
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gainlora.model.stacks import FrozenStack, Slot
+
 
 @dataclass
 class BranchContext:
-    """Per-forward state shared by all adapted layers of one model.
+    """The gate coefficients of the examples now in the backbone, shared by all adapted layers of one model.
 
-    ``coeffs`` (batch x branches) are the gate coefficients of the examples now in the backbone;
-    ``None`` means every coefficient is 1 (the gate-free baselines). ``masks`` holds the valid-token
-    mask of each stream ("encoder", "decoder") for covariance collection; ``collector`` is called
-    with (layer, input) by every layer while features are collected.
+    ``coeffs`` (batch x branches); ``None`` means every coefficient is 1 (the gate-free baselines,
+    and any forward outside ``gating``). Layers are called by the backbone with the hidden states
+    only, so the coefficients reach them here; ``ContinualLM.gated`` is the one writer.
     """
 
     coeffs: Tensor | None = None
-    masks: dict[str, Tensor] = field(default_factory=dict)
-    collector: Callable[["GatedLoRALinear", Tensor], None] | None = None
-    # Per-forward caches, emptied whenever ``coeffs`` is assigned (the module does it before every
-    # forward and generate call): the coefficients expanded per (rows, rank), built once and shared
-    # by every layer; and each layer's stacked branches without autograd, built once per generate()
-    # call instead of once per token.
+    # Per-forward caches, emptied whenever ``coeffs`` is assigned: the coefficients expanded per
+    # (rows, rank), built once and shared by every layer; and each layer's stacked branches without
+    # autograd, built once per generate() call instead of once per token.
     _expanded: dict[tuple[int, int], Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
     _stacks: dict[int, tuple] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -43,10 +42,14 @@ class BranchContext:
             super().__setattr__("_stacks", {})
         super().__setattr__(name, value)
 
-    def reset(self) -> None:
-        self.coeffs = None
-        self.masks = {}
-        self.collector = None
+    @contextmanager
+    def gating(self, coeffs: Tensor | None) -> Iterator[None]:
+        """Every adapted layer weighs its branches by ``coeffs`` inside the block, by 1 after it."""
+        self.coeffs = coeffs
+        try:
+            yield
+        finally:
+            self.coeffs = None
 
     def expanded_coeffs(self, rows: int, rank: int) -> Tensor:
         """(rows, n * rank): each coefficient repeated ``rank`` times, each example's row repeated
@@ -123,11 +126,12 @@ class GatedLoRAFunction(torch.autograd.Function):
         return grad_h, None, None, None, grad_A, None, grad_B, grad_gates, None
 
 
-class GatedLoRALinear(nn.Module):
+class GatedLoRALinear(FrozenStack):
     """A frozen linear layer plus stacked, gated LoRA branches.
 
     The base weight keeps its parameter name (``weight``/``bias``) so checkpoints of the backbone
-    load unchanged. ``stream`` names which token stream feeds this layer (its mask in the context).
+    load unchanged. ``stream`` names which token stream feeds this layer ("encoder" or "decoder"),
+    so feature collection knows which tokens of its input are real.
     """
 
     def __init__(self, base: nn.Linear, *, rank: int, alpha: float, context: BranchContext,
@@ -145,20 +149,16 @@ class GatedLoRALinear(nn.Module):
         # Not a submodule: one context object is shared by every layer of the model.
         object.__setattr__(self, "context", context)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # Branch i is rows i r..(i+1) r of A and the same columns of B.
+        self.slots = (Slot("lora_A", "frozen_A", dim=0, block=rank), Slot("lora_B", "frozen_B", dim=1, block=rank))
         factory = {"device": base.weight.device, "dtype": torch.float32}
-        self.register_buffer("frozen_A", torch.zeros(0, self.in_features, **factory))
-        self.register_buffer("frozen_B", torch.zeros(self.out_features, 0, **factory))
-        self.lora_A: nn.Parameter | None = None
-        self.lora_B: nn.Parameter | None = None
+        self.init_stacks({"frozen_A": torch.zeros(0, self.in_features, **factory),
+                          "frozen_B": torch.zeros(self.out_features, 0, **factory)})
 
     # -- registry ---------------------------------------------------------------------------
     @property
-    def num_frozen(self) -> int:
-        return self.frozen_A.shape[0] // self.rank
-
-    @property
     def num_branches(self) -> int:
-        return self.num_frozen + (self.lora_A is not None)
+        return self.num_entries
 
     def add_branch(self, A: Tensor | None = None, B: Tensor | None = None) -> None:
         """Freeze the current branch (if any) and open a new trainable one.
@@ -172,43 +172,18 @@ class GatedLoRALinear(nn.Module):
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         if B is None:
             B = torch.zeros(self.out_features, self.rank, device=device)
-        self.lora_A = nn.Parameter(A.detach().to(device, torch.float32).clone())
-        self.lora_B = nn.Parameter(B.detach().to(device, torch.float32).clone())
-
-    def discard_current(self) -> None:
-        """Drop the current branch without keeping it (a single-task reference restarts from zero)."""
-        self.lora_A = self.lora_B = None
-
-    def freeze_current(self) -> None:
-        """Move the current branch into the frozen stacks (bit-exact copy)."""
-        if self.lora_A is None:
-            return
-        self.frozen_A = torch.cat([self.frozen_A, self.lora_A.detach()], 0)
-        self.frozen_B = torch.cat([self.frozen_B, self.lora_B.detach()], 1)
-        self.lora_A = self.lora_B = None
+        self.open_current({"lora_A": A, "lora_B": B})
 
     def branch(self, i: int) -> tuple[Tensor, Tensor]:
         """(A_i, B_i) of branch i (0-based), frozen or current."""
-        if i < self.num_frozen:
-            rows = slice(i * self.rank, (i + 1) * self.rank)
-            return self.frozen_A[rows], self.frozen_B[:, rows]
-        if i == self.num_frozen and self.lora_A is not None:
-            return self.lora_A, self.lora_B
-        raise IndexError(f"branch {i} of {self.num_branches}")
-
-    def stacked(self) -> tuple[Tensor, Tensor]:
-        if self.lora_A is None:
-            return self.frozen_A, self.frozen_B
-        if self.num_frozen == 0:
-            return self.lora_A, self.lora_B
-        return (torch.cat([self.frozen_A, self.lora_A], 0),
-                torch.cat([self.frozen_B, self.lora_B], 1))
+        if not 0 <= i < self.num_branches:
+            raise IndexError(f"branch {i} of {self.num_branches}")
+        entry = self.entry(i)
+        return entry["lora_A"], entry["lora_B"]
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, h: Tensor) -> Tensor:
         ctx = self.context
-        if ctx.collector is not None:
-            ctx.collector(self, h)
         n = self.num_branches
         if n == 0:
             return F.linear(h, self.weight, self.bias)

@@ -1,30 +1,20 @@
 """The LightningModule: a frozen backbone plus the registry of gated LoRA branches and gates."""
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager
 
 import lightning as L
 import torch
 from torch import Tensor
 
-from gainlora.memory import CovarianceAccumulator, shard
 from gainlora.data.types import PAD_TASK
+from gainlora.dist import shard
 from gainlora.metrics import TaskScores
 from gainlora.model.backbone import Backbone, adapted_layers, replace_module
+from gainlora.model.features import Features, collect_features
 from gainlora.model.gates import GateBank, pool_embeddings
 from gainlora.model.lora import BranchContext, GatedLoRALinear
-
-log = logging.getLogger(__name__)
-
-
-@dataclass
-class Features:
-    """Uncentred covariances collected over one task's training inputs."""
-
-    layers: dict[str, torch.Tensor] = field(default_factory=dict)  # adapted layer name -> (d_in x d_in)
-    gate: list[torch.Tensor] = field(default_factory=list)  # current gate's [C(p0), C(p1), C(p2)]
 
 
 class ContinualLM(L.LightningModule):
@@ -77,12 +67,6 @@ class ContinualLM(L.LightningModule):
             layer.discard_current()
             layer.add_branch()
 
-    def freeze_all(self) -> None:
-        for layer in self.adapted.values():
-            layer.freeze_current()
-        if self.gates is not None:
-            self.gates.freeze_current()
-
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
@@ -98,18 +82,17 @@ class ContinualLM(L.LightningModule):
             return None
         return self.gates(self.pooled_embeddings(batch["input_ids"], batch["gate_mask"]))
 
-    def _prepare(self, batch: dict) -> None:
-        self.context.coeffs = self.gate_coefficients(batch)
+    def gated(self, batch: dict) -> AbstractContextManager[None]:
+        """Inside the block the backbone weighs each example's branches by its gate coefficients,
+        computed once here from the batch's source; outside it every coefficient is 1."""
+        return self.context.gating(self.gate_coefficients(batch))
 
     # -- training ----------------------------------------------------------------------------
     def forward(self, batch: dict) -> Tensor:
         """Teacher-forced loss of a training batch (answer tokens only)."""
-        self._prepare(batch)
-        try:
+        with self.gated(batch):
             out = self.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                 labels=batch["labels"])
-        finally:
-            self.context.coeffs = None
         return out.loss
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -162,13 +145,10 @@ class ContinualLM(L.LightningModule):
     def generate(self, batch: dict, **overrides) -> list[str]:
         """Greedy (or beam) generation; gates computed once per example from the source."""
         kwargs = {**self.generation, **overrides}
-        self._prepare(batch)
-        try:
+        with self.gated(batch):
             out = self.backbone.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                          do_sample=False, pad_token_id=self.tokenizer.pad_token_id,
                                          eos_token_id=self.tokenizer.eos_token_id, **kwargs)
-        finally:
-            self.context.coeffs = None
         if self.kind == "causal":  # left-padded prompts: the answer starts after the prompt
             out = out[:, batch["input_ids"].shape[1]:]
         return [s.strip() for s in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
@@ -204,7 +184,7 @@ class ContinualLM(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         """Gather every rank's predictions in dataset order (rank r held items r, r + W, ...)."""
-        rank, world = shard()
+        world = shard()[1]
         if world > 1:
             shards: list[list[dict]] = [[] for _ in range(world)]
             torch.distributed.all_gather_object(shards, self.predictions)
@@ -216,87 +196,11 @@ class ContinualLM(L.LightningModule):
         return self.scores.compute()[: self.current_task + 1].tolist()
 
     # -- feature collection (memories, InfLoRA, gate initialisation) ---------------------------
-    @torch.no_grad()
     def collect_features(self, batches: Iterable[dict], *, max_batches: int | None, layers: bool,
                          gate: bool) -> Features:
-        """Uncentred covariances of adapted-layer inputs and/or the current gate's p0, p1, p2."""
-        feats = Features()
-        if not (layers or gate):
-            return feats
-        accs: dict[str, CovarianceAccumulator] = {}
-        last: dict = {"input": None, "acc": None}
-
-        def collect(layer: GatedLoRALinear, h: Tensor) -> None:
-            name = names[id(layer)]
-            if h is last["input"] and accs.setdefault(name, last["acc"]) is last["acc"]:
-                return  # q and v of one attention block read the same input: count it once
-            acc = accs.get(name) or accs.setdefault(name, CovarianceAccumulator(h.shape[-1], h.device))
-            acc.update(h[self.context.masks[layer.stream].bool()])
-            last.update(input=h, acc=acc)
-
-        names = {id(layer): name for name, layer in self.adapted.items()}
-        gate_accs = [CovarianceAccumulator(d, self.device) for d in
-                     ((self.gates.dim, self.gates.hidden, self.gates.dim) if gate else ())]
-        was_training = self.training
-        rank, world = shard()  # under DDP/DeepSpeed each rank takes every world-th batch; sums are reduced
-        self.eval()
-        try:
-            for i, batch in enumerate(batches):
-                if max_batches is not None and i >= max_batches:
-                    break
-                if i % world != rank:
-                    continue
-                batch = self._to_device(batch)
-                if gate:
-                    p0 = self.pooled_embeddings(batch["input_ids"], batch["gate_mask"])
-                    p1, p2 = self.gates.features(p0)
-                    for acc, x in zip(gate_accs, (p0, p1[:, -1], p2[:, -1])):
-                        acc.update(x)
-                if layers:
-                    self.context.masks = self._stream_masks(batch)
-                    self.context.collector = collect
-                    self(batch)
-                    self.context.collector = None
-                    last.update(input=None, acc=None)
-        finally:
-            self.context.reset()
-            self.train(was_training)
-        if world > 1:
-            accs = self._reduce_layer_sums(accs) if layers else accs
-            for acc in gate_accs:
-                acc.all_reduce()
-        covs: dict[int, Tensor] = {}  # one tensor per shared accumulator, so q and v share SVDs later
-        for name, acc in accs.items():
-            if id(acc) not in covs:
-                covs[id(acc)] = acc.covariance()
-            feats.layers[name] = covs[id(acc)]
-        feats.gate = [acc.covariance() for acc in gate_accs]
-        return feats
-
-    def _reduce_layer_sums(self, accs: dict[str, CovarianceAccumulator]) -> dict[str, CovarianceAccumulator]:
-        """All-reduce every adapted layer's sums, in the same order on every rank.
-
-        Reduced per layer name, never per shared accumulator: a rank that drew no batch has no
-        sharing to mirror, and every rank must make the same collective calls. Sharing is restored
-        afterwards where this rank saw it, so q and v still share one SVD.
-        """
-        reduced: dict[int, CovarianceAccumulator] = {}
-        out: dict[str, CovarianceAccumulator] = {}
-        for name, layer in self.adapted.items():
-            local = accs.get(name)
-            acc = CovarianceAccumulator(layer.in_features, self.device)
-            if local is not None:
-                acc.sum.copy_(local.sum)
-                acc.count = local.count
-            acc.all_reduce()
-            if acc.count:  # a layer no batch reached stays absent, as in a single process
-                out[name] = reduced.setdefault(id(local), acc) if local is not None else acc
-        return out
-
-    def _stream_masks(self, batch: dict) -> dict[str, Tensor]:
-        if self.kind == "causal":
-            return {"decoder": batch["attention_mask"]}
-        return {"encoder": batch["attention_mask"], "decoder": batch["labels"] != -100}
+        """Uncentred covariances of adapted-layer inputs and/or the current gate's p0, p1, p2
+        (``gainlora.model.features``)."""
+        return collect_features(self, batches, max_batches=max_batches, layers=layers, gate=gate)
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
