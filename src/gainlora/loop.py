@@ -201,7 +201,7 @@ class ContinualLoop:
         self.begin_task(t)
         callbacks = [TaskProgressBar(t, len(self.task_names), name)] if self.progress_bar else []
         callbacks += [*self.method.callbacks(), self.forgetting, StopOnSignal(self.stop)]
-        saver, last = self.in_task_checkpoint(t, name)
+        saver, last = self.in_task_checkpoint(t, name)  # last: it saves the batch's projected gate update
         trainer = self.make_trainer(t, callbacks + saver, len(self.datamodule.fit_tasks))
         if last is not None:
             self.say(f"{label}: continuing from its checkpoint {last.relative_to(self.run_dir.root)}")

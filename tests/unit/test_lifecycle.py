@@ -3,6 +3,7 @@ observers (and what they regenerate on resume), one-task streams, resume inside 
 mid-epoch checkpoint, and a failed resume that leaves results.json alone."""
 from __future__ import annotations
 
+import csv
 import functools
 import json
 import signal
@@ -125,8 +126,6 @@ def test_resume_fills_in_what_a_kill_after_done_left_missing(t5_backbone, make_t
     (tmp_path / "predictions.json").unlink()
     kept = [r for r in rows if r.get("cl/task") != "2"]
     with open(csv_path, "w", newline="") as file:  # metrics.csv as it was before task 2's row
-        import csv
-
         writer = csv.DictWriter(file, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(kept)
