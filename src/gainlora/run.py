@@ -292,10 +292,10 @@ def run(cfg: DictConfig) -> dict:
                          checkpoint=in_task_checkpoints(cfg))
     try:
         results = loop.run()
-    except (TaskInterrupted, KeyboardInterrupt) as err:  # SIGTERM, Ctrl-C (twice: KeyboardInterrupt)
+    except (TaskInterrupted, KeyboardInterrupt) as err:  # SIGTERM, Ctrl-C
         loop.finish("interrupted")
         if is_main_process():
-            print(f"interrupted: {err or 'Ctrl-C'}; resume with:\n  {resume_command(run_dir.root.name)}",
+            print(f"interrupted: {str(err) or 'Ctrl-C'}; resume with:\n  {resume_command(run_dir.root.name)}",
                   file=sys.stderr)
         sys.exit(stop.exit_code if isinstance(err, TaskInterrupted) else 130)
     except BaseException as err:  # finished tasks stay on disk; say what stopped the run

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from gainlora.artifacts import ArtifactError, RunDir
-from gainlora.callbacks.interrupt import StopFlag, resume_command
+from gainlora.callbacks.interrupt import StopFlag, TaskInterrupted, resume_command
 from gainlora.csv_logger import RunCSVLogger, logged_tasks, read_rows
 from gainlora.data.collate import Collator
 from gainlora.data.datamodule import TaskStreamDataModule
@@ -189,7 +189,7 @@ def test_stop_flag_exit_codes_and_resume_command() -> None:
     assert not flag.requested
     flag._handle(signal.SIGINT, None)
     assert flag.requested and flag.exit_code == 130
-    with pytest.raises(KeyboardInterrupt):  # Ctrl-C twice: stop at once
+    with pytest.raises(TaskInterrupted, match="twice"):  # Ctrl-C twice: stop at once
         flag._handle(signal.SIGINT, None)
     term = StopFlag()
     term._handle(signal.SIGTERM, None)

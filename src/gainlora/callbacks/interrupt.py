@@ -1,6 +1,7 @@
 """SIGTERM and Ctrl-C (SIGINT) stop a run at the next batch: the task in progress is not marked
 done, finished tasks stay on disk, results.json says "interrupted", and the exact resume command is
-printed. A second Ctrl-C stops at once (Python's KeyboardInterrupt)."""
+printed. A second Ctrl-C stops at once, the same way (not with KeyboardInterrupt: Lightning turns
+that into ``sys.exit(1)``)."""
 from __future__ import annotations
 
 import shlex
@@ -33,8 +34,8 @@ class StopFlag:
         signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        if signum == signal.SIGINT and self.signal == signal.SIGINT:
-            raise KeyboardInterrupt  # pressed twice: stop now
+        if signum == signal.SIGINT and self.signal == signal.SIGINT:  # pressed twice: stop now
+            raise TaskInterrupted("Ctrl-C pressed twice: stopped at once; the task in progress is not saved")
         self.signal = signum
 
 
