@@ -46,7 +46,9 @@ class StopOnSignal(L.Callback):
         self.flag = flag
 
     def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
-        if self.flag.requested:
+        # Every rank stops at the same batch (Lightning does not sync should_stop, and a rank that
+        # stopped alone would leave the others waiting in the gradient all-reduce).
+        if trainer.strategy.reduce_boolean_decision(self.flag.requested, all=False):
             trainer.should_stop = True
 
 
