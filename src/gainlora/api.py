@@ -62,6 +62,6 @@ def load_run(path: str | Path) -> TrainedModel:
         learned = names[: t + 1]
     if not learned:
         raise FileNotFoundError(f"{run_dir.root}: no finished task to load")
-    module.current_task = len(learned) - 1
+    module.start_task(len(learned) - 1)
     module.eval()
     return TrainedModel(module=module, method=method, collator=collator, config=cfg, tasks=learned)

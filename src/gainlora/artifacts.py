@@ -1,38 +1,73 @@
-"""The run directory (ARCHITECTURE.md, "Run directory contract"), written atomically.
+"""The run directory (docs/architecture.md, "Run directory"), written atomically and verified on reading.
 
 Every file is written to a temporary name in its own directory and renamed into place, and a task
 directory counts as finished only once its DONE marker exists, so a crash never leaves a
-half-written artifact that looks complete. Tensors are safetensors and metadata JSON: nothing is
-ever unpickled.
+half-written artifact that looks complete. DONE is the last thing a task writes: it holds the
+sha256 of the task's meta.json, which holds the sha256 of every other file of the task, so a
+truncated, edited or deleted file is caught when the task is restored. Tensors are safetensors and
+metadata JSON: nothing is ever unpickled. Files and folders follow the user's umask (tempfile makes
+them private), so a team sharing a cluster can read each other's runs.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 DONE = "DONE"
+META = "meta.json"
+TMP_SUFFIX = ".tmp"  # temporary files and staging folders: removed by RunDir.clean_leftovers
+STAGING_SUFFIX = ".staging"
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` and rename tmp onto ``path``."""
+class ArtifactError(ValueError):
+    """A saved artifact is missing, corrupted or does not fit the model being rebuilt; names the file."""
+
+
+def umask() -> int:
+    current = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(current)
+    return current
+
+
+def atomic_write(path: Path | str, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` and rename tmp onto ``path`` (mode 0o666 & ~umask, as open() would give)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """A staging folder next to ``final`` that replaces it when the block succeeds (mode 0o777 & ~umask)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=STAGING_SUFFIX, dir=final.parent))
+    try:
+        yield staging
+        staging.chmod(0o777 & ~umask())
+        if final.exists():  # an unfinished leftover of a crashed attempt
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
 
 
 def write_json(path: Path, obj) -> Path:
@@ -53,6 +88,14 @@ def read_tensors(path: Path) -> dict[str, Tensor]:
     return load_file(str(path))
 
 
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 class RunDir:
     """``runs/<experiment>/<run_id>/`` with config.yaml, results.json, metrics.csv, tasks/, plots/."""
 
@@ -71,6 +114,14 @@ class RunDir:
     def plots(self) -> Path:
         return self.root / "plots"
 
+    @property
+    def predictions(self) -> Path:
+        return self.root / "predictions.json"
+
+    @property
+    def metrics_csv(self) -> Path:
+        return self.root / "metrics.csv"
+
     def checkpoint_dir(self, task: int, name: str) -> Path:
         """Lightning checkpoints of an unfinished task (resume inside a task)."""
         return self.root / "checkpoints" / f"{task + 1:02d}-{name}"
@@ -81,32 +132,69 @@ class RunDir:
     def is_done(self, task: int, name: str) -> bool:
         return (self.task_dir(task, name) / DONE).is_file()
 
-    def save_task(self, task: int, name: str, files: dict[str, dict[str, Tensor]], meta: dict) -> Path:
-        """Write a finished task's tensors (one safetensors file per key) and meta.json, then DONE.
+    def save_task(self, task: int, name: str, files: dict[str, dict[str, Tensor]], meta: dict,
+                  extra_json: dict[str, object] | None = None) -> Path:
+        """Write a finished task's tensors (one safetensors file per key), ``extra_json`` files (e.g.
+        predictions.json) and meta.json with every file's sha256, then DONE with meta.json's sha256.
 
-        Files go into a fresh staging directory that is renamed into place, so an interrupted save
-        leaves no partial task directory behind.
+        Files go into a staging folder that is renamed into place, so an interrupted save leaves no
+        partial task directory behind.
         """
         final = self.task_dir(task, name)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-        try:
+        with atomic_dir(final) as staging:
             for stem, tensors in files.items():
                 if tensors:
                     write_tensors(staging / f"{stem}.safetensors", tensors)
-            write_json(staging / "meta.json", meta)
-            (staging / DONE).write_text("")
-            if final.exists():  # an unfinished leftover of a crashed attempt
-                shutil.rmtree(final)
-            os.replace(staging, final)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging)
+            for filename, obj in (extra_json or {}).items():
+                write_json(staging / filename, obj)
+            checksums = {p.name: sha256(p) for p in sorted(staging.iterdir())}
+            write_json(staging / META, {**meta, "sha256": checksums})
+            write_text(staging / DONE, sha256(staging / META) + "\n")
         return final
 
-    def load_task(self, task: int, name: str) -> tuple[dict[str, dict[str, Tensor]], dict]:
+    def verified_task(self, task: int, name: str) -> tuple[Path, dict]:
+        """A finished task's folder and meta, after checking every checksum; ArtifactError names the
+        first file that is missing or differs from what was written."""
         folder = self.task_dir(task, name)
-        if not (folder / DONE).is_file():
-            raise FileNotFoundError(f"{folder}: task not finished (no {DONE} marker)")
-        files = {p.stem: read_tensors(p) for p in sorted(folder.glob("*.safetensors"))}
-        return files, json.loads((folder / "meta.json").read_text())
+        done, meta_path = folder / DONE, folder / META
+        if not done.is_file():
+            raise ArtifactError(f"{done}: missing; the task is not finished")
+        recorded = done.read_text().strip()
+        if not recorded:
+            raise ArtifactError(f"{done}: holds no checksum of {META} (written by an older version, or emptied); "
+                                "the task cannot be verified: delete its folder to train it again")
+        if not meta_path.is_file():
+            raise ArtifactError(f"{meta_path}: missing from a finished task; delete {folder} to train it again")
+        if sha256(meta_path) != recorded:
+            raise ArtifactError(f"{meta_path}: does not match the checksum in {done} (edited or corrupted); "
+                                f"delete {folder} to train the task again")
+        meta = json.loads(meta_path.read_text())
+        for filename, digest in meta.get("sha256", {}).items():
+            path = folder / filename
+            if not path.is_file():
+                raise ArtifactError(f"{path}: missing from a finished task; delete {folder} to train it again")
+            if sha256(path) != digest:
+                raise ArtifactError(f"{path}: does not match its checksum in {meta_path} (truncated or edited); "
+                                    f"delete {folder} to train the task again")
+        return folder, meta
+
+    def load_task(self, task: int, name: str) -> tuple[dict[str, dict[str, Tensor]], dict]:
+        """A finished task's tensors by file stem and its meta, verified (see :meth:`verified_task`)."""
+        folder, meta = self.verified_task(task, name)
+        files = {Path(f).stem: read_tensors(folder / f) for f in sorted(meta["sha256"]) if f.endswith(".safetensors")}
+        return files, meta
+
+    def clean_leftovers(self) -> list[Path]:
+        """Remove the temporary files and staging folders an interrupted write left behind."""
+        removed = []
+        for folder in (self.root, self.plots, self.root / "tasks", *self.root.glob("tasks/*"),
+                       *self.root.glob("checkpoints/*")):
+            for path in folder.glob(".*"):
+                if path.name.endswith(TMP_SUFFIX) and path.is_file():
+                    path.unlink()
+                elif path.name.endswith(STAGING_SUFFIX) and path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    continue
+                removed.append(path)
+        return removed

@@ -1,16 +1,33 @@
-"""A CSV logger that appends to the run's metrics.csv across Trainers and resumptions.
+"""A CSV logger that keeps the run's metrics.csv across Trainers and resumptions, never truncated.
 
 Lightning's CSVLogger deletes an existing metrics.csv when its writer starts, which would wipe the
-per-step history of finished tasks whenever an interrupted sequence is resumed.
+per-step history of finished tasks whenever an interrupted sequence is resumed, and rewrites the
+whole file in place when a new key appears: a kill during that rewrite left it empty. Here every
+save writes the old rows and the new ones to a temporary file that replaces metrics.csv.
 """
 from __future__ import annotations
 
 import csv
 import os
+from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+from gainlora.artifacts import atomic_write
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def logged_tasks(path: Path) -> set[int]:
+    """The tasks whose CL metrics row (cl/task) metrics.csv holds."""
+    return {int(float(row["cl/task"])) for row in read_rows(path) if row.get("cl/task")}
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -18,6 +35,22 @@ class _AppendingWriter(ExperimentWriter):
         if os.path.isfile(self.metrics_file_path):  # keep the old rows: continue with their header
             with open(self.metrics_file_path, newline="") as file:
                 self.metrics_keys = list(next(csv.reader(file), []))
+
+    def save(self) -> None:
+        if not self.metrics:
+            return
+        self._record_new_keys()
+        old = read_rows(Path(self.metrics_file_path))
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "w", newline="") as file:
+                writer = csv.DictWriter(file, fieldnames=self.metrics_keys)
+                writer.writeheader()
+                writer.writerows(old)
+                writer.writerows(self.metrics)
+
+        atomic_write(Path(self.metrics_file_path), write)
+        self.metrics = []
 
 
 class RunCSVLogger(CSVLogger):

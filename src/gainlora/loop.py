@@ -1,17 +1,17 @@
-"""The continual loop: for each task, open branches/gates, fit with a fresh Trainer, test on every
-seen task, grow memories, write the task's artifacts. One module and datamodule live throughout.
-A method with ``joint_training`` (the multi-task reference) gets one fit on every task's data instead.
+"""The continual loop: for each task ``begin_task`` (seed, select the data, tell the module its task,
+the method's ``on_task_start``), fit with a fresh Trainer, then ``end_task`` (the method's
+``on_task_end``, test on every seen task, write the task folder, notify the observers). One module,
+datamodule, forgetting-metrics callback and list of observers live throughout. A method with
+``joint_training`` (the multi-task reference) gets one fit on every task's data instead.
 
 A fresh Trainer per task is deliberate: reusing one across fits silently skips training
 (Lightning #9636, #12789), and Lightning has no notion of tasks, so this loop drives the method's
-task hooks itself.
+task hooks itself (docs/architecture.md, "The task lifecycle").
 """
 from __future__ import annotations
 
 import contextlib
-import logging
 import shutil
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,16 +19,20 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import TQDMProgressBar
 
-from gainlora.artifacts import RunDir, write_json
+from gainlora.artifacts import ArtifactError, RunDir
+from gainlora.callbacks.forgetting import ForgettingMetrics
+from gainlora.callbacks.in_task_checkpoint import InTaskCheckpoint
+from gainlora.callbacks.interrupt import StopFlag, StopOnSignal, TaskInterrupted
 from gainlora.data.datamodule import TaskStreamDataModule
 from gainlora.methods.base import Method
-from gainlora.metrics import RUN_KINDS, run_metrics
 from gainlora.model.module import ContinualLM
-from gainlora.report import plot_run
+from gainlora.observers import PREDICTIONS, ResultsWriter, TaskEnd, TaskObserver
+from gainlora.run_kinds import run_kind
 
-log = logging.getLogger(__name__)
+__all__ = ["ArtifactError", "ContinualLoop", "StopFlag", "TaskInterrupted", "fits", "restore_task", "task_tensors"]
+
 # make_trainer(task, callbacks, steps_scale): steps_scale multiplies a positive trainer.max_steps (the
 # per-task budget) for a fit that covers several tasks' data.
 TrainerFactory = Callable[[int, list[L.Callback], int], L.Trainer]
@@ -86,27 +90,6 @@ def restore_task(module: ContinualLM, method: Method, task: int, files: dict[str
         method.load_memory_tensors(files["memory"])
 
 
-class TaskInterrupted(RuntimeError):
-    """SIGTERM (or Ctrl-C) arrived during a task: it is not marked done, so a resume redoes it."""
-
-
-class StopFlag:
-    """Set by SIGTERM. Lightning's own SIGTERM handler calls ours too and ends fit() early."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def install(self) -> None:
-        signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-
-class ArtifactError(ValueError):
-    """A saved artifact does not fit the model being rebuilt (e.g. another rank or backbone)."""
-
-
 def check_shapes(module: ContinualLM, files: dict[str, dict[str, torch.Tensor]], task: int) -> None:
     expected = {}
     for name, layer in module.adapted.items():
@@ -142,10 +125,20 @@ class ContinualLoop:
     progress_bar: bool = True
     is_main: bool = True  # global rank 0 writes the run directory; other ranks only compute
     stop: StopFlag = field(default_factory=StopFlag)
-    on_task_end: Callable[[int, dict], None] | None = None  # e.g. W&B logging of the CL metrics
-    matrix: list[list[float | None]] = field(default_factory=list)
+    observers: list[TaskObserver] = field(default_factory=list)  # after the ResultsWriter the loop adds
     checkpoint: dict | None = None  # in-task checkpoints: every_n_epochs / every_n_train_steps
     single_task: list[float] | None = None  # S[j] from a single-task reference run: FWT
+
+    def __post_init__(self) -> None:
+        self.kind = run_kind(self.method.run_kind)
+        self.forgetting = ForgettingMetrics(len(self.task_names), self.kind, self.single_task)
+        self.observers = [ResultsWriter(self.run_dir, is_main=self.is_main), *self.observers]
+        # True once every task finished earlier is verified and restored: only then may results.json
+        # be written (a resume that fails before never replaces a finished run's results).
+        self.consistent = False
+        self.earlier_time = 0.0  # wall time of tasks finished in earlier attempts
+        self.started = time.time()
+        self.task_started = self.started
 
     def say(self, message: str) -> None:
         if self.is_main:  # one line per event, not one per rank
@@ -159,50 +152,56 @@ class ContinualLoop:
     def task_names(self) -> list[str]:
         return [t.name for t in self.datamodule.tasks]
 
+    def fit_name(self, t: int) -> str:
+        return JOINT if self.method.joint_training else self.task_names[t]
+
+    # -- the sequence ------------------------------------------------------------------------------
     def run(self) -> dict:
-        names, started = self.task_names, time.time()
-        self.method.setup(self.module, len(names))
-        resumed_time = 0.0
-        for t, name in fits(self.method, names):
-            if self.stop.requested:  # SIGTERM between tasks: stop at this boundary
-                raise TaskInterrupted(f"stopped before task {t + 1} ({name}); finished tasks are saved, "
-                                      "resume with resume=true")
-            if self.run_dir.is_done(t, name):
-                files, meta = self.run_dir.load_task(t, name)
-                restore_task(self.module, self.method, t, files)
-                self.matrix.append(meta["row"] + [None] * (len(names) - t - 1))
-                resumed_time += meta.get("wall_time_s", 0.0)
-                self.say(f"{self.label(t, name)}: finished earlier, restored")
-                continue
-            task_started = time.time()
-            row = self.train_task(t, name)
-            self.matrix.append(row + [None] * (len(names) - t - 1))
-            meta = {"task": t, "name": name, "row": row, "wall_time_s": time.time() - task_started}
-            if self.is_main:
-                self.run_dir.save_task(t, name, task_tensors(self.module, self.method, t), meta)
-                write_json(self.run_dir.root / "predictions.json", self.module.predictions)
-                shutil.rmtree(self.run_dir.checkpoint_dir(t, name), ignore_errors=True)  # done: not needed
-            results = self.write_results(status="running", wall_time=resumed_time + time.time() - started)
-            if self.on_task_end is not None:
-                self.on_task_end(t, results)
+        self.started = time.time()
+        self.method.setup(self.module, len(self.task_names))
+        plan = fits(self.method, self.task_names)
+        if self.is_main:
+            self.run_dir.clean_leftovers()
+        restored = self.restore(plan)
+        self.consistent = True
+        for t, name in restored:  # fill in what a kill right after a DONE marker left missing
+            self.notify(TaskEnd(t, self.run_dir.task_dir(t, name), self.results("running"), restored=True))
+        for t, name in plan[len(restored):]:
+            if self.stop.requested:  # a stop signal between tasks: stop at this boundary
+                raise TaskInterrupted(f"stopped before task {t + 1} ({name}); finished tasks are saved")
+            self.run_task(t, name)
         if self.is_main and self.checkpoint:  # every task's checkpoints went when it was done
             with contextlib.suppress(OSError):
                 (self.run_dir.root / "checkpoints").rmdir()
-        return self.write_results(status="finished", wall_time=resumed_time + time.time() - started)
+        return self.finish("finished")
 
-    def train_task(self, t: int, name: str) -> list[float]:
-        n = len(self.task_names)
-        joint = self.method.joint_training
+    def restore(self, plan: list[tuple[int, str]]) -> list[tuple[int, str]]:
+        """Verify and restore the tasks finished in an earlier attempt (a prefix of the plan)."""
+        restored = []
+        for i, (t, name) in enumerate(plan):
+            if not self.run_dir.is_done(t, name):
+                later = [self.run_dir.task_dir(u, n) for u, n in plan[i + 1:] if self.run_dir.is_done(u, n)]
+                if later:
+                    raise ArtifactError(f"{self.run_dir.task_dir(t, name) / 'DONE'}: missing, but the later task "
+                                        f"{later[0].name} is finished; restore the folder or delete the later ones")
+                break
+            files, meta = self.run_dir.load_task(t, name)
+            restore_task(self.module, self.method, t, files)
+            self.forgetting.record(t, meta["row"])
+            self.earlier_time += meta.get("wall_time_s", 0.0)
+            if self.is_main:  # a kill between DONE and this removal left it
+                shutil.rmtree(self.run_dir.checkpoint_dir(t, name), ignore_errors=True)
+            self.say(f"{self.label(t, name)}: finished earlier, restored")
+            restored.append((t, name))
+        return restored
+
+    def run_task(self, t: int, name: str) -> None:
         label = self.label(t, name)
         self.say(f"{label}: start")
-        L.seed_everything(self.seed + t, workers=True, verbose=False)  # resume reproduces each task
-        self.datamodule.set_task(t, joint=joint)
-        self.module.current_task = t
-        self.method.on_task_start(self.module, t, self.datamodule.feature_batches)
-        self.module.regularizer = lambda: self.method.regularizer(self.module)
-        callbacks = [TaskProgressBar(t, n, name)] if self.progress_bar else []
-        callbacks += self.method.callbacks()
-        saver, last = self.in_task_checkpoint(t, name)
+        self.begin_task(t)
+        callbacks = [TaskProgressBar(t, len(self.task_names), name)] if self.progress_bar else []
+        callbacks += [*self.method.callbacks(), self.forgetting, StopOnSignal(self.stop)]
+        saver, last = self.in_task_checkpoint(t, name)  # last: it saves the batch's projected gate update
         trainer = self.make_trainer(t, callbacks + saver, len(self.datamodule.fit_tasks))
         if last is not None:
             self.say(f"{label}: continuing from its checkpoint {last.relative_to(self.run_dir.root)}")
@@ -210,44 +209,71 @@ class ContinualLoop:
             # weights_only: a checkpoint is tensors, numbers and strings; nothing in it runs code.
             trainer.fit(self.module, datamodule=self.datamodule, ckpt_path=last, weights_only=True)
         if self.stop.requested or trainer.received_sigterm or trainer.interrupted:
-            raise TaskInterrupted(f"task {t + 1} ({name}) was interrupted before it finished; "
-                                  "finished tasks are saved, resume with resume=true")
+            raise TaskInterrupted(f"task {t + 1} ({name}) was interrupted before it finished; finished tasks are saved")
+        self.end_task(t, trainer)
+
+    # -- one task: tests drive these two as well ---------------------------------------------------
+    def begin_task(self, t: int) -> None:
+        """Seed (a resumed task starts exactly as before), select task t's data, tell the module its
+        task and regularizer, and let the method open its branch (and gate)."""
+        self.task_started = time.time()
+        L.seed_everything(self.seed + t, workers=True, verbose=False)
+        self.datamodule.set_task(t, joint=self.method.joint_training)
+        self.module.start_task(t, lambda: self.method.regularizer(self.module))
+        self.method.on_task_start(self.module, t, self.datamodule.feature_batches)
+
+    def end_task(self, t: int, trainer: L.Trainer | None = None) -> dict:
+        """The method's task end (memories), the test on every seen task (``trainer``: the task's
+        Trainer, else a fresh one), the task folder (DONE last), then the observers."""
+        name = self.fit_name(t)
         self.method.on_task_end(self.module, t, self.datamodule.feature_batches)
-        trainer.test(self.module, datamodule=self.datamodule, verbose=False)
-        row = [round(s, 4) for s in self.module.test_scores()]
-        self.say(f"{label}: scores on seen tasks {row}")
-        return row
+        if trainer is None or self.forgetting not in trainer.callbacks:
+            trainer = self.make_trainer(t, [self.forgetting], 1)
+        trainer.test(self.module, datamodule=self.datamodule, verbose=False)  # records the matrix row
+        row = [v for v in self.forgetting.matrix[-1] if v is not None]
+        self.say(f"{self.label(t, name)}: scores on seen tasks {row}")
+        if self.is_main:
+            meta = {"task": t, "name": name, "row": row, "wall_time_s": time.time() - self.task_started}
+            self.run_dir.save_task(t, name, task_tensors(self.module, self.method, t), meta,
+                                   extra_json={PREDICTIONS: self.module.predictions})
+            shutil.rmtree(self.run_dir.checkpoint_dir(t, name), ignore_errors=True)  # done: not needed
+        results = self.results("running")
+        self.notify(TaskEnd(t, self.run_dir.task_dir(t, name), results))
+        return results
+
+    def notify(self, end: TaskEnd) -> None:
+        for observer in self.observers:
+            observer.on_task_end(end)
 
     def in_task_checkpoint(self, t: int, name: str) -> tuple[list[L.Callback], Path | None]:
-        """A ModelCheckpoint writing <run_dir>/checkpoints/<task>/last.ckpt, and that file if an
-        interrupted attempt at this task left one (the task is re-opened exactly as before by the
-        seeded task start, then the checkpoint restores what trained and the loop state)."""
+        """The callback writing <run_dir>/checkpoints/<task>/last.ckpt, and that file if an interrupted
+        attempt at this task left one (the task is re-opened exactly as before by the seeded
+        ``begin_task``, then the checkpoint restores what trained, the optimizer and loop state)."""
         if not self.checkpoint:
             return [], None
-        folder = self.run_dir.checkpoint_dir(t, name)
+        last = self.run_dir.checkpoint_dir(t, name) / "last.ckpt"
         steps = self.checkpoint.get("every_n_train_steps") or None
-        saver = ModelCheckpoint(dirpath=folder, save_top_k=0, save_last=True, every_n_train_steps=steps,
-                                every_n_epochs=None if steps else self.checkpoint.get("every_n_epochs"),
-                                save_on_train_epoch_end=True, enable_version_counter=False)
-        last = folder / "last.ckpt"
+        saver = InTaskCheckpoint(last, every_n_train_steps=steps,
+                                 every_n_epochs=None if steps else self.checkpoint.get("every_n_epochs"))
         return [saver], last if last.is_file() else None
 
-    def write_results(self, *, status: str, wall_time: float) -> dict:
-        names = self.task_names
-        rows = [[None if v is None else float(v) for v in r] for r in self.matrix]
-        kind = self.method.run_kind
-        scores = (run_metrics(rows, kind, self.single_task) if rows
-                  else dict.fromkeys(("AP", "FT", "BWT", "BWT_ref", "FWT", "FWT_diag")))
-        results = {**self.info, "tasks": names, "run_kind": kind, "matrix": rows, **scores,
-                   "wall_time_s": round(wall_time, 2), "status": status,
-                   "truncated": {"sources": self.datamodule.collator.truncation.sources,
-                                 "targets": self.datamodule.collator.truncation.targets}}
-        if RUN_KINDS[kind]:
-            results["note"] = RUN_KINDS[kind]
-        if not self.is_main:
-            return results
-        write_json(self.run_dir.results, results)
-        if rows:
-            title = f"{self.info.get('experiment')} · {self.info.get('method')}"
-            plot_run(rows, names, kind, self.run_dir.plots, title=title)
+    # -- results -----------------------------------------------------------------------------------
+    def results(self, status: str) -> dict:
+        rows = [[None if v is None else float(v) for v in r] for r in self.forgetting.matrix]
+        truncation = self.datamodule.collator.truncation
+        results = {**self.info, "tasks": self.task_names, "run_kind": self.kind.name, "matrix": rows,
+                   **self.forgetting.metrics(),
+                   "wall_time_s": round(self.earlier_time + time.time() - self.started, 2), "status": status,
+                   "truncated": {"sources": truncation.sources, "targets": truncation.targets}}
+        if self.kind.note:
+            results["note"] = self.kind.note
+        return results
+
+    def finish(self, status: str) -> dict:
+        """The results with ``status`` (finished, interrupted, failed: ...), given to the observers
+        unless the run stopped before its finished tasks were all verified and restored."""
+        results = self.results(status)
+        if self.consistent:
+            for observer in self.observers:
+                observer.on_run_end(results)
         return results

@@ -1,10 +1,11 @@
 """Scoring of generated answers and continual-learning metrics over the accuracy matrix.
 
 ``R[t][j]`` is the score (0-100) on task ``j`` after learning task ``t`` (0-indexed, ``j <= t``).
-Formulas follow METHOD.md "Metrics"; see :func:`cl_metrics`.
+Formulas: see :func:`cl_metrics`; which apply to which kind of run: :mod:`gainlora.run_kinds`.
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import string
@@ -15,8 +16,8 @@ from torch import Tensor
 from torchmetrics import Metric
 
 __all__ = [
-    "RUN_KINDS",
     "SCORERS",
+    "average_curve",
     "TaskScores",
     "cl_metrics",
     "exact_match",
@@ -24,7 +25,6 @@ __all__ = [
     "lower_triangle",
     "normalize_answer",
     "rouge_l",
-    "run_metrics",
     "score",
 ]
 
@@ -141,6 +141,12 @@ class TaskScores(Metric):
         nan = torch.full_like(self.total, float("nan"))
         return torch.where(self.count > 0, self.total / self.count.clamp(min=1), nan)
 
+    def _wrap_compute(self, compute: Callable) -> Callable:
+        # torchmetrics squeezes a one-element result to 0-dim; one score per task must stay a vector
+        # when the stream has a single task.
+        wrapped = super()._wrap_compute(compute)
+        return functools.wraps(compute)(lambda *args, **kwargs: wrapped(*args, **kwargs).reshape(self.num_tasks))
+
 
 def _is_finite_number(value: object) -> bool:
     # bool is an int subclass; True as a score is a bug upstream, not 1.0.
@@ -170,6 +176,11 @@ def lower_triangle(matrix: Sequence[Sequence[float | None]]) -> list[list[float]
                 raise ValueError(f"matrix[{t}][{j}] = {value!r}; a finite score is needed for j <= t")
         rows.append([float(v) for v in row[: t + 1]])
     return rows
+
+
+def average_curve(matrix: Sequence[Sequence[float | None]]) -> list[float]:
+    """Average score over the seen tasks after each task (the AP "so far")."""
+    return [sum(row) / len(row) for row in lower_triangle(matrix)]
 
 
 def cl_metrics(
@@ -221,50 +232,6 @@ def cl_metrics(
         "FWT": fwt,
         "FWT_diag": sum(diag) / (T + 1),
     }
-
-
-# What results.json's matrix holds, by the kind of run (``Method.run_kind``), and what it says about it.
-RUN_KINDS: dict[str, str | None] = {
-    "continual": None,
-    "single_task": (
-        "single-task reference run: every task is learned by a fresh LoRA branch from the plain backbone, "
-        "with no earlier branch active. Only the diagonal R[j][j] is meaningful: it is S[j], the "
-        "single-task score that other runs' FWT is measured against (metrics.single_task_run). "
-        "Off-diagonal entries score task j with a later task's branch. AP here is the mean of the "
-        "diagonal (each task scored by its own branch); FT, BWT and FWT do not apply (null)."
-    ),
-    "multi_task": (
-        "multi-task reference run (the upper bound): one LoRA branch trained jointly on the union of "
-        "every task's training data in one fit, then tested on every task. The matrix has a single row, "
-        "the score on each task; AP is its mean; FT, BWT and FWT do not apply (null)."
-    ),
-}
-_NOT_APPLICABLE = ("FT", "BWT", "BWT_ref", "FWT")
-
-
-def run_metrics(
-    matrix: Sequence[Sequence[float | None]],
-    kind: str = "continual",
-    single_task: Sequence[float] | None = None,
-) -> dict[str, float | None]:
-    """The metrics of a run of kind ``kind`` (a key of :data:`RUN_KINDS`) from its matrix.
-
-    - ``continual``: :func:`cl_metrics` (``single_task`` scores give FWT).
-    - ``single_task``: lower-triangular matrix whose diagonal is S; AP = FWT_diag = mean of the
-      diagonal so far; FT, BWT, BWT_ref, FWT are None.
-    - ``multi_task``: one full row (a score for every task); AP = its mean; the rest None.
-    """
-    if kind == "continual":
-        return cl_metrics(matrix, single_task)
-    if kind == "single_task":
-        rows = lower_triangle(matrix)
-        diag = [rows[j][j] for j in range(len(rows))]
-        mean = sum(diag) / len(diag)
-        return {"AP": mean, **dict.fromkeys(_NOT_APPLICABLE), "FWT_diag": mean}
-    if kind == "multi_task":
-        row = joint_row(matrix)
-        return {"AP": sum(row) / len(row), **dict.fromkeys(_NOT_APPLICABLE), "FWT_diag": None}
-    raise ValueError(f"unknown run kind {kind!r}; expected one of {sorted(RUN_KINDS)}")
 
 
 def joint_row(matrix: Sequence[Sequence[float | None]]) -> list[float]:

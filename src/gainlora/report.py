@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from gainlora.metrics import RUN_KINDS, joint_row, lower_triangle, run_metrics
+from gainlora.artifacts import atomic_write
+from gainlora.metrics import average_curve, lower_triangle
+from gainlora.run_kinds import run_kind
 
 __all__ = [
     "ReportError",
@@ -33,7 +33,6 @@ __all__ = [
     "markdown_table",
     "plot_forgetting",
     "plot_matrix",
-    "plot_run",
     "plot_task_scores",
     "single_task_scores",
 ]
@@ -55,27 +54,8 @@ def _new_figure(width: float, height: float) -> Figure:
     return fig
 
 
-def _replace_atomically(path: Path, write: Callable[[Path], None]) -> Path:
-    """Write through a temp file in the target's directory, then rename over the target.
-
-    Readers (a dashboard, W&B upload, a resumed run) never see a half-written file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _save_png(fig: Figure, path: Path) -> Path:
-    return _replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
 def _rows_and_tasks(matrix: Matrix, tasks: Sequence[str]) -> list[list[float]]:
@@ -83,11 +63,6 @@ def _rows_and_tasks(matrix: Matrix, tasks: Sequence[str]) -> list[list[float]]:
     if len(tasks) < len(rows):
         raise ValueError(f"{len(rows)} matrix rows but only {len(tasks)} task names")
     return rows
-
-
-def average_curve(matrix: Matrix) -> list[float]:
-    """Average score over the seen tasks after each task (the AP "so far")."""
-    return [sum(row) / len(row) for row in lower_triangle(matrix)]
 
 
 def plot_matrix(matrix: Matrix, tasks: Sequence[str], path: Path | str, title: str | None = None) -> Path:
@@ -165,32 +140,6 @@ def plot_task_scores(scores: Sequence[float], tasks: Sequence[str], path: Path |
     return _save_png(fig, Path(path))
 
 
-def plot_run(matrix: Matrix, tasks: Sequence[str], kind: str, plots_dir: Path | str,
-             title: str | None = None) -> list[Path]:
-    """The plots of a run directory, by run kind (see :data:`gainlora.metrics.RUN_KINDS`).
-
-    continual: ``matrix.png`` and ``forgetting.png``; single_task: ``matrix.png`` only (its
-    off-diagonal entries are no forgetting); multi_task: ``scores.png`` (one score per task).
-    """
-    plots_dir = Path(plots_dir)
-    title = title or ""
-    if kind == "multi_task":
-        return [plot_task_scores(joint_row(matrix), tasks, plots_dir / "scores.png",
-                                 title=f"{title}\njoint training on all tasks")]
-    rows = lower_triangle(matrix)
-    names = tasks[: len(rows)]
-    if kind == "single_task":
-        return [plot_matrix(rows, names, plots_dir / "matrix.png",
-                            title=f"{title}\nonly the diagonal is meaningful")]
-    return [plot_matrix(rows, names, plots_dir / "matrix.png", title=title or None),
-            plot_forgetting(rows, names, plots_dir / "forgetting.png", title=title or None)]
-
-
-def run_kind(results: dict[str, Any]) -> str:
-    """A results dict's run kind; files written before run kinds existed are continual."""
-    return results.get("run_kind") or "continual"
-
-
 def load_results(run_dir: Path | str) -> dict[str, Any]:
     """Read and check a run's results.json (``run_dir`` may also be the file itself)."""
     run_dir = Path(run_dir)
@@ -208,15 +157,12 @@ def load_results(run_dir: Path | str) -> dict[str, Any]:
         raise ReportError(f"{path}: missing key(s) {', '.join(missing)}")
     if not isinstance(results["tasks"], list) or not isinstance(results["matrix"], list):
         raise ReportError(f"{path}: 'tasks' and 'matrix' must be lists")
-    kind = run_kind(results)
-    if kind not in RUN_KINDS:
-        raise ReportError(f"{path}: unknown run_kind {kind!r}; expected one of {sorted(RUN_KINDS)}")
     try:
-        if kind == "multi_task":
-            if len(joint_row(results["matrix"])) != len(results["tasks"]):
-                raise ValueError(f"one score per task expected, {len(results['tasks'])} tasks")
-        else:
-            _rows_and_tasks(results["matrix"], results["tasks"])
+        kind = run_kind(results.get("run_kind"))
+    except ValueError as err:
+        raise ReportError(f"{path}: {err}") from None
+    try:
+        kind.check(results["matrix"], results["tasks"])
     except (ValueError, TypeError) as err:
         raise ReportError(f"{path}: bad matrix: {err}") from err
     return results
@@ -230,7 +176,7 @@ def single_task_scores(run_dir: Path | str, tasks: Sequence[str]) -> list[float]
     run_dir = Path(run_dir)
     path = run_dir if run_dir.is_file() else run_dir / RESULTS_FILE
     results = load_results(run_dir)
-    kind = run_kind(results)
+    kind = run_kind(results.get("run_kind")).name
     if kind != "single_task":
         raise ReportError(f"{path}: not a single-task reference run (method {results['method']!r}, run_kind "
                           f"{kind!r}); make one with method=single_task")
@@ -263,9 +209,9 @@ def markdown_table(records: Sequence[dict[str, Any]]) -> str:
 
 def _summary(label: str, results: dict[str, Any],
              references: dict[tuple[str, ...], list[float]]) -> dict[str, Any]:
-    kind = run_kind(results)
-    single_task = references.get(tuple(results["tasks"])) if kind == "continual" else None
-    computed = run_metrics(results["matrix"], kind, single_task)
+    kind = run_kind(results.get("run_kind"))
+    single_task = references.get(tuple(results["tasks"])) if kind.forgetting else None
+    computed = kind.metrics(results["matrix"], single_task)
     record: dict[str, Any] = {"run": label}
     record.update({k: results[k] for k in ("method", "benchmark", "order")})
     # Stored numbers are what the run reported; fall back to the matrix for older/partial files
@@ -277,25 +223,6 @@ def _summary(label: str, results: dict[str, Any],
     fwt = results.get("FWT")
     record["FWT"] = float(fwt) if isinstance(fwt, (int, float)) else computed["FWT"]
     return record
-
-
-def _curves(results: dict[str, Any]) -> tuple[list[int], list[float], list[float], str]:
-    """(x, average of seen tasks, score of the first task, line style) of one run for compare.png.
-
-    A multi-task run learned every task at once: flat dashed lines (the upper bound). A single-task
-    run's average is the mean of its diagonal so far, and its first task's score is S[0] throughout.
-    """
-    kind = run_kind(results)
-    if kind == "multi_task":
-        row = joint_row(results["matrix"])
-        steps = list(range(1, len(row) + 1))
-        return steps, [sum(row) / len(row)] * len(row), [row[0]] * len(row), "--"
-    rows = lower_triangle(results["matrix"])
-    steps = list(range(1, len(rows) + 1))
-    if kind == "single_task":
-        diag = [rows[j][j] for j in range(len(rows))]
-        return steps, [sum(diag[: t + 1]) / (t + 1) for t in range(len(diag))], [diag[0]] * len(diag), ":"
-    return steps, average_curve(rows), [row[0] for row in rows], "-"
 
 
 def _labels(run_dirs: Sequence[Path]) -> list[str]:
@@ -329,7 +256,7 @@ def compare_runs(run_dirs: Sequence[Path | str], out_dir: Path | str,
     fig = _new_figure(12.0, 4.5)
     ax_avg, ax_first = fig.subplots(1, 2)
     for label, results in zip(labels, all_results):
-        steps, average, first, style = _curves(results)
+        steps, average, first, style = run_kind(results.get("run_kind")).curves(results["matrix"])
         ax_avg.plot(steps, average, marker="o", markersize=3, linestyle=style, label=label)
         ax_first.plot(steps, first, marker="o", markersize=3, linestyle=style,
                       label=f"{label} ({results['tasks'][0]})")
@@ -345,7 +272,7 @@ def compare_runs(run_dirs: Sequence[Path | str], out_dir: Path | str,
     out_dir = Path(out_dir)
     figure_path = _save_png(fig, out_dir / "compare.png")
     table = markdown_table([_summary(lab, res, references) for lab, res in zip(labels, all_results)])
-    markdown_path = _replace_atomically(out_dir / "compare.md", lambda tmp: tmp.write_text(table))
+    markdown_path = atomic_write(out_dir / "compare.md", lambda tmp: tmp.write_text(table))
     return figure_path, markdown_path
 
 

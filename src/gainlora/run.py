@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
 from datetime import datetime
 from pathlib import Path
 
@@ -17,7 +16,6 @@ import lightning as L
 from hydra.utils import get_class, instantiate
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -27,12 +25,13 @@ from gainlora.data.collate import Collator
 from gainlora.data.datamodule import TaskStreamDataModule
 from gainlora.data.tasks import load_stream, stream_metric
 from gainlora.data.types import DataError, TaskData
+from gainlora.callbacks.interrupt import resume_command
 from gainlora.loop import ArtifactError, ContinualLoop, StopFlag, TaskInterrupted
 from gainlora.methods.base import Method
 from gainlora.model.backbone import load_backbone
 from gainlora.model.module import ContinualLM
+from gainlora.observers import logger_observers
 from gainlora.report import ReportError, single_task_scores
-from gainlora.wandb_logging import log_task_end
 
 log = logging.getLogger("gainlora")
 CONF_DIR = Path(os.environ.get("GAINLORA_CONF", Path(__file__).resolve().parents[2] / "conf"))
@@ -156,19 +155,6 @@ def make_loggers(cfg: DictConfig, run_dir: RunDir) -> list:
             continue
         loggers.append(instantiate(spec))
     return loggers
-
-
-def log_task_metrics(loggers: list, task: int, results: dict) -> None:
-    """Continual-learning metrics after each task, against the task index (never a global step)."""
-    row = results["matrix"][-1]  # the row just added (a joint fit's only row covers every task)
-    metrics = {"cl/task": task + 1, **{f"cl/{k}": results[k] for k in ("AP", "FT", "BWT") if results[k] is not None},
-               **{f"cl/score/{name}": row[j] for j, name in enumerate(results["tasks"][: task + 1])}}
-    for logger in loggers:
-        if isinstance(logger, WandbLogger):
-            continue  # W&B gets its own step metric, tables and plots (log_task_end)
-        logger.log_metrics(metrics, step=task)
-        logger.save()
-    log_task_end(loggers, task, results)
 
 
 def world_size(trainer: DictConfig) -> int:
@@ -297,23 +283,23 @@ def run(cfg: DictConfig) -> dict:
             "derived": OmegaConf.to_container(cfg.derived)}  # world size, per-device and global batch
     if single_task is not None:
         info["single_task_run"] = str(cfg.metrics.single_task_run)
-    started = time.time()
     stop = StopFlag()
     stop.install()
     loop = ContinualLoop(module=module, datamodule=datamodule, method=method, run_dir=run_dir,
                          make_trainer=trainer_factory(cfg, run_dir, loggers), info=info, seed=cfg.seed,
-                         progress_bar=cfg.trainer.enable_progress_bar,
-                         on_task_end=lambda t, results: log_task_metrics(loggers, t, results),
+                         progress_bar=cfg.trainer.enable_progress_bar, observers=logger_observers(loggers),
                          is_main=is_main_process(), stop=stop, single_task=single_task,
                          checkpoint=in_task_checkpoints(cfg))
     try:
         results = loop.run()
-    except TaskInterrupted as err:
-        loop.write_results(status="interrupted", wall_time=time.time() - started)
-        print(f"interrupted: {err} (run_id={run_dir.root.name})", file=sys.stderr)
-        sys.exit(143)
+    except (TaskInterrupted, KeyboardInterrupt) as err:  # SIGTERM, Ctrl-C
+        loop.finish("interrupted")
+        if is_main_process():
+            print(f"interrupted: {str(err) or 'Ctrl-C'}; resume with:\n  {resume_command(run_dir.root.name)}",
+                  file=sys.stderr)
+        sys.exit(stop.exit_code if isinstance(err, TaskInterrupted) else 130)
     except BaseException as err:  # finished tasks stay on disk; say what stopped the run
-        loop.write_results(status=f"failed: {type(err).__name__}: {err}"[:500], wall_time=time.time() - started)
+        loop.finish(f"failed: {type(err).__name__}: {err}"[:500])
         raise
     finally:
         for logger in loggers:

@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from gainlora.artifacts import write_text
+from gainlora.run_kinds import run_kind
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +157,8 @@ def task_end_payload(task_index: int, results: Mapping, run_dir: Path | None = N
     import wandb
 
     tasks = list(results["tasks"])
-    kind = results.get("run_kind") or "continual"
-    joint = kind == "multi_task"  # one joint fit: a single row that scores every task
+    kind = run_kind(results.get("run_kind"))
+    joint = kind.joint  # one joint fit: a single row that scores every task
     rows = [list(results["matrix"][0])] if joint else _matrix_rows(results, task_index)
     seen = tasks[: task_index + 1]
     payload: dict[str, Any] = {STEP: task_index + 1}
@@ -172,7 +173,7 @@ def task_end_payload(task_index: int, results: Mapping, run_dir: Path | None = N
                                        data=[["all (joint)" if joint else tasks[i],
                                               *(row + [None] * (len(seen) - len(row)))]
                                              for i, row in enumerate(rows)])
-    if kind == "continual":  # a reference run's off-diagonal entries are no forgetting
+    if kind.forgetting:  # a reference run's off-diagonal entries are no forgetting
         # Forgetting curves: task j's score after each task k >= j (x = number of tasks learned).
         xs = [list(range(j + 1, task_index + 2)) for j in range(len(seen))]
         ys = [[rows[k][j] for k in range(j, task_index + 1)] for j in range(len(seen))]

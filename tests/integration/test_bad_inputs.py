@@ -136,5 +136,5 @@ def test_resume_refuses_artifacts_of_another_shape(tmp_path):
     run(config(tmp_path, *DEMO, "run_id=shape", "benchmark.num_tasks=2", "trainer.max_steps=1"))
     branch = tmp_path / "runs" / "demo" / "shape" / "tasks" / "01-demo_colour" / "branch.safetensors"
     save_file({"encoder.block.0.layer.0.SelfAttention.q.A": torch.zeros(2, 2)}, str(branch))
-    with pytest.raises(ValueError, match="task 1 branch.safetensors does not match"):
+    with pytest.raises(ValueError, match="01-demo_colour/branch.safetensors: does not match its checksum"):
         run(config(tmp_path, *DEMO, "run_id=shape", "benchmark.num_tasks=2", "trainer.max_steps=1", "resume=true"))

@@ -15,6 +15,7 @@ what the constraints themselves guarantee.
 from __future__ import annotations
 
 import functools
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -23,9 +24,11 @@ import pytest
 import torch
 from torch import Tensor
 
+from gainlora.artifacts import RunDir
 from gainlora.data.collate import Collator
 from gainlora.data.datamodule import TaskStreamDataModule
 from gainlora.data.demo import make_demo_task
+from gainlora.loop import ContinualLoop
 from gainlora.memory import Subspace
 from gainlora.methods import GainLoRA, IncLoRA, InfLoRA, Method
 from gainlora.model.backbone import Backbone
@@ -33,6 +36,7 @@ from gainlora.model.module import ContinualLM
 
 TASKS = ("demo_colour", "demo_parity", "demo_continent")
 N_TRAIN, BATCH, STEPS, LR, HIDDEN = 16, 8, 20, 1e-2, 32
+N_TEST = 2  # end_task tests every seen task
 SILENT = 1e-4  # "a_t = 0" up to float32 round-off
 
 
@@ -99,36 +103,38 @@ class Run:
 
 def run_sequence(backbone: Backbone, method: Method, num_tasks: int, make_trainer: Callable[..., L.Trainer], *,
                  train_last: bool = True, exact_span: bool = True) -> Run:
-    tasks = [make_demo_task(name, n_train=N_TRAIN, n_val=0, n_test=0) for name in TASKS[:num_tasks]]
+    """The loop's begin_task / end_task around a fit of each task, with measurements in between."""
+    names = list(TASKS[:num_tasks])
+    tasks = [make_demo_task(name, n_train=N_TRAIN, n_val=0, n_test=N_TEST) for name in names]
     torch.manual_seed(0)
-    module = ContinualLM(backbone, rank=4, alpha=32, gates=method.gate_spec,
+    module = ContinualLM(backbone, rank=4, alpha=32, gates=method.gate_spec, task_names=names,
                          optimizer=functools.partial(torch.optim.AdamW, lr=LR, weight_decay=0.0))
     dm = TaskStreamDataModule(tasks, Collator(backbone.tokenizer, backbone.kind, 128, 8), batch_size=BATCH)
     method.setup(module, num_tasks)
     run = Run(module, method, dm)
     gated = module.gates is not None
-    for t in range(num_tasks):
-        L.seed_everything(t, verbose=False)
-        dm.set_task(t)
-        module.current_task = t
-        before = old_state(module, t) if t else {}
-        method.on_task_start(module, t, dm.feature_batches)
-        if t and gated:
-            run.at_init[t] = max(coefficients_on(module, dm, j)[:, t].max().item() for j in range(t))
-        if t == num_tasks - 1 and not train_last:
-            break
-        module.regularizer = lambda: method.regularizer(module)
-        make_trainer(STEPS, method.callbacks()).fit(module, train_dataloaders=dm.train_dataloader())
-        if t and gated:
-            run.after_training[t] = max(coefficients_on(module, dm, j)[:, t].max().item() for j in range(t))
-        if t:
-            after = old_state(module, t)
-            run.old_unchanged[t] = before.keys() == after.keys() and all(
-                torch.equal(before[k], after[k]) for k in before)
-        method.on_task_end(module, t, dm.feature_batches)
-        if exact_span and isinstance(method, GainLoRA):
-            exact_span_memories(module, method, dm.feature_batches)
-        run.logits_task0.append(logits_on(module, dm, 0))
+    with tempfile.TemporaryDirectory(prefix="gainlora-invariants-") as run_dir:
+        loop = ContinualLoop(module=module, datamodule=dm, method=method, run_dir=RunDir(run_dir), info={},
+                             make_trainer=lambda t, callbacks, scale=1: make_trainer(STEPS, callbacks),
+                             progress_bar=False)
+        for t in range(num_tasks):
+            before = old_state(module, t) if t else {}
+            loop.begin_task(t)
+            if t and gated:
+                run.at_init[t] = max(coefficients_on(module, dm, j)[:, t].max().item() for j in range(t))
+            if t == num_tasks - 1 and not train_last:
+                break
+            make_trainer(STEPS, method.callbacks()).fit(module, train_dataloaders=dm.train_dataloader())
+            if t and gated:
+                run.after_training[t] = max(coefficients_on(module, dm, j)[:, t].max().item() for j in range(t))
+            if t:
+                after = old_state(module, t)
+                run.old_unchanged[t] = before.keys() == after.keys() and all(
+                    torch.equal(before[k], after[k]) for k in before)
+            loop.end_task(t)
+            if exact_span and isinstance(method, GainLoRA):
+                exact_span_memories(module, method, dm.feature_batches)
+            run.logits_task0.append(logits_on(module, dm, 0))
     return run
 
 

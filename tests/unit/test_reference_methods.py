@@ -22,9 +22,10 @@ from gainlora.data.datamodule import TaskStreamDataModule
 from gainlora.data.demo import make_demo_task
 from gainlora.loop import ContinualLoop
 from gainlora.methods import IncLoRA, Method, MultiTask, SingleTask
-from gainlora.metrics import cl_metrics, run_metrics
+from gainlora.metrics import cl_metrics
 from gainlora.model.module import ContinualLM
 from gainlora.report import ReportError, compare_runs, load_results, single_task_scores
+from gainlora.run_kinds import RUN_KINDS
 from gainlora.run import (
     CONF_DIR,
     ConfigError,
@@ -86,24 +87,27 @@ def test_joint_fit_gets_max_steps_per_task(tmp_path: Path) -> None:
 
 
 # -- single task --------------------------------------------------------------------------------------
-def test_single_task_starts_every_task_from_the_plain_backbone(t5_backbone, make_trainer) -> None:
+def lifecycle(module: ContinualLM, dm: TaskStreamDataModule, method: Method, run_dir: Path) -> ContinualLoop:
+    """The loop around an existing module, to drive its begin_task / end_task by hand."""
+    method.setup(module, len(TASKS))
+    return ContinualLoop(module=module, datamodule=dm, method=method, run_dir=RunDir(run_dir),
+                         make_trainer=None, info={}, progress_bar=False)
+
+
+def test_single_task_starts_every_task_from_the_plain_backbone(t5_backbone, make_trainer, tmp_path) -> None:
     backbone = t5_backbone()
     module, dm = make_module(backbone), make_datamodule(backbone)
     plain = logits(module, dm, 1)  # no branch at all yet: the plain backbone
     method = SingleTask()
-    method.setup(module, len(TASKS))
+    loop = lifecycle(module, dm, method, tmp_path)
 
-    dm.set_task(0)
-    module.current_task = 0
-    method.on_task_start(module, 0, dm.feature_batches)
+    loop.begin_task(0)
     make_trainer(STEPS).fit(module, train_dataloaders=dm.train_dataloader())
     trained = logits(module, dm, 1)
     assert (trained - plain).abs().max() > 1e-3, "task 1's branch should change the outputs"
     first_A = {name: layer.lora_A.detach().clone() for name, layer in module.adapted.items()}
 
-    dm.set_task(1)
-    module.current_task = 1
-    method.on_task_start(module, 1, dm.feature_batches)
+    loop.begin_task(1)
     torch.testing.assert_close(logits(module, dm, 1), plain, rtol=0, atol=1e-6)  # no earlier branch active
     assert module.num_branches == 1 and method.branch_for_task(1) == 0
     for name, layer in module.adapted.items():
@@ -114,26 +118,24 @@ def test_single_task_starts_every_task_from_the_plain_backbone(t5_backbone, make
     assert trainable == {id(p) for layer in module.adapted.values() for p in (layer.lora_A, layer.lora_B)}
 
 
-def test_inclora_keeps_the_earlier_branch_active(t5_backbone, make_trainer) -> None:
+def test_inclora_keeps_the_earlier_branch_active(t5_backbone, make_trainer, tmp_path) -> None:
     """The contrast that makes the test above meaningful: IncLoRA's task 2 does not start plain."""
     backbone = t5_backbone()
     module, dm = make_module(backbone), make_datamodule(backbone)
     plain = logits(module, dm, 1)
-    method = IncLoRA()
-    method.setup(module, len(TASKS))
-    method.on_task_start(module, 0, dm.feature_batches)
+    loop = lifecycle(module, dm, IncLoRA(), tmp_path)
+    loop.begin_task(0)
     make_trainer(STEPS).fit(module, train_dataloaders=dm.train_dataloader())
-    dm.set_task(1)
-    method.on_task_start(module, 1, dm.feature_batches)
+    loop.begin_task(1)
     assert (logits(module, dm, 1) - plain).abs().max() > 1e-3
 
 
 def test_single_task_metrics_use_the_diagonal_only() -> None:
     matrix = [[80.0, None, None], [5.0, 60.0, None], [0.0, 1.0, 90.0]]
-    m = run_metrics(matrix, "single_task")
+    m = RUN_KINDS["single_task"].metrics(matrix)
     assert m["AP"] == pytest.approx((80 + 60 + 90) / 3) == m["FWT_diag"]
     assert m["FT"] is m["BWT"] is m["BWT_ref"] is m["FWT"] is None
-    assert run_metrics(matrix[:2], "single_task")["AP"] == pytest.approx(70.0)  # a partial run, so far
+    assert RUN_KINDS["single_task"].metrics(matrix[:2])["AP"] == pytest.approx(70.0)  # a partial run, so far
 
 
 # -- FWT from a single-task reference -----------------------------------------------------------------
@@ -158,8 +160,8 @@ def test_fwt_from_a_single_task_reference(tmp_path: Path) -> None:
     R = [[75.0, None, None], [60.0, 40.0, None], [55.0, 35.0, 99.0]]
     expected = ((75 - 70) + (40 - 50) + (99 - 90)) / 3
     assert cl_metrics(R, S)["FWT"] == pytest.approx(expected)
-    assert run_metrics(R, "continual", S)["FWT"] == pytest.approx(expected)
-    assert run_metrics(R[:2], "continual", S)["FWT"] == pytest.approx(((75 - 70) + (40 - 50)) / 2)
+    assert RUN_KINDS["continual"].metrics(R, S)["FWT"] == pytest.approx(expected)
+    assert RUN_KINDS["continual"].metrics(R[:2], S)["FWT"] == pytest.approx(((75 - 70) + (40 - 50)) / 2)
     cfg = compose_cfg(f"metrics.single_task_run={ref}", "method=inclora")
     assert single_task_reference(cfg, REF_TASKS) == S
     assert single_task_reference(compose_cfg("method=inclora"), REF_TASKS) is None  # the default: no FWT
@@ -288,8 +290,10 @@ def test_single_task_loop_and_fwt_in_results(t5_backbone, tmp_path: Path) -> Non
     S = single_task_scores(tmp_path / "st", list(TASKS))
     assert S == diag
     R = [[40.0, None], [30.0, 20.0]]  # a finished continual matrix; only the results are written
-    loop = loop_for(IncLoRA(), t5_backbone(), tmp_path / "inc", run_factory(tmp_path), single_task=S, matrix=R)
-    results = loop.write_results(status="finished", wall_time=0.0)
+    loop = loop_for(IncLoRA(), t5_backbone(), tmp_path / "inc", run_factory(tmp_path), single_task=S)
+    loop.forgetting.matrix = R
+    loop.consistent = True  # as if the two tasks had been restored
+    results = loop.finish("finished")
     assert results["run_kind"] == "continual" and "note" not in results
     assert results["FWT"] == pytest.approx(((40.0 - S[0]) + (20.0 - S[1])) / 2)
     assert json.loads((tmp_path / "inc" / "results.json").read_text())["FWT"] == results["FWT"]

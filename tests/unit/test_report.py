@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from gainlora.artifacts import atomic_write
 from gainlora.report import (
     ReportError,
     average_curve,
@@ -15,7 +16,6 @@ from gainlora.report import (
     plot_forgetting,
     plot_matrix,
 )
-from gainlora.report import _replace_atomically
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TASKS = ["yelp", "amazon", "mnli"]
@@ -72,7 +72,7 @@ def test_failed_write_keeps_old_file_and_no_temp(tmp_path: Path) -> None:
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        _replace_atomically(path, boom)
+        atomic_write(path, boom)
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.md"]
 

@@ -10,6 +10,36 @@ from gainlora.data.collate import Collator
 from gainlora.data.types import PAD_TASK, Example, TaskData
 
 
+class ResumableLoader(DataLoader):
+    """A training loader that can continue an epoch where a checkpoint left it. Lightning saves and
+    restores loaders that have ``state_dict``/``load_state_dict``; the sampler gives the epoch's
+    permutation again and the batches already trained on are skipped."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.position = {"epoch": -1, "batches": 0}  # batches handed out in the current epoch
+        self._resume_at: dict | None = None
+
+    def __iter__(self):
+        # A generator: the epoch is read at the first batch, after Lightning's set_epoch.
+        epoch = getattr(self.sampler, "epoch", 0)
+        at, self._resume_at = self._resume_at, None
+        skip = at["batches"] if at and at["epoch"] == epoch else 0
+        self.position = {"epoch": epoch, "batches": skip}
+        batches = super().__iter__()
+        for _ in range(skip):
+            next(batches)
+        for batch in batches:
+            self.position["batches"] += 1  # sized loaders are not prefetched: handed out = trained on
+            yield batch
+
+    def state_dict(self) -> dict:
+        return dict(self.position)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._resume_at = dict(state_dict)
+
+
 class TaskStreamDataModule(L.LightningDataModule):
     """Holds every task's data; ``set_task(t)`` selects what the next fit/test sees.
 
@@ -52,8 +82,8 @@ class TaskStreamDataModule(L.LightningDataModule):
     def train_data(self) -> list[Example]:
         return [e for j in self.fit_tasks for e in self.tasks[j].train]
 
-    def _loader(self, data, collate, *, batch_size: int, sampler=None) -> DataLoader:
-        return DataLoader(data, batch_size=batch_size, sampler=sampler, collate_fn=collate,
+    def _loader(self, data, collate, *, batch_size: int, sampler=None, cls=DataLoader) -> DataLoader:
+        return cls(data, batch_size=batch_size, sampler=sampler, collate_fn=collate,
                           num_workers=self.num_workers, persistent_workers=False)
 
     def _eval_loader(self, items: list[tuple[int, object, str]]) -> DataLoader:
@@ -85,7 +115,7 @@ class TaskStreamDataModule(L.LightningDataModule):
         sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True,
                                      seed=self.seed * 1009 + self.task)
         return self._loader(data, self.collator.train_batch, batch_size=self.batch_size,
-                            sampler=sampler)
+                            sampler=sampler, cls=ResumableLoader)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader([(j, e, self.tasks[j].metric) for j in self.fit_tasks for e in self.tasks[j].val])

@@ -49,6 +49,12 @@ class ContinualLM(L.LightningModule):
         self.scores = TaskScores(max(len(self.task_names), 1))
         self.predictions: list[dict] = []  # every prediction of the last test, for predictions.json
 
+    def start_task(self, task: int, regularizer: Callable[[], Tensor | None] | None = None) -> None:
+        """Called by the loop when task ``task`` begins: the task whose scores count, and the
+        method's loss term (None: none)."""
+        self.current_task = task
+        self.regularizer = regularizer
+
     # -- branch registry ---------------------------------------------------------------------
     @property
     def num_branches(self) -> int:

@@ -1,0 +1,141 @@
+"""The run directory: atomic writes that follow the umask, verified task folders, leftovers of a
+kill removed, and a metrics.csv that a kill never leaves empty or truncated."""
+from __future__ import annotations
+
+import csv
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+from gainlora.artifacts import ArtifactError, RunDir, atomic_write, write_json
+from gainlora.csv_logger import RunCSVLogger, read_rows
+
+
+@pytest.fixture
+def with_umask():
+    old = os.umask(0o022)
+    yield lambda mask: os.umask(mask)
+    os.umask(old)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+FILES = {"branch": {"q.A": torch.randn(4, 8), "q.B": torch.zeros(8, 4)}, "gate": {"G1": torch.ones(2, 3)},
+         "memory": {"m": torch.eye(3, dtype=torch.float64)}}
+
+
+def save(run_dir: RunDir, task: int = 0, name: str = "a") -> Path:
+    return run_dir.save_task(task, name, FILES, {"task": task, "row": [50.0]},
+                             extra_json={"predictions.json": [{"prediction": "x"}]})
+
+
+@pytest.mark.parametrize("mask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o002, 0o664, 0o775)])
+def test_written_files_and_task_folders_follow_the_umask(mask, file_mode, dir_mode, with_umask, tmp_path) -> None:
+    with_umask(mask)
+    run_dir = RunDir(tmp_path)
+    write_json(run_dir.results, {"a": 1})
+    folder = save(run_dir)
+    assert mode(run_dir.results) == file_mode
+    assert mode(folder) == dir_mode
+    assert {p.name: mode(p) for p in folder.iterdir()} == dict.fromkeys(
+        ["branch.safetensors", "gate.safetensors", "memory.safetensors", "predictions.json", "meta.json", "DONE"],
+        file_mode)
+
+
+def test_a_saved_task_loads_back_verified(tmp_path) -> None:
+    run_dir = RunDir(tmp_path)
+    save(run_dir)
+    files, meta = run_dir.load_task(0, "a")
+    assert set(files) == {"branch", "gate", "memory"} and meta["row"] == [50.0]
+    assert torch.equal(files["memory"]["m"], FILES["memory"]["m"])
+    assert set(meta["sha256"]) == {"branch.safetensors", "gate.safetensors", "memory.safetensors", "predictions.json"}
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-8])
+
+
+def edit_meta(path: Path) -> None:
+    path.write_text(path.read_text().replace("50.0", "99.0"))
+
+
+@pytest.mark.parametrize("damage, file, message", [
+    (truncate, "branch.safetensors", "branch.safetensors: does not match its checksum"),
+    (truncate, "gate.safetensors", "gate.safetensors: does not match its checksum"),
+    (Path.unlink, "memory.safetensors", "memory.safetensors: missing from a finished task"),
+    (Path.unlink, "meta.json", "meta.json: missing from a finished task"),
+    (edit_meta, "meta.json", "meta.json: does not match the checksum in"),
+    (lambda p: p.write_text(""), "DONE", "DONE: holds no checksum"),
+    (Path.unlink, "predictions.json", "predictions.json: missing from a finished task"),
+])
+def test_a_damaged_task_folder_is_refused_naming_the_file(damage, file, message, tmp_path) -> None:
+    run_dir = RunDir(tmp_path)
+    folder = save(run_dir)
+    damage(folder / file)
+    with pytest.raises(ArtifactError) as err:
+        run_dir.load_task(0, "a")
+    assert message in str(err.value) and str(folder / file) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_leftovers_of_a_kill_are_removed(tmp_path) -> None:
+    run_dir = RunDir(tmp_path)
+    folder = save(run_dir)
+    leftovers = [tmp_path / ".results.json.abc.tmp", tmp_path / "plots" / ".matrix.png.x.tmp",
+                 folder / ".meta.json.y.tmp", tmp_path / "checkpoints" / "02-b" / ".last.ckpt.z.tmp"]
+    for path in leftovers:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("half")
+    staging = tmp_path / "tasks" / ".02-b.q.staging"
+    staging.mkdir()
+    (staging / "branch.safetensors").write_text("half")
+    keep = tmp_path / ".hidden_user_file"
+    keep.write_text("mine")
+    assert sorted(run_dir.clean_leftovers()) == sorted([*leftovers, staging])
+    assert not any(p.exists() for p in [*leftovers, staging]) and keep.exists()
+    run_dir.load_task(0, "a")  # the finished task is untouched
+
+
+def test_a_failed_write_keeps_the_old_file(tmp_path) -> None:
+    path = tmp_path / "results.json"
+    path.write_text("old")
+
+    def boom(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, boom)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_metrics_csv_survives_a_kill_while_a_new_key_rewrites_it(tmp_path, monkeypatch) -> None:
+    """Lightning rewrites metrics.csv in place when a key appears; a kill then left it empty. Here
+    the new file is written aside: dying mid-write leaves the old rows."""
+    logger = RunCSVLogger(str(tmp_path))
+    logger.log_metrics({"train/loss": 1.0}, step=0)
+    logger.save()
+    before = (tmp_path / "metrics.csv").read_text()
+    logger.log_metrics({"train/loss": 0.5, "cl/task": 1}, step=1)  # a new key: the header changes
+
+    real_writerows = csv.DictWriter.writerows
+
+    def die_midway(self, rows):
+        real_writerows(self, rows)
+        raise KeyboardInterrupt  # the kill, half-way through the write
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", die_midway)
+    with pytest.raises(KeyboardInterrupt):
+        logger.save()
+    monkeypatch.undo()
+    assert (tmp_path / "metrics.csv").read_text() == before
+    assert not list(tmp_path.glob(".*.tmp"))
+    logger = RunCSVLogger(str(tmp_path))  # a resumed run appends to the old rows
+    logger.log_metrics({"cl/task": 1, "cl/AP": 3.0}, step=0)
+    logger.save()
+    rows = read_rows(tmp_path / "metrics.csv")
+    assert [r["train/loss"] for r in rows] == ["1.0", ""] and rows[1]["cl/AP"] == "3.0"
