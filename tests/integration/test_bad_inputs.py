@@ -61,12 +61,12 @@ CASES = {
     "malformed JSON": (SUPERNI, lambda t: t[:-40], "train.json: malformed JSON"),
     "missing key": (SUPERNI, drop_key("Instances"), "missing key 'Instances'"),
     "empty Instances": (SUPERNI, empty_instances, "'Instances' is empty"),
-    "unknown reader": (["benchmark.reader=bogus"], None, "benchmark.reader: unknown 'bogus'"),
-    "unknown order": (["benchmark.order=9"], None, "benchmark.order: unknown order 9"),
-    "zero rank": (["lora.rank=0"], None, "lora.rank must be a positive number"),
+    "unknown reader": (["benchmark.reader=bogus"], None, "benchmark.reader=bogus: should be 'demo', 'superni' or 'long'"),
+    "unknown order": (["benchmark.order=9"], None, "benchmark.order=9: one of 1, 2, all"),
+    "zero rank": (["lora.rank=0"], None, "lora.rank=0: should be greater than 0"),
     "no backbone": (["backbone.tiny=null"], None, "backbone.name_or_path"),
     "indivisible global batch": (["data.global_batch_size=32", "data.batch_size=5"], None,
-                                 "data.global_batch_size=32 is not a multiple of data.batch_size (5)"),
+                                 "data.global_batch_size=32: a multiple of data.batch_size (5)"),
     "ZeRO-3": (["strategy=deepspeed_stage_3", "method=inclora"], None, "deepspeed_stage_3 is not supported"),
     "DeepSpeed on CPU": (["strategy=deepspeed_stage_2", "trainer.accelerator=cpu"], None,
                          "Lightning runs DeepSpeed on CUDA GPUs only"),
@@ -107,7 +107,7 @@ def test_entry_point_prints_one_line_error(tmp_path):
     cmd = [sys.executable, "-m", "gainlora.run", *TINY, *DEMO, f"paths.runs_dir={tmp_path}", "lora.rank=0"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1] == "error: lora.rank must be a positive number, got 0"
+    assert done.stderr.strip().splitlines()[-1] == "error: lora.rank=0: should be greater than 0"
 
 
 @pytest.mark.slow
