@@ -205,7 +205,7 @@ class Trainer(Section):
 class RunConfig(Section):
     exp_name: str
     seed: Annotated[int, Field(ge=0, lt=2**31)]
-    run_id: str | int | None
+    run_id: Any  # checked by check_name
     resume: bool
     lora: Lora
     optimizer: dict[str, Any]
@@ -280,7 +280,7 @@ def bind(key: str, cls: type, spec: dict, *, skip: tuple[str, ...] = ()) -> dict
     try:
         valid = model.model_validate_json(json.dumps(spec))
     except ValidationError as err:
-        raise from_pydantic(err, spec, key) from None
+        raise from_pydantic(err, spec, key, model) from None
     return {name: getattr(valid, name) for name in spec if name in found} | dict(valid.model_extra or {})
 
 
@@ -322,13 +322,15 @@ def bind_optimizer(spec: dict) -> Bound:
     known = ["torch.optim.AdamW", "torch.optim.Adam", "torch.optim.SGD", "..."]
     cls = allowed_class("optimizer", spec.pop("_target_", MISSING), ("torch.optim",), torch.optim.Optimizer,
                         "optimizers", known)
-    if spec.pop("_partial_", MISSING) is not True:
-        raise refuse("optimizer._partial_", spec.get("_partial_", MISSING), "true (the module passes the parameters)")
+    partial = spec.pop("_partial_", MISSING)
+    if partial is not True:
+        raise refuse("optimizer._partial_", partial, "true (the module passes the parameters)")
     kwargs = bind("optimizer", cls, spec, skip=("params",))
+    # torch checks these only when the optimizer is made, once training has started
     if not isinstance(kwargs.get("lr", 1.0), (int, float)) or not kwargs.get("lr", 1.0) > 0:
-        raise refuse("optimizer.lr", kwargs.get("lr"), "a number > 0")
+        raise refuse("optimizer.lr", spec.get("lr"), "a number > 0")
     if kwargs.get("weight_decay", 0.0) < 0:
-        raise refuse("optimizer.weight_decay", kwargs["weight_decay"], "a number >= 0")
+        raise refuse("optimizer.weight_decay", spec["weight_decay"], "a number >= 0")
     return Bound(cls, kwargs)
 
 
@@ -380,7 +382,7 @@ def validate_config(cfg: DictConfig, *, machine: bool = True) -> RunConfig:
     try:
         valid = RunConfig.model_validate_json(json.dumps(data, default=str))
     except ValidationError as err:
-        raise from_pydantic(err, data) from None
+        raise from_pydantic(err, data, model=RunConfig) from None
     check_name("exp_name", valid.exp_name)
     if valid.run_id is not None:
         check_name("run_id", valid.run_id)
@@ -422,39 +424,59 @@ def check_machine(cfg: RunConfig, strategy: dict) -> None:
                          "GPUs only (or set trainer.accelerator=gpu on a GPU machine)")
 
 
-def from_pydantic(err: ValidationError, data: Any, prefix: str = "") -> ConfigError:
+def from_pydantic(err: ValidationError, data: Any, prefix: str = "", model: type[BaseModel] | None = None) -> ConfigError:
     """One line for the first offending key: ``key=value: what is accepted``."""
     first = err.errors()[0]
-    path, node = [], data
+    path, node, parent = [], data, None
     for part in first["loc"]:  # keep the config keys, drop pydantic's union-member tags
-        if isinstance(node, dict) and part in node:
-            path.append(str(part))
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
-            path.append(str(part))
-            node = node[part]
-        elif first["type"] == "missing":
-            path.append(str(part))
+        if isinstance(node, dict) and part in node or isinstance(node, list) and isinstance(part, int) \
+                and part < len(node):
+            path.append(part)
+            parent, node = node, node[part]
+        elif first["type"] == "missing" and not isinstance(node, list):
+            path.append(part)
             node = MISSING
             break
         else:
             break
-    key = ".".join(filter(None, [prefix, *path])) or prefix or "config"
-    same = [e for e in err.errors() if tuple(str(p) for p in e["loc"][: len(path)]) == tuple(path)]
+    key = ".".join(map(str, filter(lambda p: p != "", [prefix, *path]))) or "config"
     if first["type"] == "value_error":  # a model validator: its message names its own key
         own, _, accepted = first["msg"].removeprefix("Value error, ").partition(": ")
         return ConfigError(f"{own}={show(_lookup(data, own.split('.')))}: {accepted}")
     if first["type"] == "extra_forbidden":
         return ConfigError(f"{key}={show(first['input'])}: unknown key (a typo?)")
     if first["type"] == "missing":
+        if isinstance(node, list):  # a fixed-length list that is too short
+            return ConfigError(f"{key}={show(node)}: should have more items ({len(node)} given)")
         return ConfigError(f"{key}=<missing>: required")
+    same = [e for e in err.errors() if tuple(e["loc"][: len(path)]) == tuple(path)]
     wanted = []
     for e in same:
-        text = e["msg"].removeprefix("Input should be ").removeprefix("Value error, ")
+        text = re.sub(r"^(Input|String|List|Value|Dictionary) should (be )?", "", e["msg"])
+        text = re.sub(r" after validation, not \d+", "", text)
         if text not in wanted:
-            wanted.append(text)
-    value = node if node is not data else first["input"]
-    return ConfigError(f"{key}={show(value)}: should be " + " or ".join(wanted).replace("None", "null"))
+            wanted.append(text.replace("None", "null").replace("array", "list"))
+    if model is not None and path and "null" not in wanted and _accepts_null(model, data, path):
+        wanted.append("null")
+    value = node if path else first["input"]
+    verb = "should be " if not wanted[0].startswith("have ") else "should "
+    accepted = " or ".join(wanted)
+    return ConfigError(f"{key}={show(value)}: {verb}" + (accepted.replace(" or null", " or be null")
+                                                         if verb == "should " else accepted))
+
+
+def _accepts_null(model: type[BaseModel], data: Any, path: list) -> bool:
+    """Whether ``null`` at ``path`` would pass (to say so in the message)."""
+    copy = json.loads(json.dumps(data, default=str))
+    target = copy
+    for part in path[:-1]:
+        target = target[part]
+    target[path[-1]] = None
+    try:
+        model.model_validate_json(json.dumps(copy))
+    except ValidationError as err:
+        return not any(tuple(e["loc"][: len(path)]) == tuple(path) for e in err.errors())
+    return True
 
 
 def _lookup(data: Any, parts: list[str]) -> Any:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Annotated
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from gainlora.memory import Subspace, threshold_at
@@ -23,7 +25,7 @@ class InfLoRA(IncLoRA):
     name = "inflora"
     wants_layer_features = True
 
-    def __init__(self, threshold: float = 0.995, cross_value_features: str = "encoder",
+    def __init__(self, threshold: Annotated[float, Field(gt=0, le=1)] = 0.995, cross_value_features: str = "encoder",
                  max_batches: int | None = 100) -> None:
         super().__init__(max_batches=max_batches)
         if cross_value_features not in ("encoder", "decoder"):
