@@ -156,8 +156,8 @@ def single_task_reference(cfg: DictConfig, task_names: list[str]) -> list[float]
         return None
     kind = bind_method("method", plain(cfg.method)).cls.run_kind
     if kind != "continual":
-        raise refuse("metrics.single_task_run", path, f"null: FWT applies to continual methods, not to the "
-                     f"{kind} reference run")
+        raise ConfigError(f"metrics.single_task_run: FWT applies to continual methods, not to the {kind} "
+                          "reference run; unset it")
     try:
         return single_task_scores(Path(path), task_names)
     except ReportError as err:
