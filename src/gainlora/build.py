@@ -29,7 +29,7 @@ from gainlora.methods.base import Method
 from gainlora.model.backbone import load_backbone
 from gainlora.model.module import ContinualLM
 from gainlora.report import ReportError, single_task_scores
-from gainlora.schema import Bound, ConfigError, bind_logger, bind_method, bind_optimizer, bind_strategy, refuse
+from gainlora.targets import Bound, ConfigError, bind_logger, bind_method, bind_optimizer, bind_strategy, refuse
 from gainlora.wandb_logging import log_task_end
 
 log = logging.getLogger("gainlora")
