@@ -175,7 +175,7 @@ class Trainer(Section):
 
 
 class RunConfig(Section):
-    exp_name: str
+    exp_name: Any  # checked by check_name
     seed: Annotated[int, Field(ge=0, lt=2**31)]
     run_id: Any  # checked by check_name
     resume: bool

@@ -83,10 +83,7 @@ def bind(key: str, cls: type, spec: dict, *, skip: tuple[str, ...] = ()) -> dict
     """Validate ``spec`` against ``cls.__init__``'s signature and annotations: unknown keys, types
     and the ranges that ``Annotated[..., Field(...)]`` annotations state are checked."""
     params = inspect.signature(cls).parameters
-    try:
-        hints = typing.get_type_hints(cls.__init__, include_extras=True)
-    except (NameError, TypeError):
-        hints = {}
+    hints = _hints(cls)
     open_ended = any(p.kind is p.VAR_KEYWORD for p in params.values())
     found: dict[str, Any] = {}
     for name, param in params.items():
@@ -94,8 +91,8 @@ def bind(key: str, cls: type, spec: dict, *, skip: tuple[str, ...] = ()) -> dict
             continue
         annotation = hints.get(name, Any)
         try:
-            TypeAdapter(annotation, config=None if _is_model(annotation) else STRICT)
-        except Exception:  # an annotation pydantic cannot check (e.g. a torch type): take any value
+            TypeAdapter(annotation, config=STRICT)
+        except Exception:  # an annotation pydantic cannot check: any value, the constructor checks it
             annotation = Any
         found[name] = (annotation, ... if param.default is param.empty else param.default)
     model = create_model(f"{cls.__name__}Arguments", __config__=ConfigDict(
@@ -105,10 +102,6 @@ def bind(key: str, cls: type, spec: dict, *, skip: tuple[str, ...] = ()) -> dict
     except ValidationError as err:
         raise from_pydantic(err, spec, key, model) from None
     return {name: getattr(valid, name) for name in spec if name in found} | dict(valid.model_extra or {})
-
-
-def _is_model(annotation: Any) -> bool:
-    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 def bind_method(key: str, spec: Any) -> Bound:
@@ -124,8 +117,7 @@ def bind_method(key: str, spec: Any) -> Bound:
     label = spec.pop("name", None)
     if label is not None and not isinstance(label, str):
         raise refuse(f"{key}.name", label, "a string label")
-    hints = _hints(cls)
-    nested = {name: bind_method(f"{key}.{name}", spec.pop(name)) for name, hint in hints.items()
+    nested = {name: bind_method(f"{key}.{name}", spec.pop(name)) for name, hint in _hints(cls).items()
               if name in spec and isinstance(hint, type) and issubclass(hint, Method)}
     for name, value in spec.items():
         if isinstance(value, dict) and "_target_" in value:
@@ -133,9 +125,10 @@ def bind_method(key: str, spec: Any) -> Bound:
     return Bound(cls, {**bind(key, cls, spec, skip=tuple(nested)), **nested}, label)
 
 
-def _hints(cls: type) -> dict[str, Any]:
+def _hints(obj: Any) -> dict[str, Any]:
+    """Resolved annotations (with their ``Annotated`` constraints) of a class's __init__ or a function."""
     try:
-        return typing.get_type_hints(cls.__init__)
+        return typing.get_type_hints(obj.__init__ if isinstance(obj, type) else obj, include_extras=True)
     except (NameError, TypeError):
         return {}
 
