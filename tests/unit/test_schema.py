@@ -170,3 +170,15 @@ def test_run_ids_are_names(value, ok):
     else:
         with pytest.raises(ConfigError, match="^run_id="):
             check_name("run_id", value)
+
+
+def test_the_demo_reader_honours_the_instance_caps_and_its_default_is_unchanged():
+    """debug=cpu_tiny caps the instances; the demo then generates no more than the caps (they are
+    recorded in config.yaml, so they must apply), and without caps it is exactly as before."""
+    from gainlora.data.demo import make_demo_task
+    from gainlora.data.tasks import load_stream
+
+    capped = load_stream(cfg_of("debug=cpu_tiny").benchmark, seed=0)
+    assert [(len(t.train), len(t.val), len(t.test)) for t in capped] == [(16, 8, 8)] * 2
+    default = load_stream(cfg_of("benchmark.num_tasks=1").benchmark, seed=0)[0]
+    assert default == make_demo_task("demo_colour", seed=0, n_train=800, n_val=100, n_test=200)
