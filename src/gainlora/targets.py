@@ -209,7 +209,9 @@ def from_pydantic(err: ValidationError, data: Any, prefix: str = "", model: type
         if isinstance(node, list):  # a fixed-length list that is too short
             return ConfigError(f"{key}={show(node)}: should have more items ({len(node)} given)")
         return ConfigError(f"{key}=<missing>: required")
-    same = [e for e in err.errors() if tuple(e["loc"][: len(path)]) == tuple(path)]
+    # union members of types JSON data can never be (e.g. torch.Tensor in ``lr: float | Tensor``) say nothing
+    same = [e for e in err.errors() if tuple(e["loc"][: len(path)]) == tuple(path)
+            and e["type"] != "needs_python_object"] or [first]
     wanted = []
     for e in same:
         text = re.sub(r"^(Input|String|List|Value|Dictionary) should (be )?", "", e["msg"])
