@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gainlora.artifacts import RunDir
@@ -198,6 +199,20 @@ def trainer_factory(cfg: DictConfig, run_dir: RunDir, loggers: list):
         return L.Trainer(**kwargs, strategy=make(strategy) if isinstance(strategy, Bound) else strategy,
                          logger=loggers, callbacks=callbacks, default_root_dir=str(run_dir.root))
     return make_trainer
+
+
+def check_trainer(cfg: DictConfig) -> None:
+    """Lightning's own checks of the trainer and strategy settings (devices, precision, the strategy's
+    packages), made now on a throwaway Trainer instead of when the first task's Trainer is built."""
+    kwargs = {**OmegaConf.to_container(cfg.trainer, resolve=True), "enable_checkpointing": False}
+    strategy = bind_strategy(plain(cfg.strategy))
+    logging.disable(logging.INFO)  # its "GPU available" lines come when the first task's Trainer is made
+    try:
+        L.Trainer(**kwargs, strategy=make(strategy) if isinstance(strategy, Bound) else strategy, logger=False)
+    except (MisconfigurationException, ValueError, TypeError, ImportError, RuntimeError) as err:
+        raise ConfigError(f"trainer: lightning.Trainer refuses these settings: {str(err).splitlines()[0]}") from None
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def in_task_checkpoints(cfg: DictConfig) -> dict | None:

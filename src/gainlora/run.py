@@ -18,8 +18,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from gainlora.artifacts import RunDir, write_text
-from gainlora.build import (build, check_backbone_source, derive_batching, in_task_checkpoints, log_task_metrics,
-                            make_loggers, single_task_reference, trainer_factory)
+from gainlora.build import (build, check_backbone_source, check_trainer, derive_batching, in_task_checkpoints,
+                            log_task_metrics, make_loggers, single_task_reference, trainer_factory)
 from gainlora.data.tasks import load_stream, stream_metric
 from gainlora.data.types import DataError
 from gainlora.loop import ArtifactError, ContinualLoop, StopFlag, TaskInterrupted
@@ -32,6 +32,7 @@ CONF_DIR = Path(os.environ.get("GAINLORA_CONF", Path(__file__).resolve().parents
 def run(cfg: DictConfig) -> dict:
     validate_config(cfg)  # every key, before anything is loaded or written
     derive_batching(cfg)
+    check_trainer(cfg)
     tasks = load_stream(cfg.benchmark, seed=cfg.seed)
     single_task = single_task_reference(cfg, [t.name for t in tasks])
     check_backbone_source(cfg.backbone)

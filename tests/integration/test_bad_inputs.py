@@ -72,6 +72,8 @@ CASES = {
     "ZeRO-3": (["strategy=deepspeed_stage_3", "method=inclora"], None, "deepspeed_stage_3 is not supported"),
     "DeepSpeed on CPU": (["strategy=deepspeed_stage_2", "trainer.accelerator=cpu"], None,
                          "Lightning runs DeepSpeed on CUDA GPUs only"),
+    "devices Lightning refuses": (["trainer.accelerator=cpu", "trainer.devices=[0,1]"], None,
+                                  "trainer: lightning.Trainer refuses these settings: `devices` selected with"),
     "missing single-task reference": (["metrics.single_task_run=/nonexistent/st"], None,
                                       "metrics.single_task_run: /nonexistent/st/results.json: not found"),
     "known-missing file": (["benchmark=long", "benchmark.tasks=[yelp]", f"paths.data_dir={SHARED}"], None,
