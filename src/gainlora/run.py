@@ -81,10 +81,11 @@ def run_loop(loop: ContinualLoop, run_dir: RunDir, loggers: list) -> dict:
 USER_ERRORS = (ConfigError, DataError, ArtifactError)
 
 
-def disk_full(err: BaseException) -> OSError | None:
-    """The ENOSPC error behind ``err``, if any (libraries wrap I/O errors in their own)."""
+def disk_full(err: BaseException) -> BaseException | None:
+    """The ENOSPC error behind ``err``, if any. Libraries wrap I/O errors in their own, some only
+    in text (safetensors: "I/O error: No space left on device (os error 28)")."""
     while err is not None:
-        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC or os.strerror(errno.ENOSPC) in str(err):
             return err
         err = err.__cause__ or err.__context__
     return None
@@ -107,7 +108,7 @@ def main(cfg: DictConfig) -> float:
         full = disk_full(err)
         if full is None:
             raise
-        fail(f"{full.filename or cfg.paths.run_dir}: no space left on device; finished tasks are kept, free "
+        fail(f"{getattr(full, 'filename', None) or cfg.paths.run_dir}: no space left on device; finished tasks are kept, free "
              "some space and resume with resume=true")
 
 

@@ -246,12 +246,15 @@ def test_resume_of_a_crafted_run_from_the_command_line(tmp_path):
 
 
 # -- failures during the run: one line, exit code 2 -------------------------------------------------------
-def test_disk_full_names_the_path(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_disk_full_names_the_path(wrapped, tmp_path, monkeypatch, capsys):
     import errno
 
     import gainlora.run
 
     def full(path, text):
+        if wrapped:  # as safetensors reports it: text only, no errno, no file name
+            raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(gainlora.run, "write_text", full)
@@ -259,5 +262,6 @@ def test_disk_full_names_the_path(tmp_path, monkeypatch, capsys):
         gainlora.run.main(config(tmp_path, *DEMO, "run_id=full"))
     assert done.value.code == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert line == (f"error: {tmp_path / 'runs' / 'demo' / 'full' / 'config.yaml'}: no space left on device; "
+    run_dir = tmp_path / "runs" / "demo" / "full"
+    assert line == (f"error: {run_dir if wrapped else run_dir / 'config.yaml'}: no space left on device; "
                     "finished tasks are kept, free some space and resume with resume=true")
