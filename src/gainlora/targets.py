@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import os
 import re
 import typing
 from dataclasses import dataclass
@@ -160,7 +161,10 @@ def bind_strategy(spec: dict) -> Bound | str:
         if set(spec) != {"name"} or spec["name"] not in names:
             raise refuse("strategy.name", spec.get("name", MISSING), f"one of {', '.join(names)} (or a _target_)")
         return spec["name"]
-    cls = allowed_class("strategy", spec.pop("_target_"), ("lightning.pytorch.strategies",), Strategy,
+    # Another module's Strategy only when the person running opts in through the environment (the
+    # CPU DeepSpeed shim of the tests): a config file alone can never widen the allow-list.
+    trusted = tuple(m for m in os.environ.get("GAINLORA_TRUSTED_MODULES", "").split(",") if m)
+    cls = allowed_class("strategy", spec.pop("_target_"), ("lightning.pytorch.strategies", *trusted), Strategy,
                         "strategies", ["lightning.pytorch.strategies.DDPStrategy", "...DeepSpeedStrategy"])
     return Bound(cls, bind("strategy", cls, spec))
 

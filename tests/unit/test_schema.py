@@ -182,3 +182,13 @@ def test_the_demo_reader_honours_the_instance_caps_and_its_default_is_unchanged(
     assert [(len(t.train), len(t.val), len(t.test)) for t in capped] == [(16, 8, 8)] * 2
     default = load_stream(cfg_of("benchmark.num_tasks=1").benchmark, seed=0)[0]
     assert default == make_demo_task("demo_colour", seed=0, n_train=800, n_val=100, n_test=200)
+
+
+def test_a_strategy_outside_lightning_needs_the_runner_s_opt_in(monkeypatch):
+    """Only the environment of whoever runs (GAINLORA_TRUSTED_MODULES) can widen the strategy
+    allow-list, e.g. to the tests' CPU DeepSpeed shim; a config file alone cannot."""
+    monkeypatch.delenv("GAINLORA_TRUSTED_MODULES", raising=False)
+    sys.modules.pop("cpu_deepspeed", None)
+    with pytest.raises(ConfigError, match=r"^strategy._target_=cpu_deepspeed.CPUDeepSpeedStrategy: not one of"):
+        validate_config(cfg_of("strategy=ddp", "strategy._target_=cpu_deepspeed.CPUDeepSpeedStrategy"))
+    assert "cpu_deepspeed" not in sys.modules
