@@ -125,6 +125,10 @@ class Benchmark(Section):
         available = self.available()
         if self.num_tasks is not None and self.num_tasks > len(available):
             raise ValueError(f"benchmark.num_tasks: 1 to {len(available)} (the tasks available), or null for all")
+        twice = [t for t in available if available.count(t) > 1]
+        if twice:
+            raise ValueError(f"benchmark.{'tasks' if self.tasks else 'order'}: each task at most once "
+                             f"({twice[0]} appears twice)")
         ignored = ("data_dir", "val_size") if self.reader == "demo" else ("n_train", "n_val", "n_test")
         for key in ignored:
             if getattr(self, key) is not None:

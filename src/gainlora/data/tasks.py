@@ -18,8 +18,8 @@ def task_order(cfg: Mapping) -> list[str]:
         order = cfg.get("order")
         key = next((k for k in orders if str(k) == str(order)), None)
         if key is None:
-            raise DataError(f"benchmark.order: unknown order {order!r} for benchmark {cfg.get('name')!r}; "
-                            f"known orders: {', '.join(map(str, orders)) or 'none'}")
+            raise DataError(f"benchmark.order={order}: one of {', '.join(map(str, orders)) or 'none'} (the orders "
+                            f"of benchmark {cfg.get('name')})")
         tasks = orders[key]
     tasks, keep = list(tasks), cfg.get("num_tasks")
     if not tasks or isinstance(cfg.get("tasks"), str):
@@ -29,7 +29,8 @@ def task_order(cfg: Mapping) -> list[str]:
             raise DataError(f"benchmark.num_tasks={keep}: 1 to {len(tasks)} (the tasks available), or null for all")
         tasks = tasks[:keep]
     if len(set(tasks)) != len(tasks):
-        raise DataError(f"benchmark: a task appears twice in the order: {tasks}")
+        twice = next(t for t in tasks if tasks.count(t) > 1)
+        raise DataError(f"benchmark.tasks={','.join(tasks)}: each task at most once ({twice} appears twice)")
     return tasks
 
 
