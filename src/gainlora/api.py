@@ -1,7 +1,8 @@
 """Load a finished (or partly finished) run back for inference: ``gainlora.load_run(path)``.
 
-Everything comes from the run directory: the resolved config.yaml rebuilds the backbone and the
-method, and each finished task's safetensors re-open its branch and gate. Nothing is unpickled.
+Everything comes from the run directory: the resolved config.yaml, checked by the run schema (which
+builds only the project's own classes, so a crafted config cannot run code), rebuilds the backbone
+and the method, and each finished task's safetensors re-open its branch and gate. Nothing is unpickled.
 A single-task reference run loads as its last finished task's branch alone (each task's branch
 replaced the previous one); a multi-task run as its one jointly trained branch.
 """
@@ -15,11 +16,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from gainlora.artifacts import RunDir
+from gainlora.build import build_model
 from gainlora.data.collate import Collator
 from gainlora.data.types import Example
 from gainlora.loop import fits, restore_task
 from gainlora.methods.base import Method
 from gainlora.model.module import ContinualLM
+from gainlora.schema import validate_config
 
 
 @dataclass
@@ -44,12 +47,13 @@ class TrainedModel:
 
 
 def load_run(path: str | Path) -> TrainedModel:
-    from gainlora.run import build_model  # late: run.py imports Hydra's entry machinery
-
+    """Raises ``gainlora.schema.ConfigError`` (a ValueError) naming the key when config.yaml is not a
+    valid run config, e.g. one whose ``_target_`` is not one of the project's classes."""
     run_dir = RunDir(path)
     if not run_dir.config.is_file():
         raise FileNotFoundError(f"{run_dir.config}: not a run directory (no config.yaml)")
     cfg = OmegaConf.load(run_dir.config)
+    validate_config(cfg, machine=False)  # inference does not need the accelerator it trained on
     names = json.loads(run_dir.results.read_text())["tasks"]
     module, method, collator = build_model(cfg, names)
     method.setup(module, len(names))

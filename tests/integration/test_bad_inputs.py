@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import save_file
 import torch
 
-from gainlora.run import CONF_DIR, run
+from gainlora.run import CONF_DIR, main, run
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("GAINLORA_DATA", ROOT / "data" / "CL_Benchmark"))
@@ -61,15 +63,17 @@ CASES = {
     "malformed JSON": (SUPERNI, lambda t: t[:-40], "train.json: malformed JSON"),
     "missing key": (SUPERNI, drop_key("Instances"), "missing key 'Instances'"),
     "empty Instances": (SUPERNI, empty_instances, "'Instances' is empty"),
-    "unknown reader": (["benchmark.reader=bogus"], None, "benchmark.reader: unknown 'bogus'"),
-    "unknown order": (["benchmark.order=9"], None, "benchmark.order: unknown order 9"),
-    "zero rank": (["lora.rank=0"], None, "lora.rank must be a positive number"),
+    "unknown reader": (["benchmark.reader=bogus"], None, "benchmark.reader=bogus: should be 'demo', 'superni' or 'long'"),
+    "unknown order": (["benchmark.order=9"], None, "benchmark.order=9: one of 1, 2, all"),
+    "zero rank": (["lora.rank=0"], None, "lora.rank=0: should be greater than 0"),
     "no backbone": (["backbone.tiny=null"], None, "backbone.name_or_path"),
     "indivisible global batch": (["data.global_batch_size=32", "data.batch_size=5"], None,
-                                 "data.global_batch_size=32 is not a multiple of data.batch_size (5)"),
+                                 "data.global_batch_size=32: a multiple of data.batch_size (5)"),
     "ZeRO-3": (["strategy=deepspeed_stage_3", "method=inclora"], None, "deepspeed_stage_3 is not supported"),
     "DeepSpeed on CPU": (["strategy=deepspeed_stage_2", "trainer.accelerator=cpu"], None,
                          "Lightning runs DeepSpeed on CUDA GPUs only"),
+    "devices Lightning refuses": (["trainer.accelerator=cpu", "trainer.devices=[0,1]"], None,
+                                  "trainer: lightning.Trainer refuses these settings: `devices` selected with"),
     "missing single-task reference": (["metrics.single_task_run=/nonexistent/st"], None,
                                       "metrics.single_task_run: /nonexistent/st/results.json: not found"),
     "known-missing file": (["benchmark=long", "benchmark.tasks=[yelp]", f"paths.data_dir={SHARED}"], None,
@@ -107,11 +111,11 @@ def test_entry_point_prints_one_line_error(tmp_path):
     cmd = [sys.executable, "-m", "gainlora.run", *TINY, *DEMO, f"paths.runs_dir={tmp_path}", "lora.rank=0"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1] == "error: lora.rank must be a positive number, got 0"
+    assert done.stderr.strip().splitlines()[-1] == "error: lora.rank=0: should be greater than 0"
 
 
 @pytest.mark.slow
-def test_nan_loss_stops_the_task_and_keeps_finished_ones(tmp_path, monkeypatch):
+def test_nan_loss_stops_the_task_and_keeps_finished_ones(tmp_path, monkeypatch, capsys):
     from gainlora.model.module import ContinualLM
 
     cfg = config(tmp_path, *DEMO, "benchmark.num_tasks=2", "run_id=poisoned")
@@ -122,9 +126,12 @@ def test_nan_loss_stops_the_task_and_keeps_finished_ones(tmp_path, monkeypatch):
         return loss * float("nan") if self.current_task == 1 else loss
 
     monkeypatch.setattr(ContinualLM, "forward", poisoned)
-    with pytest.raises(FloatingPointError, match="non-finite loss .* task 2"):
-        run(cfg)
+    with pytest.raises(SystemExit) as done:
+        main(cfg)  # the entry point: one line, exit code 2
     run_dir = tmp_path / "runs" / "demo" / "poisoned"
+    assert done.value.code == 2
+    assert re.fullmatch(rf"error: {run_dir}/results.json: non-finite loss \(nan\) in task 2 at step \d+; .*",
+                        capsys.readouterr().err.strip().splitlines()[-1])
     assert (run_dir / "tasks" / "01-demo_colour" / "DONE").is_file()
     assert not (run_dir / "tasks" / "02-demo_parity").exists()
     results = json.loads((run_dir / "results.json").read_text())
@@ -138,3 +145,123 @@ def test_resume_refuses_artifacts_of_another_shape(tmp_path):
     save_file({"encoder.block.0.layer.0.SelfAttention.q.A": torch.zeros(2, 2)}, str(branch))
     with pytest.raises(ValueError, match="01-demo_colour/branch.safetensors: does not match its checksum"):
         run(config(tmp_path, *DEMO, "run_id=shape", "benchmark.num_tasks=2", "trainer.max_steps=1", "resume=true"))
+
+
+# -- refused before anything is written -----------------------------------------------------------------
+@pytest.mark.parametrize("override, fragment", [
+    ("generation.num_beams=0", "generation.num_beams=0: should be greater than 0"),
+    ("backbone.max_new_tokens=0", "backbone.max_new_tokens=0: should be greater than 0"),
+    ("benchmark.num_tasks=0", "benchmark.num_tasks=0: should be greater than 0 or null"),
+    ("run_id=../escape", "run_id=../escape: a name"),
+    ("lora.dropout=-0.5", "lora.dropout=-0.5: should be greater than or equal to 0"),
+])
+def test_refused_before_anything_is_written(override, fragment, tmp_path):
+    with pytest.raises(ValueError, match=f"^{re.escape(fragment)}"):
+        run(config(tmp_path, *DEMO, override))
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "escape").exists()
+
+
+def test_unwritable_runs_dir_is_refused_before_the_backbone_loads(tmp_path, monkeypatch):
+    import gainlora.build
+
+    monkeypatch.setattr(gainlora.build, "load_backbone", lambda *a, **k: pytest.fail("backbone loaded"))
+    (tmp_path / "file").write_text("")
+    cfg = config(tmp_path, *DEMO, f"paths.runs_dir={tmp_path / 'file' / 'runs'}")
+    with pytest.raises(ValueError, match=r"^paths.runs_dir=.*/file/runs: a writable directory"):
+        run(cfg)
+
+
+@pytest.mark.parametrize("offline", ["1", ""])
+def test_an_uncached_backbone_fails_fast_with_the_cpu_route(offline, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+    monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")  # nothing listens: as without network
+    cfg = config(tmp_path, *DEMO, "backbone.tiny=null", "+backbone.name_or_path=gainlora-test/not-cached")
+    started = time.time()
+    with pytest.raises(ValueError, match=r"^backbone.name_or_path=gainlora-test/not-cached: not in the Hugging "
+                                         r"Face cache .* debug=cpu_tiny"):
+        run(cfg)
+    assert time.time() - started < 5
+    assert not (tmp_path / "runs").exists()
+
+
+# -- loading runs nothing -------------------------------------------------------------------------------
+class Payload:
+    """Unpickling this creates the marker file: what a crafted run directory would smuggle in."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+CRAFTED = {
+    "torch.load": lambda pickled, marker: {"f": str(pickled), "weights_only": False},
+    "numpy.load": lambda pickled, marker: {"file": str(pickled), "allow_pickle": True},
+    "os.system": lambda pickled, marker: {"command": f"touch {marker}"},
+    "builtins.exec": lambda pickled, marker: {"source": f"open({str(marker)!r}, 'w')"},
+}
+
+
+def crafted_run(tmp_path: Path, target: str) -> tuple[Path, Path]:
+    """A one-task run directory whose config.yaml names ``target`` as the method."""
+    import pickle
+
+    from omegaconf import OmegaConf
+
+    marker, pickled = tmp_path / "marker", tmp_path / "payload.pkl"
+    pickled.write_bytes(pickle.dumps(Payload(marker)))
+    root = tmp_path / "runs" / "demo" / "crafted"
+    cfg = config(tmp_path, *DEMO, "run_id=crafted")
+    cfg.paths.run_dir = str(root)
+    saved = OmegaConf.to_container(cfg, resolve=True)
+    saved["method"] = {"_target_": target, **CRAFTED[target](pickled, marker)}
+    root.mkdir(parents=True)
+    (root / "config.yaml").write_text(OmegaConf.to_yaml(saved))
+    (root / "results.json").write_text(json.dumps({"tasks": ["demo_colour"], "status": "interrupted"}))
+    return root, marker
+
+
+@pytest.mark.parametrize("target", list(CRAFTED))
+def test_load_run_and_resume_run_nothing_a_config_names(target, tmp_path):
+    import gainlora
+
+    root, marker = crafted_run(tmp_path, target)
+    with pytest.raises(ValueError, match=rf"^method._target_={re.escape(target)}: not one of the project's methods"):
+        gainlora.load_run(root)
+    with pytest.raises(ValueError, match=rf"config.yaml: method._target_={re.escape(target)}: not one of"):
+        run(config(tmp_path, *DEMO, "run_id=crafted", "resume=true"))
+    assert not marker.exists()
+
+
+def test_resume_of_a_crafted_run_from_the_command_line(tmp_path):
+    root, marker = crafted_run(tmp_path, "os.system")
+    cmd = [sys.executable, "-m", "gainlora.run", *TINY, *DEMO, f"paths.runs_dir={tmp_path / 'runs'}",
+           "run_id=crafted", "resume=true"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        f"error: {root / 'config.yaml'}: method._target_=os.system: not one of the project's methods")
+    assert not marker.exists()
+
+
+# -- failures during the run: one line, exit code 2 -------------------------------------------------------
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_disk_full_names_the_path(wrapped, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import gainlora.run
+
+    def full(path, text):
+        if wrapped:  # as safetensors reports it: text only, no errno, no file name
+            raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(gainlora.run, "write_text", full)
+    with pytest.raises(SystemExit) as done:
+        gainlora.run.main(config(tmp_path, *DEMO, "run_id=full"))
+    assert done.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    run_dir = tmp_path / "runs" / "demo" / "full"
+    assert line == (f"error: {run_dir if wrapped else run_dir / 'config.yaml'}: no space left on device; "
+                    "finished tasks are kept, free some space and resume with resume=true")

@@ -51,7 +51,8 @@ def launch(runs: Path, name: str) -> Path:
     fails both attempts.
     """
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT / "tests" / "support")}
+           "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT / "tests" / "support"),
+           "GAINLORA_TRUSTED_MODULES": "cpu_deepspeed"}  # the run may name the CPU shim strategy
     for attempt in (1, 2):
         cmd = [sys.executable, "-m", "gainlora.run", *BASE, *RUNS[name], f"paths.runs_dir={runs}",
                f"run_id={name}" if attempt == 1 else f"run_id={name}-retry"]

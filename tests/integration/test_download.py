@@ -211,3 +211,14 @@ def test_cli_downloads_a_whole_benchmark(shared: Path, tmp_path: Path, capsys: p
     empty.mkdir()
     with _Server(empty) as running:  # every file 404s: the exit code says so
         assert main(["--dest", str(tmp_path / "other"), "--base-url", running.url, "--only", "SuperNI"]) == 1
+
+
+def test_no_network_fails_in_seconds_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import time
+
+    started = time.time()  # port 9 on localhost: nothing listens, as when the host cannot be reached
+    assert main(["--dest", str(tmp_path / "d"), "--base-url", "http://127.0.0.1:9/", "--only", "SuperNI"]) == 2
+    assert time.time() - started < 5
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: 127.0.0.1:9: cannot connect within 3 s") and len(err) == 1
+    assert not list((tmp_path / "d").rglob("*.json"))

@@ -19,7 +19,8 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from gainlora.data.types import DataError
-from gainlora.run import CONF_DIR, build_method
+from gainlora.build import build_method
+from gainlora.run import CONF_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml"))

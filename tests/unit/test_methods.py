@@ -21,7 +21,8 @@ from gainlora.methods.base import Needs
 from gainlora.model.features import Features
 from gainlora.model.lora import BranchContext, GatedLoRALinear
 from gainlora.model.module import ContinualLM
-from gainlora.run import CONF_DIR, build_method
+from gainlora.build import build_method
+from gainlora.run import CONF_DIR
 
 
 def compose_method(name: str):

@@ -26,13 +26,9 @@ from gainlora.metrics import cl_metrics
 from gainlora.model.module import ContinualLM
 from gainlora.report import ReportError, compare_runs, load_results, single_task_scores
 from gainlora.run_kinds import RUN_KINDS
-from gainlora.run import (
-    CONF_DIR,
-    ConfigError,
-    build_method,
-    single_task_reference,
-    trainer_factory,
-)
+from gainlora.build import build_method, single_task_reference, trainer_factory
+from gainlora.run import CONF_DIR
+from gainlora.schema import ConfigError
 
 TASKS = ("demo_colour", "demo_parity")
 N_TRAIN, BATCH, STEPS = 8, 8, 3

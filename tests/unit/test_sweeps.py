@@ -23,7 +23,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from safetensors import safe_open
 
 from gainlora.report import plot_forgetting, plot_matrix
-from gainlora.run import CONF_DIR, build_method
+from gainlora.build import build_method
+from gainlora.run import CONF_DIR
 from gainlora.wandb_logging import (
     ID_FILE,
     log_task_end,

@@ -12,6 +12,7 @@ import argparse
 import hashlib
 import http.client
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -65,6 +66,10 @@ class DownloadReport:
 
 class DownloadError(RuntimeError):
     """A file could not be fetched or did not match its blob id."""
+
+
+class Unreachable(RuntimeError):
+    """The server cannot be reached at all: no file can come, so the download stops at once."""
 
 
 # ---------------------------------------------------------------------------------------------- hashing
@@ -135,6 +140,23 @@ def _fetch(url: str, *, retries: int, retry_wait: float, timeout: float) -> byte
     raise AssertionError("unreachable")
 
 
+def check_reachable(base_url: str, timeout: float = 3.0) -> None:
+    """One short connection to the server before any download: without network this fails in
+    seconds instead of after minutes of per-file retries."""
+    parts = urllib.parse.urlsplit(base_url)
+    if parts.scheme not in ("http", "https"):
+        return
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    target = urllib.parse.urlsplit(proxy) if proxy else parts
+    port = target.port or (443 if target.scheme == "https" else 80)
+    try:
+        socket.create_connection((target.hostname, port), timeout=timeout).close()
+    except OSError as err:
+        raise Unreachable(f"{target.hostname}:{port}: cannot connect within {timeout:g} s ({err.strerror or err}); "
+                            "`make data` needs network access to it; on a machine without network, copy a "
+                            "CL_Benchmark folder here and point GAINLORA_DATA at it") from None
+
+
 def _write_atomic(target: Path, data: bytes) -> None:
     """Write through a temporary file in the same folder, so a reader never sees a partial file."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -183,6 +205,7 @@ def download_benchmark(
         if progress:
             print(message, file=sys.stderr, flush=True)
 
+    reachable = False
     for number, entry in enumerate(entries, start=1):
         target = dest / entry.relative
         prefix = f"[{number}/{len(entries)}] {entry.relative}"
@@ -201,6 +224,9 @@ def download_benchmark(
                 data = verified[entry.blob].read_bytes()
                 bucket = report.copied
             else:
+                if not reachable:  # Unreachable leaves the loop: no file can come
+                    check_reachable(base_url)
+                    reachable = True
                 url = base_url + urllib.parse.quote(entry.path)
                 data = _fetch(url, retries=retries, retry_wait=retry_wait, timeout=timeout)
                 bucket = report.downloaded
@@ -230,7 +256,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--base-url", default=DEFAULT_BASE_URL, help="URL prefix for the manifest paths")
     parser.add_argument("--only", choices=GROUP_NAMES, help="fetch one benchmark only")
     args = parser.parse_args(argv)
-    report = download_benchmark(args.dest, base_url=args.base_url, only=args.only, progress=True)
+    try:
+        report = download_benchmark(args.dest, base_url=args.base_url, only=args.only, progress=True)
+    except Unreachable as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if report.ok:
         print(f"benchmark ready in {Path(args.dest).resolve()}; export GAINLORA_DATA={Path(args.dest).resolve()}")
     return 0 if report.ok else 1

@@ -13,19 +13,24 @@ READERS = ("demo", "superni", "long", "custom")
 def task_order(cfg: Mapping) -> list[str]:
     """``cfg.tasks`` if given, else ``cfg.orders[cfg.order]``; cut to ``cfg.num_tasks``."""
     tasks = cfg.get("tasks")
-    if not tasks:
+    if tasks is None:
         orders = cfg.get("orders") or {}
         order = cfg.get("order")
         key = next((k for k in orders if str(k) == str(order)), None)
         if key is None:
-            raise DataError(f"benchmark.order: unknown order {order!r} for benchmark {cfg.get('name')!r}; "
-                            f"known orders: {', '.join(map(str, orders)) or 'none'}")
+            raise DataError(f"benchmark.order={order}: one of {', '.join(map(str, orders)) or 'none'} (the orders "
+                            f"of benchmark {cfg.get('name')})")
         tasks = orders[key]
-    tasks = list(tasks)
-    if cfg.get("num_tasks"):
-        tasks = tasks[: int(cfg["num_tasks"])]
+    tasks, keep = list(tasks), cfg.get("num_tasks")
+    if not tasks or isinstance(cfg.get("tasks"), str):
+        raise DataError(f"benchmark.tasks={cfg.get('tasks')!r}: a non-empty list of task names")
+    if keep is not None:
+        if not 1 <= keep <= len(tasks):  # 0 or -1 would silently mean "all" or "drop the last"
+            raise DataError(f"benchmark.num_tasks={keep}: 1 to {len(tasks)} (the tasks available), or null for all")
+        tasks = tasks[:keep]
     if len(set(tasks)) != len(tasks):
-        raise DataError(f"benchmark: a task appears twice in the order: {tasks}")
+        twice = next(t for t in tasks if tasks.count(t) > 1)
+        raise DataError(f"benchmark.tasks={','.join(tasks)}: each task at most once ({twice} appears twice)")
     return tasks
 
 
@@ -50,8 +55,11 @@ def load_stream(cfg: Mapping, seed: int) -> list[TaskData]:
     if reader == "demo":
         from gainlora.data.demo import make_demo_task
 
-        return [make_demo_task(name, seed=seed, n_train=cfg.get("n_train", 800), n_val=cfg.get("n_val", 100),
-                               n_test=cfg.get("n_test", 200)) for name in tasks]
+        # The caps (debug=cpu_tiny sets them) bound the generated splits as they bound a real task's.
+        train_cap, eval_cap = cfg.get("max_train_per_task"), cfg.get("max_eval_per_task")
+        sizes = {"n_train": _capped(cfg.get("n_train", 800), train_cap),
+                 "n_val": _capped(cfg.get("n_val", 100), eval_cap), "n_test": _capped(cfg.get("n_test", 200), eval_cap)}
+        return [make_demo_task(name, seed=seed, **sizes) for name in tasks]
     from gainlora.data.benchmarks import load_task, validate_tasks
 
     root, selection = data_dir(cfg), cfg.get("selection", "carved")
@@ -59,6 +67,10 @@ def load_stream(cfg: Mapping, seed: int) -> list[TaskData]:
     return [load_task(root, reader, name, seed=seed, max_train=cfg.get("max_train_per_task"),
                       max_eval=cfg.get("max_eval_per_task"), val_size=cfg.get("val_size", 0.1),
                       selection=selection) for name in tasks]
+
+
+def _capped(size: int, cap: int | None) -> int:
+    return size if cap is None else min(size, cap)
 
 
 def stream_metric(tasks: Sequence[TaskData]) -> str:

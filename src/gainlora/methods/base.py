@@ -46,7 +46,7 @@ class Method:
     gate_spec: dict | None = None  # gate architecture for the model; None means gate-free
     # The loop reads these two. joint_training: one fit on the union of every task's training data
     # instead of one fit per task (the multi-task reference). run_kind: what results.json's matrix
-    # means and which metrics apply (gainlora.metrics.RUN_KINDS).
+    # means and which metrics apply (gainlora.run_kinds).
     joint_training = False
     run_kind = "continual"
 

@@ -11,6 +11,7 @@ import re
 from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from gainlora.memory import Subspace, threshold_at

@@ -1,0 +1,211 @@
+"""Objects from a plain run config, without Hydra: the method, model, data, loggers and the per-task
+Trainer factory. Used by the entry point and by ``gainlora.load_run``.
+
+Nothing here imports or calls what a config names: every ``_target_`` goes through the allow-lists
+of ``gainlora.schema`` first (``Bound``), so a config.yaml from elsewhere cannot run code.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import socket
+import urllib.parse
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from gainlora.artifacts import RunDir
+from gainlora.callbacks.best_state import BestTrainableState
+from gainlora.data.collate import Collator
+from gainlora.data.datamodule import TaskStreamDataModule
+from gainlora.data.tasks import load_stream
+from gainlora.data.types import TaskData
+from gainlora.methods.base import Method
+from gainlora.model.backbone import load_backbone
+from gainlora.model.module import ContinualLM
+from gainlora.report import ReportError, single_task_scores
+from gainlora.targets import Bound, ConfigError, bind_logger, bind_method, bind_optimizer, bind_strategy, refuse
+
+log = logging.getLogger("gainlora")
+
+
+def plain(node) -> dict:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+
+
+def make(bound: Bound):
+    """Instantiate a bound class; nested bound arguments first (GainLoRA's branch method)."""
+    obj = bound.cls(**{k: make(v) if isinstance(v, Bound) else v for k, v in bound.kwargs.items()})
+    if bound.label:
+        obj.name = bound.label
+    return obj
+
+
+def build_method(cfg: DictConfig) -> Method:
+    return make(bind_method("method", plain(cfg.method)))
+
+
+def is_deepspeed(cfg: DictConfig) -> bool:
+    """Lightning's DeepSpeedStrategy or a subclass of it (by name: nothing is imported)."""
+    return "deepspeed" in str(cfg.strategy.get("_target_", cfg.strategy.get("name", ""))).lower()
+
+
+# -- batching --------------------------------------------------------------------------------------------
+def world_size(trainer: DictConfig) -> int:
+    devices = trainer.get("devices", 1)
+    if devices == "auto" or devices == -1:
+        devices = torch.cuda.device_count() if torch.cuda.is_available() and trainer.accelerator != "cpu" else 1
+    elif not isinstance(devices, int):
+        devices = len(devices)
+    return max(int(devices), 1) * int(trainer.get("num_nodes", 1))
+
+
+def derive_batching(cfg: DictConfig) -> None:
+    """Gradient accumulation that keeps data.global_batch_size whatever the number of devices."""
+    ranks = world_size(cfg.trainer)
+    global_batch = cfg.data.get("global_batch_size")
+    with open_dict(cfg):
+        if global_batch:
+            per_step = cfg.data.batch_size * ranks
+            if global_batch % per_step:
+                raise refuse("data.global_batch_size", global_batch, f"a multiple of data.batch_size "
+                             f"({cfg.data.batch_size}) x {ranks} devices")
+            cfg.trainer.accumulate_grad_batches = global_batch // per_step
+        cfg.derived = {"world_size": ranks, "per_device_batch": cfg.data.batch_size,
+                       "accumulate_grad_batches": cfg.trainer.accumulate_grad_batches,
+                       "global_batch": cfg.data.batch_size * ranks * cfg.trainer.accumulate_grad_batches}
+
+
+# -- model and data ------------------------------------------------------------------------------------------
+def build_model(cfg: DictConfig, task_names: list[str]) -> tuple[ContinualLM, Method, Collator]:
+    """The module (backbone + branch/gate registry), the method and the collator for a config."""
+    method = build_method(cfg)
+    optimizer = bind_optimizer(plain(cfg.optimizer))
+    overrides = cfg.backbone.get("tiny_overrides")
+    backbone = load_backbone(cfg.backbone.name_or_path, tiny=cfg.backbone.tiny, dtype=cfg.backbone.dtype,
+                             cache_dir=cfg.paths.cache_dir,
+                             tiny_overrides=OmegaConf.to_container(overrides) if overrides else None)
+    module = ContinualLM(
+        backbone, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, gates=method.gate_spec,
+        optimizer=functools.partial(optimizer.cls, **optimizer.kwargs), task_names=task_names,
+        generation={"max_new_tokens": cfg.backbone.max_new_tokens, "num_beams": cfg.generation.num_beams})
+    collator = Collator(backbone.tokenizer, backbone.kind, cfg.backbone.max_source_length,
+                        cfg.backbone.max_target_length)
+    return module, method, collator
+
+
+def build(cfg: DictConfig, tasks: list[TaskData] | None = None) -> tuple[ContinualLM, TaskStreamDataModule, Method]:
+    """Everything a run needs. The data is loaded and validated first, before anything heavy."""
+    tasks = tasks if tasks is not None else load_stream(cfg.benchmark, seed=cfg.seed)
+    module, method, collator = build_model(cfg, [t.name for t in tasks])
+    datamodule = TaskStreamDataModule(tasks, collator, batch_size=cfg.data.batch_size,
+                                      eval_batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers,
+                                      seed=cfg.seed)
+    return module, datamodule, method
+
+
+def check_backbone_source(backbone: DictConfig, timeout: float = 2.0) -> None:
+    """A named backbone must be a model directory, in the Hugging Face cache, or downloadable: known
+    in about a second instead of minutes of connection retries and a traceback."""
+    name = backbone.get("name_or_path")
+    if backbone.get("tiny") or not name:
+        return
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise refuse("backbone.name_or_path", name, "a model directory (with config.json) or a Hugging Face "
+                         "name; this directory has no config.json")
+        return
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        raise refuse("backbone.name_or_path", name, "a model directory or a Hugging Face name (owner/model); "
+                     "no such directory")
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return
+    except ValueError:  # not a valid repository id
+        raise refuse("backbone.name_or_path", name, "a model directory or a Hugging Face name (owner/model)") from None
+    endpoint = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    proxy = urllib.parse.urlsplit(os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") or "")
+    host, port = (proxy.hostname, proxy.port or 80) if proxy.hostname else (endpoint.hostname, endpoint.port or 443)
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if not offline:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            return
+        except OSError:
+            pass
+    raise refuse("backbone.name_or_path", name, f"not in the Hugging Face cache and {host} cannot be reached "
+                 f"{'(HF_HUB_OFFLINE is set)' if offline else 'from here'}, so it cannot be downloaded; the paper "
+                 "experiments need a GPU machine with the model cached or network access; on a CPU, add "
+                 "debug=cpu_tiny (a tiny local backbone of the same family)")
+
+
+def single_task_reference(cfg: DictConfig, task_names: list[str]) -> list[float] | None:
+    """S[j] from ``metrics.single_task_run`` (a finished method=single_task run over the same tasks),
+    checked before anything is trained; None when the key is unset."""
+    path = cfg.get("metrics", {}).get("single_task_run")
+    if not path:
+        return None
+    kind = bind_method("method", plain(cfg.method)).cls.run_kind
+    if kind != "continual":
+        raise ConfigError(f"metrics.single_task_run: FWT applies to continual methods, not to the {kind} "
+                          "reference run; unset it")
+    try:
+        return single_task_scores(Path(path), task_names)
+    except ReportError as err:
+        raise ConfigError(f"metrics.single_task_run: {err}") from None
+
+
+# -- Lightning: loggers, trainers, checkpoints ----------------------------------------------------------------
+def make_loggers(cfg: DictConfig) -> list:
+    return [make(bind_logger(name, spec)) for name, spec in plain(cfg.logger or {}).items() if spec is not None]
+
+
+def trainer_factory(cfg: DictConfig, run_dir: RunDir, loggers: list):
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    strategy = bind_strategy(plain(cfg.strategy))
+
+    def make_trainer(task: int, callbacks: list, steps_scale: int = 1) -> L.Trainer:
+        kwargs = dict(trainer_kwargs)
+        if kwargs.get("max_steps", -1) > 0:  # max_steps is per task: a joint fit on k tasks gets k times it
+            kwargs["max_steps"] *= steps_scale
+        if kwargs.get("limit_val_batches"):  # validation on: keep the best-scoring weights
+            callbacks = [*callbacks, BestTrainableState()]
+        # The loop's InTaskCheckpoint saves what trains; Lightning's own would save the whole model.
+        kwargs["enable_checkpointing"] = False
+        return L.Trainer(**kwargs, strategy=make(strategy) if isinstance(strategy, Bound) else strategy,
+                         logger=loggers, callbacks=callbacks, default_root_dir=str(run_dir.root))
+    return make_trainer
+
+
+def check_trainer(cfg: DictConfig) -> None:
+    """Lightning's own checks of the trainer and strategy settings (devices, precision, the strategy's
+    packages), made now on a throwaway Trainer instead of when the first task's Trainer is built."""
+    kwargs = {**OmegaConf.to_container(cfg.trainer, resolve=True), "enable_checkpointing": False}
+    strategy = bind_strategy(plain(cfg.strategy))
+    logging.disable(logging.INFO)  # its "GPU available" lines come when the first task's Trainer is made
+    try:
+        L.Trainer(**kwargs, strategy=make(strategy) if isinstance(strategy, Bound) else strategy, logger=False)
+    except (MisconfigurationException, ValueError, TypeError, ImportError, RuntimeError) as err:
+        raise ConfigError(f"trainer: lightning.Trainer refuses these settings: {str(err).splitlines()[0]}") from None
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def in_task_checkpoints(cfg: DictConfig) -> dict | None:
+    """The loop's in-task checkpoint cadence, or None. Off under DeepSpeed: its checkpoints are engine
+    folders that DeepSpeed loads by unpickling, and artifacts must load without pickle; such runs
+    resume at task granularity."""
+    spec = OmegaConf.to_container(cfg.checkpoint) if cfg.get("checkpoint") else {}
+    if not (spec.get("every_n_epochs") or spec.get("every_n_train_steps")):
+        return None
+    if is_deepspeed(cfg):
+        log.info("in-task checkpoints are off under DeepSpeed; an interrupted task restarts on resume")
+        return None
+    return spec

@@ -1,0 +1,177 @@
+"""Which run directory a run writes, and that it is the only writer.
+
+``runs/<exp_name>/<run_id>/``: a fresh run takes a new id (a timestamp by default) and refuses a
+directory that already holds a run; ``resume=true`` continues a named run, or the most recently
+modified unfinished one, after checking that the saved config is safe to read and matches this one.
+Rank 0 holds ``<run_dir>/.lock`` (an OS file lock: it goes with the process, so a killed run leaves
+nothing to clean) for the whole run and records its holder beside it, so a second process refuses
+with a line naming the holder. Worker ranks join the directory rank 0 chose (``GAINLORA_RUN_ID``).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from gainlora.artifacts import RunDir, write_json
+from gainlora.schema import ConfigError, refuse, validate_config
+
+RUN_ID_ENV = "GAINLORA_RUN_ID"
+LOCK, HOLDER = ".lock", ".lock.json"
+# Keys that may differ between an interrupted run and its resumption.
+RESUMABLE_KEYS = {"resume", "run_id", "paths", "logger", "trainer.enable_progress_bar", "derived", "checkpoint"}
+
+
+def is_main_process() -> bool:
+    """Global rank 0. Ranks launched by Lightning re-run the entry point with their rank in the env."""
+    return rank_zero_only.rank == 0
+
+
+def status(root: Path) -> str | None:
+    try:
+        return json.loads((root / "results.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def last_modified(root: Path) -> float:
+    """Newest mtime of the directory and what it holds one level down (tasks/, results.json, ...)."""
+    return max((p.stat().st_mtime for p in [root, *root.iterdir()]), default=0.0)
+
+
+def latest_unfinished(base: Path) -> Path | None:
+    runs = [p for p in base.glob("*") if (p / "config.yaml").is_file() and status(p) != "finished"]
+    return max(runs, key=last_modified, default=None)
+
+
+def resolve_run_dir(cfg: DictConfig) -> RunDir:
+    base = Path(cfg.paths.runs_dir) / cfg.exp_name
+    if cfg.run_id is not None:
+        return RunDir(base / str(cfg.run_id))
+    if cfg.resume:
+        found = latest_unfinished(base)
+        if found is None:
+            raise refuse("resume", True, f"needs an unfinished run under {base} (none there); name one with run_id=...")
+        print(f"[gainlora] resuming {found} (the most recently modified unfinished run)", flush=True)
+        return RunDir(found)
+    return RunDir(base / datetime.now().strftime("%Y%m%d-%H%M%S"))
+
+
+def config_differences(saved: DictConfig, current: DictConfig) -> list[str]:
+    """Dotted keys whose values differ, ignoring those a resume may change."""
+    a = OmegaConf.to_container(saved, resolve=True)
+    b = OmegaConf.to_container(current, resolve=True)
+    diffs: list[str] = []
+
+    def walk(x, y, prefix: str) -> None:
+        if prefix.rstrip(".") in RESUMABLE_KEYS or prefix.split(".")[0] in RESUMABLE_KEYS:
+            return
+        if isinstance(x, dict) and isinstance(y, dict):
+            for key in sorted(set(x) | set(y), key=str):  # order keys mix ints and names
+                walk(x.get(key), y.get(key), f"{prefix}{key}.")
+        elif x != y:
+            diffs.append(f"{prefix.rstrip('.')}: {x!r} -> {y!r}")
+
+    walk(a, b, "")
+    return diffs
+
+
+class RunLock:
+    """``<run_dir>/.lock`` held for the run's lifetime, its holder (pid, host, start) in ``.lock.json``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.lock = FileLock(root / LOCK)
+
+    def acquire(self) -> None:
+        try:
+            self.lock.acquire(timeout=0)
+        except Timeout:
+            try:
+                who = json.loads((self.root / HOLDER).read_text())
+                holder = f"pid {who['pid']} on host {who['host']} since {who['since']}"
+            except (OSError, ValueError, KeyError):
+                holder = "another process"
+            raise ConfigError(f"{self.root}: in use by {holder}; wait for it to end or use another run_id") from None
+        write_json(self.root / HOLDER, {"pid": os.getpid(), "host": socket.gethostname(),
+                                        "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
+
+    def release(self) -> None:
+        with contextlib.suppress(OSError):
+            (self.root / HOLDER).unlink()
+        self.lock.release()
+
+
+@contextlib.contextmanager
+def claim_run_dir(cfg: DictConfig) -> Iterator[RunDir]:
+    """The run's directory, created and locked (rank 0), checked against what it already holds.
+
+    Fails, with nothing left behind, when the directory cannot be written, is in use, holds another
+    run (without resume=true), lost its config.yaml but holds tasks, or was made with another config.
+    """
+    if not is_main_process():  # a DDP/DeepSpeed worker: join the directory rank 0 made
+        with open_dict(cfg):
+            cfg.run_id = cfg.run_id or os.environ[RUN_ID_ENV]
+            cfg.paths.run_dir = str(resolve_run_dir(cfg).root)
+        yield RunDir(cfg.paths.run_dir)
+        return
+    run_dir = resolve_run_dir(cfg)
+    root = run_dir.root
+    if cfg.resume and not run_dir.config.is_file():
+        raise refuse("run_id", root.name, f"resume=true needs an existing run; {root} holds none")
+    created = not root.exists()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise refuse("paths.runs_dir", cfg.paths.runs_dir, f"a writable directory ({err.strerror}: "
+                     f"{err.filename or root})") from None
+    lock = RunLock(root)
+    try:
+        lock.acquire()
+    except OSError as err:
+        raise refuse("paths.runs_dir", cfg.paths.runs_dir, f"a writable directory ({err.strerror}: {root})") from None
+    try:
+        check_existing(cfg, run_dir)
+        os.environ[RUN_ID_ENV] = root.name  # inherited by the worker processes Lightning launches
+        with open_dict(cfg):
+            cfg.paths.run_dir = str(root)
+            cfg.run_id = root.name
+        yield run_dir
+    finally:
+        lock.release()
+        if created and not run_dir.config.exists():  # nothing of a run was written: leave no trace
+            with contextlib.suppress(OSError):
+                (root / LOCK).unlink()
+                root.rmdir()
+
+
+def check_existing(cfg: DictConfig, run_dir: RunDir) -> None:
+    root = run_dir.root
+    if not run_dir.config.is_file():
+        if (root / "tasks").exists():
+            raise refuse("run_id", root.name, f"a new name: {root} holds tasks but no config.yaml, so what made "
+                         "them is unknown; it is never reused")
+        return
+    if not cfg.resume:
+        raise refuse("run_id", root.name, f"a new name: {root} already holds a run (or pass resume=true)")
+    try:
+        saved = OmegaConf.load(run_dir.config)
+    except Exception as err:
+        raise ConfigError(f"{run_dir.config}: not a readable config ({type(err).__name__})") from None
+    try:
+        validate_config(saved, machine=False)  # a saved config naming foreign code is refused here
+    except ConfigError as err:
+        raise ConfigError(f"{run_dir.config}: {err}") from None
+    diffs = config_differences(saved, cfg)
+    if diffs:
+        raise ConfigError(f"resume: {run_dir.config} was made with another config; differing keys: "
+                          + "; ".join(diffs[:5]))

@@ -1,0 +1,257 @@
+"""The run configuration's schema: every user-facing key typed and ranged, checked before anything is
+built or written.
+
+Validation runs on the resolved config as JSON data in pydantic's strict mode, so a value is what
+the user typed (an int may stand for a float; "3" is not a number, 4.0 is not an int, 1 is not a
+bool, NaN and inf are refused). Unknown keys are refused, so a typo fails instead of being ignored.
+Objects named by ``_target_`` are checked by ``gainlora.targets`` (allow-lists, arguments bound to
+the constructor's signature).
+
+A bad value raises ``ConfigError("<dotted.key>=<value>: <what is accepted>")``.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import fields
+from typing import Annotated, Any, Literal
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from gainlora.data.tasks import READERS
+from gainlora.targets import (STRICT, ConfigError, bind_logger, bind_method, bind_optimizer, bind_strategy,
+                              check_name, from_pydantic, refuse)
+
+__all__ = ["ConfigError", "RunConfig", "check_name", "validate_config"]
+
+
+# -- the sections ----------------------------------------------------------------------------------------
+PosInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+
+
+class Section(BaseModel):
+    model_config = STRICT
+
+
+class Lora(Section):
+    rank: PosInt
+    alpha: Annotated[float, Field(gt=0)]
+    dropout: Annotated[float, Field(ge=0, lt=1)]
+
+
+class Data(Section):
+    batch_size: PosInt
+    global_batch_size: PosInt | None
+    eval_batch_size: PosInt
+    num_workers: NonNegInt
+
+
+class Generation(Section):
+    num_beams: PosInt
+
+
+class Checkpoint(Section):
+    every_n_epochs: NonNegInt | None
+    every_n_train_steps: NonNegInt | None
+
+
+class Metrics(Section):
+    single_task_run: Annotated[str, Field(min_length=1)] | None
+
+
+class Paths(Section):
+    runs_dir: Annotated[str, Field(min_length=1)]
+    data_dir: str | None
+    cache_dir: str | None
+    run_dir: str | None
+
+
+class Backbone(Section):
+    family: Literal["t5", "llama"] | None = None
+    name_or_path: Annotated[str, Field(min_length=1)] | None
+    tiny: str | None
+    tiny_overrides: dict[str, Any] | None = None
+    dtype: Literal["float32", "bfloat16", "float16"]
+    max_source_length: PosInt
+    max_target_length: PosInt
+    max_new_tokens: PosInt
+
+    @model_validator(mode="after")
+    def one_source(self) -> Backbone:
+        from gainlora.model.tiny import PRESETS, TinySpec
+
+        if (self.name_or_path is None) == (self.tiny is None):
+            raise ValueError("backbone.name_or_path: set exactly one of backbone.name_or_path (a Hugging Face "
+                             "name or a local directory) and backbone.tiny (a local preset)")
+        if self.tiny is not None and self.tiny not in PRESETS:
+            raise ValueError(f"backbone.tiny: one of {', '.join(PRESETS)}")
+        unknown = sorted(set(self.tiny_overrides or {}) - {f.name for f in fields(TinySpec)} - {"name"})
+        if unknown:
+            raise ValueError(f"backbone.tiny_overrides.{unknown[0]}: unknown field; the preset fields are "
+                             + ", ".join(f.name for f in fields(TinySpec)))
+        return self
+
+
+class Benchmark(Section):
+    name: str
+    reader: Literal[READERS]  # type: ignore[valid-type]
+    data_dir: str | None = None
+    order: int | str | None = None
+    orders: dict[str, list[str]] | None = None
+    tasks: Annotated[list[str], Field(min_length=1)] | None = None
+    num_tasks: PosInt | None = None
+    n_train: PosInt | None = None  # demo reader
+    n_val: NonNegInt | None = None
+    n_test: PosInt | None = None
+    max_train_per_task: PosInt | None = None
+    max_eval_per_task: PosInt | None = None
+    val_size: Annotated[float, Field(ge=0, lt=1)] | None = None  # superni / long readers
+    selection: Literal["carved", "paper"] = "carved"
+
+    def available(self) -> list[str]:
+        if self.tasks is not None:
+            return self.tasks
+        for key, tasks in (self.orders or {}).items():
+            if key == str(self.order):
+                return tasks
+        known = ", ".join(self.orders or {}) or "none"
+        raise ValueError(f"benchmark.order: one of {known} (the orders of benchmark {self.name})")
+
+    @model_validator(mode="after")
+    def consistent(self) -> Benchmark:
+        available = self.available()
+        if self.num_tasks is not None and self.num_tasks > len(available):
+            raise ValueError(f"benchmark.num_tasks: 1 to {len(available)} (the tasks available), or null for all")
+        twice = [t for t in available if available.count(t) > 1]
+        if twice:
+            raise ValueError(f"benchmark.{'tasks' if self.tasks else 'order'}: each task at most once "
+                             f"({twice[0]} appears twice)")
+        ignored = ("data_dir", "val_size") if self.reader == "demo" else ("n_train", "n_val", "n_test")
+        for key in ignored:
+            if getattr(self, key) is not None:
+                raise ValueError(f"benchmark.{key}: the {self.reader} reader does not read it; leave it unset")
+        return self
+
+
+PRECISIONS = Literal["32-true", "32", 32, "64-true", "64", 64, "16-mixed", "16-true", "16", 16,
+                     "bf16-mixed", "bf16-true", "bf16"]
+
+
+class Trainer(Section):
+    """The keys conf/trainer sets; any other ``lightning.Trainer`` argument is allowed, by name."""
+    model_config = ConfigDict(STRICT, extra="allow")
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"]
+    devices: PosInt | Literal[-1, "auto"] | Annotated[list[NonNegInt], Field(min_length=1)]
+    num_nodes: PosInt = 1
+    precision: PRECISIONS
+    max_epochs: Annotated[int, Field(ge=-1)] | None
+    max_steps: Annotated[int, Field(ge=-1)]
+    gradient_clip_val: Annotated[float, Field(ge=0)] | None = None
+    accumulate_grad_batches: PosInt = 1
+    log_every_n_steps: PosInt = 50
+    check_val_every_n_epoch: PosInt | None = 1
+    limit_val_batches: NonNegInt | Annotated[float, Field(ge=0, le=1)] = 0
+    num_sanity_val_steps: Annotated[int, Field(ge=-1)] = 0
+    enable_checkpointing: bool = False
+    enable_model_summary: bool = False
+    enable_progress_bar: bool = True
+    deterministic: bool | Literal["warn"] = False
+
+    @model_validator(mode="after")
+    def trains(self) -> Trainer:
+        import lightning as L
+
+        extra = set(self.model_extra or {})
+        unknown = sorted(extra - set(inspect.signature(L.Trainer).parameters)
+                         | extra & {"strategy", "logger", "callbacks", "default_root_dir"})
+        if unknown:  # the run sets the last four itself (strategy: and logger: sections)
+            raise ValueError(f"trainer.{unknown[0]}: not a lightning.Trainer argument this config may set")
+        if self.max_steps == 0 or self.max_epochs == 0:
+            key = "trainer.max_steps" if self.max_steps == 0 else "trainer.max_epochs"
+            raise ValueError(f"{key}: a positive limit, or -1 for none (0 trains nothing)")
+        if self.max_steps == -1 and (self.max_epochs is None or self.max_epochs < 0):
+            raise ValueError("trainer.max_steps: a positive limit when trainer.max_epochs is unlimited "
+                             "(both unlimited would train forever)")
+        return self
+
+
+class RunConfig(Section):
+    exp_name: Any  # checked by check_name
+    seed: Annotated[int, Field(ge=0, lt=2**31)]
+    run_id: Any  # checked by check_name
+    resume: bool
+    lora: Lora
+    optimizer: dict[str, Any]
+    data: Data
+    generation: Generation
+    checkpoint: Checkpoint
+    metrics: Metrics
+    paths: Paths
+    backbone: Backbone
+    benchmark: Benchmark
+    method: dict[str, Any]
+    trainer: Trainer
+    strategy: dict[str, Any]
+    logger: dict[str, dict[str, Any] | None] | None
+    derived: dict[str, Any] | None = None  # written by the run (gainlora.build.derive_batching)
+
+
+# -- the whole config -------------------------------------------------------------------------------------
+def validate_config(cfg: DictConfig, *, machine: bool = True) -> RunConfig:
+    """Check every key of a resolved run config; ``machine``: also that this machine can run it
+    (accelerator present), which loading a run for inference does not need."""
+    probe = cfg.copy()
+    if OmegaConf.select(probe, "paths.run_dir") is None and "paths" in probe:
+        probe.paths.run_dir = "<run_dir>"  # loggers' save_dir interpolates it; set once the run dir is known
+    try:
+        data = OmegaConf.to_container(probe, resolve=True)
+    except Exception as err:  # an interpolation that cannot resolve (e.g. an unset environment variable)
+        raise ConfigError(f"config: {err}".splitlines()[0]) from None
+    try:
+        valid = RunConfig.model_validate_json(json.dumps(data, default=str))
+    except ValidationError as err:
+        raise from_pydantic(err, data, model=RunConfig) from None
+    check_name("exp_name", valid.exp_name)
+    if valid.run_id is not None:
+        check_name("run_id", valid.run_id)
+    bind_method("method", data["method"])
+    bind_optimizer(data["optimizer"])
+    bind_strategy(data["strategy"])
+    for name, spec in (data["logger"] or {}).items():
+        if spec is not None:
+            bind_logger(name, spec)
+    if machine:
+        check_machine(valid, data["strategy"])
+    return valid
+
+
+def check_machine(cfg: RunConfig, strategy: dict) -> None:
+    trainer = cfg.trainer
+    if trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise refuse("trainer.accelerator", trainer.accelerator, "cpu or auto: this machine has no CUDA GPU")
+    if trainer.accelerator == "mps" and not torch.backends.mps.is_available():
+        raise refuse("trainer.accelerator", "mps", "cpu or auto: this machine has no MPS device")
+    if trainer.accelerator == "tpu":
+        raise refuse("trainer.accelerator", "tpu", "auto, cpu or gpu (this project does not run on TPUs)")
+    on_cpu = trainer.accelerator == "cpu" or (trainer.accelerator == "auto" and not torch.cuda.is_available())
+    if on_cpu and str(trainer.precision).startswith("16"):
+        raise refuse("trainer.precision", trainer.precision, "32-true, 64-true or bf16-* on a CPU (fp16 needs a GPU)")
+    if isinstance(trainer.devices, int) and trainer.devices > 1 and not on_cpu \
+            and trainer.devices > torch.cuda.device_count():
+        raise refuse("trainer.devices", trainer.devices, f"at most {torch.cuda.device_count()} (the GPUs here)")
+    target, name = str(strategy.get("_target_", "")), str(strategy.get("name", ""))
+    if "DeepSpeed" in target or name.startswith("deepspeed"):
+        if strategy.get("stage") == 3 or "stage_3" in name:
+            # Measured with the CPU shim: task 1 trains, then IncLoRA fails at task 2 (the new
+            # Trainer's engine meets the last one's partitioned parameters) and InfLoRA hangs
+            # collecting features outside the engine (docs/architecture.md, "Several processes").
+            raise refuse("strategy", "deepspeed_stage_3", "deepspeed_stage_3 is not supported: a continual run "
+                         "rebuilds the DeepSpeed engine for every task and ZeRO-3's partitioned parameters do "
+                         "not survive the handover; use deepspeed_stage_2 or deepspeed_stage_2_offload")
+        if on_cpu and (target == "lightning.pytorch.strategies.DeepSpeedStrategy" or name):  # not a CPU subclass
+            raise refuse("strategy", target or name, "ddp or auto on this CPU run: Lightning runs DeepSpeed on CUDA "
+                         "GPUs only (or set trainer.accelerator=gpu on a GPU machine)")
+

@@ -1,0 +1,154 @@
+"""Run-directory claims (gainlora.rundir): one writer per directory, with the holder named and a
+killed holder's lock recovered; resume only of an existing run, the latest modified unfinished one
+by default; directories that hold another run, or tasks without a config, are never reused; a
+saved config naming foreign code is refused; a failed start leaves nothing behind."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from filelock import FileLock
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from gainlora.rundir import HOLDER, LOCK, claim_run_dir
+from gainlora.run import CONF_DIR
+from gainlora.schema import ConfigError
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+
+def cfg_of(tmp_path: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=["experiment=demo", f"paths.runs_dir={tmp_path}", *overrides])
+
+
+def saved_run(tmp_path: Path, run_id: str, status: str | None = None, *overrides: str) -> Path:
+    """A run directory as a run leaves it: config.yaml (and results.json with ``status``)."""
+    root = tmp_path / "demo" / run_id
+    root.mkdir(parents=True)
+    cfg = cfg_of(tmp_path, f"run_id={run_id}", *overrides)
+    cfg.paths.run_dir = str(root)
+    (root / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if status is not None:
+        (root / "results.json").write_text(json.dumps({"status": status}))
+    return root
+
+
+def hold_lock(root: Path) -> subprocess.Popen:
+    """Another process holding the run's lock (as a running run does)."""
+    code = ("import sys, time; from pathlib import Path; from gainlora.rundir import RunLock; "
+            "lock = RunLock(Path(sys.argv[1])); lock.acquire(); print('held', flush=True); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(root)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(SRC)})
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_fresh_run_dir_is_created_locked_and_released(tmp_path):
+    with claim_run_dir(cfg := cfg_of(tmp_path, "run_id=r")) as run_dir:
+        assert run_dir.root == tmp_path / "demo" / "r" and cfg.paths.run_dir == str(run_dir.root)
+        holder = json.loads((run_dir.root / HOLDER).read_text())
+        assert holder["pid"] == os.getpid()
+        run_dir.config.write_text("x: 1\n")
+    assert not (run_dir.root / HOLDER).exists()
+    FileLock(run_dir.root / LOCK).acquire(timeout=0)  # released with the claim
+
+
+def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holder_is_recovered(tmp_path):
+    root = tmp_path / "demo" / "busy"
+    root.mkdir(parents=True)
+    proc = hold_lock(root)
+    try:
+        with pytest.raises(ConfigError, match=rf"{root}: in use by pid {proc.pid} on host \S+ since "):
+            with claim_run_dir(cfg_of(tmp_path, "run_id=busy")):
+                pytest.fail("claimed a directory another process holds")
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)  # no chance to release: the OS drops its lock
+        proc.wait()
+    assert (root / LOCK).exists() and (root / HOLDER).exists()  # what the killed process left
+    with claim_run_dir(cfg_of(tmp_path, "run_id=busy")) as run_dir:
+        assert json.loads((run_dir.root / HOLDER).read_text())["pid"] == os.getpid()
+
+
+def test_a_directory_holding_a_run_is_refused_without_resume(tmp_path):
+    saved_run(tmp_path, "done", "finished")
+    with pytest.raises(ConfigError, match="^run_id=done: a new name: .* already holds a run"):
+        with claim_run_dir(cfg_of(tmp_path, "run_id=done")):
+            pass
+
+
+@pytest.mark.parametrize("resume", ["false", "true"])
+def test_tasks_without_a_config_are_never_reused(tmp_path, resume):
+    (tmp_path / "demo" / "orphan" / "tasks" / "01-demo_colour").mkdir(parents=True)
+    fragment = "holds tasks but no config.yaml" if resume == "false" else "resume=true needs an existing run"
+    with pytest.raises(ConfigError, match=fragment):
+        with claim_run_dir(cfg_of(tmp_path, "run_id=orphan", f"resume={resume}")):
+            pass
+    assert (tmp_path / "demo" / "orphan" / "tasks" / "01-demo_colour").is_dir()
+
+
+def test_resume_of_a_missing_run_is_an_error_and_creates_nothing(tmp_path):
+    with pytest.raises(ConfigError, match="^run_id=nosuch: resume=true needs an existing run"):
+        with claim_run_dir(cfg_of(tmp_path, "run_id=nosuch", "resume=true")):
+            pass
+    assert not (tmp_path / "demo").exists()
+
+
+def test_resume_without_run_id_takes_the_most_recently_modified_unfinished_run(tmp_path, capsys):
+    now = time.time()
+    for name, status, age in [("a-finished", "finished", 0), ("b-newest", "running", 10),
+                              ("c-older", "interrupted", 500), ("d-nostatus", None, 1000)]:
+        root = saved_run(tmp_path, name, status)
+        for path in [root, *root.iterdir()]:
+            os.utime(path, (now - age, now - age))
+    (tmp_path / "demo" / "e-noconfig").mkdir()  # newest, but not a run
+    with claim_run_dir(cfg := cfg_of(tmp_path, "resume=true")) as run_dir:
+        assert run_dir.root.name == "b-newest" == cfg.run_id  # not the last by name (d-nostatus)
+    assert "resuming" in capsys.readouterr().out and "b-newest" in run_dir.root.name
+
+
+def test_resume_without_run_id_and_nothing_unfinished_is_an_error(tmp_path):
+    saved_run(tmp_path, "a", "finished")
+    with pytest.raises(ConfigError, match="^resume=true: needs an unfinished run under"):
+        with claim_run_dir(cfg_of(tmp_path, "resume=true")):
+            pass
+
+
+def test_resume_refuses_another_config(tmp_path):
+    saved_run(tmp_path, "r", "interrupted", "lora.rank=4")
+    with pytest.raises(ConfigError, match="differing keys: lora.rank: 4 -> 8"):
+        with claim_run_dir(cfg_of(tmp_path, "run_id=r", "resume=true")):
+            pass
+
+
+@pytest.mark.parametrize("target", ["torch.load", "numpy.load", "os.system"])
+def test_resume_refuses_a_saved_config_naming_foreign_code(tmp_path, target):
+    root = saved_run(tmp_path, "crafted", "interrupted")
+    saved = OmegaConf.load(root / "config.yaml")
+    saved.method = {"_target_": target, "command": f"touch {tmp_path / 'marker'}"}
+    (root / "config.yaml").write_text(OmegaConf.to_yaml(saved))
+    with pytest.raises(ConfigError, match=f"config.yaml: method._target_={target}: not one of the project's methods"):
+        with claim_run_dir(cfg_of(tmp_path, "run_id=crafted", "resume=true")):
+            pass
+    assert not (tmp_path / "marker").exists()
+
+
+def test_a_failed_start_leaves_no_directory(tmp_path):
+    with pytest.raises(RuntimeError):
+        with claim_run_dir(cfg_of(tmp_path, "run_id=short")):
+            raise RuntimeError("backbone failed to load")
+    assert list((tmp_path / "demo").iterdir()) == []
+
+
+def test_an_unwritable_runs_dir_is_refused(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=rf"^paths.runs_dir={tmp_path}/file/runs: a writable directory"):
+        with claim_run_dir(cfg_of(tmp_path, f"paths.runs_dir={tmp_path}/file/runs", "run_id=x")):
+            pass

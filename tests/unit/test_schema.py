@@ -1,0 +1,195 @@
+"""The config schema (gainlora.schema): each bad value is refused with one line naming the key, the
+value and what is accepted; good values and every shipped experiment pass; unsafe targets are
+refused without being imported or called."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from gainlora.build import build_method
+from gainlora.run import CONF_DIR
+from gainlora.schema import ConfigError, check_name, validate_config
+
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+
+
+def cfg_of(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=["experiment=demo", *overrides])
+
+
+# override -> the start of the message (after "error: ")
+REFUSED = {
+    "lora.rank=0": "lora.rank=0: should be greater than 0",
+    "lora.rank=2.5": "lora.rank=2.5: should be a valid integer",
+    "lora.rank=abc": "lora.rank=abc: should be a valid integer",
+    "lora.rank=true": "lora.rank=true: should be a valid integer",
+    "lora.alpha=-1": "lora.alpha=-1: should be greater than 0",
+    "lora.alpha='32'": "lora.alpha=32: should be a valid number",
+    "lora.dropout=-0.1": "lora.dropout=-0.1: should be greater than or equal to 0",
+    "lora.dropout=1.0": "lora.dropout=1.0: should be less than 1",
+    "+lora.rnak=4": "lora.rnak=4: unknown key",
+    "+lr=0.1": "lr=0.1: unknown key",
+    "optimizer.lr=0": "optimizer.lr=0: a number > 0",
+    "optimizer.lr=-0.001": "optimizer.lr=-0.001: a number > 0",
+    "optimizer.lr=nan": "optimizer.lr=NaN: should be a finite number",
+    "optimizer.lr=inf": "optimizer.lr=Infinity: should be a finite number",
+    "optimizer.weight_decay=-0.1": "optimizer.weight_decay=-0.1: a number >= 0",
+    "+optimizer.lrr=0.1": "optimizer.lrr=0.1: unknown key",
+    "optimizer._target_=os.system": "optimizer._target_=os.system: not one of the project's optimizers",
+    "optimizer._partial_=false": "optimizer._partial_=false: true",
+    "data.batch_size=0": "data.batch_size=0: should be greater than 0",
+    "data.global_batch_size=-32": "data.global_batch_size=-32: should be greater than 0 or null",
+    "data.eval_batch_size=0": "data.eval_batch_size=0",
+    "data.num_workers=-1": "data.num_workers=-1: should be greater than or equal to 0",
+    "generation.num_beams=0": "generation.num_beams=0: should be greater than 0",
+    "backbone.max_new_tokens=0": "backbone.max_new_tokens=0: should be greater than 0",
+    "backbone.max_source_length=-1": "backbone.max_source_length=-1",
+    "backbone.dtype=float8": "backbone.dtype=float8: should be 'float32', 'bfloat16' or 'float16'",
+    "backbone.tiny=nosuch": "backbone.tiny=nosuch: one of t5-demo",
+    "backbone.tiny=null": "backbone.name_or_path=null: set exactly one of",
+    "backbone.name_or_path=google-t5/t5-large": "backbone.name_or_path=google-t5/t5-large: set exactly one of",
+    "+backbone.tiny_overrides.layerz=3": "backbone.tiny_overrides.layerz=3: unknown field",
+    "benchmark.num_tasks=0": "benchmark.num_tasks=0: should be greater than 0 or null",
+    "benchmark.num_tasks=-1": "benchmark.num_tasks=-1: should be greater than 0 or null",
+    "benchmark.num_tasks=5": "benchmark.num_tasks=5: 1 to 4",
+    "benchmark.tasks=[]": "benchmark.tasks=[]: should have at least 1 item or be null",
+    "benchmark.tasks=demo_colour": "benchmark.tasks=demo_colour: should be a valid list or null",
+    "benchmark.tasks=[1,2]": "benchmark.tasks.0=1: should be a valid string",
+    "benchmark.order=9": "benchmark.order=9: one of 1, 2, all",
+    "benchmark.tasks=[demo_colour,demo_colour]": "benchmark.tasks=[\"demo_colour\", \"demo_colour\"]: each task at most once",
+    "benchmark.reader=bogus": "benchmark.reader=bogus: should be 'demo', 'superni' or 'long'",
+    "benchmark.n_train=0": "benchmark.n_train=0: should be greater than 0",
+    "+benchmark.val_size=0.2": "benchmark.val_size=0.2: the demo reader does not read it",
+    "benchmark.selection=best": "benchmark.selection=best: should be 'carved' or 'paper'",
+    "trainer.max_steps=0": "trainer.max_steps=0: a positive limit",
+    "trainer.max_steps=-1": "trainer.max_steps=-1: a positive limit when trainer.max_epochs is unlimited",
+    "trainer.max_epochs=0": "trainer.max_epochs=0: a positive limit",
+    "trainer.max_steps=-5": "trainer.max_steps=-5: should be greater than or equal to -1",
+    "trainer.precision=17": "trainer.precision=17: should be",
+    "trainer.accelerator=quantum": "trainer.accelerator=quantum: should be 'auto'",
+    "trainer.accelerator=tpu": "trainer.accelerator=tpu: auto, cpu or gpu",
+    "trainer.devices=0": "trainer.devices=0: should be",
+    "trainer.devices=abc": "trainer.devices=abc: should be",
+    "+trainer.max_step=3": "trainer.max_step=3: not a lightning.Trainer argument",
+    "+trainer.strategy=ddp": "trainer.strategy=ddp: not a lightning.Trainer argument",
+    "trainer.enable_progress_bar=1": "trainer.enable_progress_bar=1: should be a valid boolean",
+    "checkpoint.every_n_epochs=-1": "checkpoint.every_n_epochs=-1: should be greater than or equal to 0 or null",
+    "+checkpoint.every_n_step=3": "checkpoint.every_n_step=3: unknown key",
+    "seed=-1": "seed=-1: should be greater than or equal to 0",
+    "seed=abc": "seed=abc: should be a valid integer",
+    "resume=yes": "resume=yes: should be a valid boolean",
+    "run_id=../x": "run_id=../x: a name of 1-100 characters",
+    "run_id=/tmp/x": "run_id=/tmp/x: a name of 1-100 characters",
+    "run_id=a/b": "run_id=a/b: a name",
+    "run_id=''": "run_id=: a name",
+    "run_id=..": "run_id=..: a name",
+    "run_id=.": "run_id=.: a name",
+    f"run_id={'x' * 101}": "run_id=xxxx",
+    "run_id=1.5": "run_id=1.5: a name",
+    "exp_name=../../etc": "exp_name=../../etc: a name",
+    "metrics.single_task_run=''": "metrics.single_task_run=: should have at least 1 character",
+    "method.hidden=abc": "method.hidden=abc: should be a valid integer",
+    "method.branches.threshold=0": "method.branches.threshold=0: should be greater than 0",
+    "method.branches.threshold=1.5": "method.branches.threshold=1.5: should be less than or equal to 1",
+    "method.thresholds=[0.9,0.9]": "method.thresholds=[0.9, 0.9]",
+    "+method.bogus=1": "method.bogus=1: unknown key",
+    "method._target_=torch.load": "method._target_=torch.load: not one of the project's methods (gainlora.methods.",
+    "method._target_=numpy.load": "method._target_=numpy.load: not one of the project's methods",
+    "method._target_=os.system": "method._target_=os.system: not one of the project's methods",
+    "method._target_=gainlora.run.main": "method._target_=gainlora.run.main: not one of the project's methods",
+    "method._target_=gainlora.methods.base.subspace_tensors": "method._target_=gainlora.methods.base.subspace_tensors",
+    "method._target_=gainlora.methods.nosuch.X": "method._target_=gainlora.methods.nosuch.X: not one of",
+    "method.branches._target_=os.system": "method.branches._target_=os.system: not one of the project's methods",
+    "strategy.name=bogus": "strategy.name=bogus: one of auto, ddp",
+    "logger.csv._target_=os.system": "logger.csv._target_=os.system: not one of the project's loggers",
+    "+logger.csv.bogus=1": "logger.csv.bogus=1: unknown key",
+}
+
+
+@pytest.mark.parametrize("override", list(REFUSED))
+def test_bad_value_is_refused_with_one_line(override):
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg_of(override))
+    message = str(err.value)
+    assert message.startswith(REFUSED[override]), message
+    assert "\n" not in message
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of a GPU that is absent")
+def test_gpu_accelerator_without_cuda_is_refused():
+    with pytest.raises(ConfigError, match=r"^trainer.accelerator=gpu: cpu or auto: this machine has no CUDA GPU"):
+        validate_config(cfg_of("trainer.accelerator=gpu"))
+    validate_config(cfg_of("trainer.accelerator=gpu"), machine=False)  # loading for inference: fine
+
+
+ACCEPTED = ["lora.dropout=0.1", "optimizer.lr=1", "run_id=12", "run_id=a.b-c_1", "benchmark.num_tasks=1",
+            "benchmark.num_tasks=4", "benchmark.tasks=[demo_parity]", "trainer.max_epochs=3", "trainer.max_steps=-1",
+            "trainer.precision=bf16-mixed", "+trainer.val_check_interval=0.5", "method=inflora", "method=olora",
+            "data.global_batch_size=64", "checkpoint.every_n_epochs=null", "strategy=ddp", "logger=wandb",
+            "+optimizer.betas=[0.9,0.99]", "method.branches.threshold=1"]
+
+
+@pytest.mark.parametrize("override", ACCEPTED)
+def test_good_value_passes(override):
+    validate_config(cfg_of(override, "trainer.max_epochs=3") if override == "trainer.max_steps=-1"
+                    else cfg_of(override))
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_passes_the_schema(name):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        validate_config(compose("config", overrides=[f"experiment={name}"]), machine=False)
+        validate_config(compose("config", overrides=[f"experiment={name}", "debug=cpu_tiny"]))
+
+
+def test_refused_targets_are_never_imported():
+    """Only modules under the allow-listed packages are imported to resolve a target."""
+    sys.modules.pop("this", None)  # the Zen of Python prints when imported
+    with pytest.raises(ConfigError, match="not one of the project's methods"):
+        validate_config(cfg_of("method._target_=this.x"))
+    assert "this" not in sys.modules
+
+
+def test_method_arguments_bind_to_the_constructor():
+    """The method section is checked against the class signature and its Annotated constraints,
+    and the built method gets exactly the validated values (a list becomes the annotated tuple)."""
+    method = build_method(cfg_of("method.branches.threshold=0.9", "method.hidden=7"))
+    assert method.branches.threshold == 0.9 and method.gate_spec["hidden"] == 7
+    assert method.thresholds == (0.995, 0.99999, 0.99999)
+
+
+@pytest.mark.parametrize("value, ok", [("run-1", True), ("a" * 100, True), ("0", True), (7, True),
+                                       ("a" * 101, False), ("", False), ("a b", False), ("a\\b", False),
+                                       ("é", False), (None, False), (True, False), (-1, False)])
+def test_run_ids_are_names(value, ok):
+    if ok:
+        assert check_name("run_id", value) == str(value)
+    else:
+        with pytest.raises(ConfigError, match="^run_id="):
+            check_name("run_id", value)
+
+
+def test_the_demo_reader_honours_the_instance_caps_and_its_default_is_unchanged():
+    """debug=cpu_tiny caps the instances; the demo then generates no more than the caps (they are
+    recorded in config.yaml, so they must apply), and without caps it is exactly as before."""
+    from gainlora.data.demo import make_demo_task
+    from gainlora.data.tasks import load_stream
+
+    capped = load_stream(cfg_of("debug=cpu_tiny").benchmark, seed=0)
+    assert [(len(t.train), len(t.val), len(t.test)) for t in capped] == [(16, 8, 8)] * 2
+    default = load_stream(cfg_of("benchmark.num_tasks=1").benchmark, seed=0)[0]
+    assert default == make_demo_task("demo_colour", seed=0, n_train=800, n_val=100, n_test=200)
+
+
+def test_a_strategy_outside_lightning_needs_the_runner_s_opt_in(monkeypatch):
+    """Only the environment of whoever runs (GAINLORA_TRUSTED_MODULES) can widen the strategy
+    allow-list, e.g. to the tests' CPU DeepSpeed shim; a config file alone cannot."""
+    monkeypatch.delenv("GAINLORA_TRUSTED_MODULES", raising=False)
+    sys.modules.pop("cpu_deepspeed", None)
+    with pytest.raises(ConfigError, match=r"^strategy._target_=cpu_deepspeed.CPUDeepSpeedStrategy: not one of"):
+        validate_config(cfg_of("strategy=ddp", "strategy._target_=cpu_deepspeed.CPUDeepSpeedStrategy"))
+    assert "cpu_deepspeed" not in sys.modules
