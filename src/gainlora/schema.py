@@ -70,7 +70,7 @@ class Paths(Section):
 
 
 class Backbone(Section):
-    family: Literal["t5", "llama"] | None = None
+    family: str | None = None  # the tiny preset <family>-test stands in for it under debug=cpu_tiny
     name_or_path: Annotated[str, Field(min_length=1)] | None
     tiny: str | None
     tiny_overrides: dict[str, Any] | None = None
@@ -86,6 +86,9 @@ class Backbone(Section):
         if (self.name_or_path is None) == (self.tiny is None):
             raise ValueError("backbone.name_or_path: set exactly one of backbone.name_or_path (a Hugging Face "
                              "name or a local directory) and backbone.tiny (a local preset)")
+        if self.family is not None and f"{self.family}-test" not in PRESETS:
+            families = sorted(p[: -len("-test")] for p in PRESETS if p.endswith("-test"))
+            raise ValueError(f"backbone.family: one of {', '.join(families)}")
         if self.tiny is not None and self.tiny not in PRESETS:
             raise ValueError(f"backbone.tiny: one of {', '.join(PRESETS)}")
         unknown = sorted(set(self.tiny_overrides or {}) - {f.name for f in fields(TinySpec)} - {"name"})
@@ -101,7 +104,10 @@ class Benchmark(Section):
     data_dir: str | None = None
     order: int | str | None = None
     orders: dict[str, list[str]] | None = None
-    tasks: Annotated[list[str], Field(min_length=1)] | None = None
+    # names; the custom reader also takes mappings {name, train, test, val?, metric?, instruction?}
+    tasks: Annotated[list[str | dict[str, Any]], Field(min_length=1)] | None = None
+    metric: Literal["rougeL", "exact_match"] | None = None  # custom reader: the default per-task metric
+    prompt: Literal["superni", "long"] | None = None  # custom reader: the prompt template
     num_tasks: PosInt | None = None
     n_train: PosInt | None = None  # demo reader
     n_val: NonNegInt | None = None

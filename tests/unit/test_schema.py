@@ -61,7 +61,7 @@ REFUSED = {
     "benchmark.tasks=[1,2]": "benchmark.tasks.0=1: should be a valid string",
     "benchmark.order=9": "benchmark.order=9: one of 1, 2, all",
     "benchmark.tasks=[demo_colour,demo_colour]": "benchmark.tasks=[\"demo_colour\", \"demo_colour\"]: each task at most once",
-    "benchmark.reader=bogus": "benchmark.reader=bogus: should be 'demo', 'superni' or 'long'",
+    "benchmark.reader=bogus": "benchmark.reader=bogus: should be 'demo', 'superni', 'long' or 'custom'",
     "benchmark.n_train=0": "benchmark.n_train=0: should be greater than 0",
     "+benchmark.val_size=0.2": "benchmark.val_size=0.2: the demo reader does not read it",
     "benchmark.selection=best": "benchmark.selection=best: should be 'carved' or 'paper'",
