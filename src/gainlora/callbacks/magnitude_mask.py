@@ -47,6 +47,9 @@ class MagnitudeMask(L.Callback):
             self.sums[name] = [a, b]
 
     def on_train_start(self, trainer, pl_module) -> None:
+        if trainer is not None and "DeepSpeed" in type(trainer.strategy).__name__:
+            raise RuntimeError("MIGU's gradient mask needs whole gradients; DeepSpeed partitions them: "
+                               "use strategy=ddp or auto")
         for name, layer in pl_module.adapted.items():
             hook = lambda mod, inp, out, name=name: self._record(name, mod, inp, out)  # noqa: E731
             self._handles.append(layer.register_forward_hook(hook))
