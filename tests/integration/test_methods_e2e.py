@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from gainlora.run import CONF_DIR, run
 
-METHODS = ("ewc", "clora", "migu", "gainlora_inclora", "gainlora_clora", "seqlora_replay", "inclora_replay")
+METHODS = ("ewc", "clora", "migu", "tasl", "gainlora_inclora", "gainlora_clora", "seqlora_replay", "inclora_replay")
 SMALL = ["experiment=demo", "debug=cpu_tiny", "benchmark.n_train=16", "benchmark.n_val=4", "benchmark.n_test=4"]
 
 pytestmark = pytest.mark.slow
@@ -45,6 +45,8 @@ def test_method_runs_end_to_end(method: str, backbone: str, tmp_path: Path) -> N
     memory = files[1]["memory"]
     if method == "ewc":
         assert any(k.startswith("ewc.fisher.") for k in memory) and any(k.startswith("ewc.anchor.") for k in memory)
+    if method == "tasl":
+        assert any(k.startswith("tasl.importance.") for k in memory)
     if method.endswith("_replay"):
         assert set(k for k in memory if k.startswith("replay.")) == {"replay.task.0", "replay.task.1"}
         assert memory["replay.task.0"].dtype == torch.int64
@@ -52,7 +54,7 @@ def test_method_runs_end_to_end(method: str, backbone: str, tmp_path: Path) -> N
     assert bool(files[1]["gate"]) == gated and any(k.startswith("gate.") for k in memory) == gated
 
 
-@pytest.mark.parametrize("method", ["ewc", "seqlora_replay"])
+@pytest.mark.parametrize("method", ["ewc", "tasl", "seqlora_replay"])
 def test_resume_after_the_first_task_is_exact(method: str, tmp_path: Path) -> None:
     """Task 2 re-trained on a run restored from task 1's files (Fisher / buffer from memory.safetensors)
     equals the uninterrupted run: the same scores, the same task-2 tensors."""

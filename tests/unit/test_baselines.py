@@ -12,11 +12,13 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from gainlora.callbacks.importance import ImportanceTracker
 from gainlora.callbacks.magnitude_mask import MagnitudeMask, magnitude_mask
 from gainlora.data.collate import Collator
 from gainlora.data.datamodule import TaskStreamDataModule
 from gainlora.data.demo import make_demo_task
-from gainlora.methods import EWC, MIGU, CLoRA, GainLoRA, IncLoRA, Replay, SeqLoRA
+from gainlora.methods import EWC, MIGU, CLoRA, GainLoRA, IncLoRA, Replay, SeqLoRA, TaSL
+from gainlora.methods.tasl import consolidate
 from gainlora.model.lora import BranchContext, GatedLoRALinear
 from gainlora.model.module import ContinualLM
 from gainlora.run import CONF_DIR, build_method
@@ -183,6 +185,58 @@ def test_migu_masks_from_the_second_task_on() -> None:
     assert not any(isinstance(c, MagnitudeMask) for c in method.callbacks())
     method.task = 1
     assert any(isinstance(c, MagnitudeMask) for c in method.callbacks())
+
+
+# -- TaSL ---------------------------------------------------------------------------------------------
+def test_tasl_importance_is_the_smoothed_sensitivity_times_its_uncertainty() -> None:
+    p = torch.tensor([2.0], requires_grad=True)
+    tracker = ImportanceTracker(0.5, 0.5, lambda module: {"p": p})
+    for grad in (1.0, 3.0):  # I = |p g| = 2, then 6
+        p.grad = torch.tensor([grad])
+        tracker.on_before_optimizer_step(None, None, None)
+    # I_bar: 0.5 * 2 = 1, then 0.5 * 1 + 0.5 * 6 = 3.5; U_bar: 0.5 |2 - 1| = 0.5, then 0.25 + 0.5 |6 - 3.5| = 1.5
+    assert tracker.scores({"p": p, "q": p}) == {"p": pytest.approx(3.5 * 1.5), "q": 0.0}
+    restored = ImportanceTracker(0.5, 0.5, tracker.params)
+    restored.load_state_dict(tracker.state_dict())
+    assert restored.scores({"p": p}) == tracker.scores({"p": p})
+
+
+def test_tasl_consolidation_rules() -> None:
+    present = {k: torch.full((2,), 1.0) for k in ("both", "before", "now", "neither")}
+    previous = {k: torch.full((2,), 3.0) for k in present}
+    # top half (strictly above the median): present {both, now}, previous {both, before}
+    merged = consolidate(present, previous, {"both": 0.9, "before": 0.1, "now": 0.8, "neither": 0.0},
+                         {"both": 0.9, "before": 0.8, "now": 0.1, "neither": 0.0}, top_fraction=0.5)
+    assert {k: v[0].item() for k, v in merged.items()} == pytest.approx(
+        {"both": 0.3 * 1 + 0.7 * 3, "before": 3.0, "now": 1.0, "neither": 2.0})
+
+
+def test_tasl_task_end_consolidates_the_branch_and_remembers_importance(tmp_path) -> None:
+    layers = {"a": layer(2, 2, rank=1), "b": layer(2, 2, rank=1)}
+    model = Adapted(**layers)
+    for lyr in layers.values():
+        lyr.add_branch(torch.full((1, 2), 3.0), torch.full((2, 1), 3.0))
+    method = TaSL(top_fraction=0.5)
+    method.tracker.avg_ipt = {k: torch.tensor([v]) for k, v in {"a.A": 4.0, "a.B": 3.0, "b.A": 2.0, "b.B": 1.0}.items()}
+    method.tracker.avg_unc = {k: torch.ones(1) for k in method.tracker.avg_ipt}
+    method.on_task_end(model, 0, lambda: iter(()))  # first task: kept as it is, importance remembered
+    assert method.scores == pytest.approx({"a.A": 1.0, "a.B": 2 / 3, "b.A": 1 / 3, "b.B": 0.0})
+    assert torch.equal(layers["a"].lora_A, torch.full((1, 2), 3.0))
+    method.previous = {k: p.detach().clone() for k, p in
+                       {"a.A": layers["a"].lora_A, "a.B": layers["a"].lora_B,
+                        "b.A": layers["b"].lora_A, "b.B": layers["b"].lora_B}.items()}
+    with torch.no_grad():  # "trained" on task 2
+        for lyr in layers.values():
+            lyr.lora_A.fill_(1.0)
+            lyr.lora_B.fill_(1.0)
+    method.tracker.avg_ipt = {k: torch.tensor([v]) for k, v in {"a.A": 4.0, "a.B": 1.0, "b.A": 3.0, "b.B": 2.0}.items()}
+    method.on_task_end(model, 1, lambda: iter(()))
+    # important now {a.A, b.A}, before {a.A, a.B}
+    assert layers["a"].lora_A[0, 0].item() == pytest.approx(2.4) and layers["a"].lora_B[0, 0].item() == 3.0
+    assert layers["b"].lora_A[0, 0].item() == 1.0 and layers["b"].lora_B[0, 0].item() == 2.0
+    resumed = TaSL()
+    resumed.load_memory_tensors(round_trip(method.memory_tensors(), tmp_path))
+    assert resumed.scores == method.scores
 
 
 # -- replay -------------------------------------------------------------------------------------------
