@@ -68,8 +68,10 @@ def test_ewc_penalty_is_the_hand_computed_value(t5_backbone) -> None:
         with torch.no_grad():
             lyr.lora_A.fill_(1.0)
             lyr.lora_B.fill_(2.0)
-        method.fisher[f"{name}.A"], method.anchor[f"{name}.A"] = torch.full_like(lyr.lora_A, 3.0), torch.zeros_like(lyr.lora_A)
-        method.fisher[f"{name}.B"], method.anchor[f"{name}.B"] = torch.full_like(lyr.lora_B, 5.0), torch.ones_like(lyr.lora_B)
+        method.fisher[f"{name}.A"] = torch.full_like(lyr.lora_A, 3.0)
+        method.anchor[f"{name}.A"] = torch.zeros_like(lyr.lora_A)
+        method.fisher[f"{name}.B"] = torch.full_like(lyr.lora_B, 5.0)
+        method.anchor[f"{name}.B"] = torch.ones_like(lyr.lora_B)
     lyr = next(iter(module.adapted.values()))
     per_layer = 3 * 1 ** 2 * lyr.lora_A.numel() + 5 * (2 - 1) ** 2 * lyr.lora_B.numel()
     assert all(l.lora_A.numel() == lyr.lora_A.numel() for l in module.adapted.values())

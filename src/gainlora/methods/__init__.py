@@ -10,5 +10,5 @@ from gainlora.methods.reference import MultiTask, SingleTask
 from gainlora.methods.replay import Replay
 from gainlora.methods.tasl import TaSL
 
-__all__ = ["CLoRA", "EWC", "GainLoRA", "IncLoRA", "InfLoRA", "MIGU", "Method", "MultiTask", "OLoRA", "Replay", "SeqLoRA",
-           "SingleTask", "TaSL"]
+__all__ = ["CLoRA", "EWC", "GainLoRA", "IncLoRA", "InfLoRA", "MIGU", "Method", "MultiTask", "OLoRA", "Replay",
+           "SeqLoRA", "SingleTask", "TaSL"]

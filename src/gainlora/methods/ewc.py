@@ -84,7 +84,8 @@ class EWC(SeqLoRA):
         total = None
         for key, param in branch_parameters(model).items():
             if self.fisher[key].device != param.device:  # loaded on the CPU from the run directory
-                self.fisher[key], self.anchor[key] = self.fisher[key].to(param.device), self.anchor[key].to(param.device)
+                self.fisher[key] = self.fisher[key].to(param.device)
+                self.anchor[key] = self.anchor[key].to(param.device)
             term = (self.fisher[key] * (param - self.anchor[key]) ** 2).sum()
             total = term if total is None else total + term
         return 0.5 * self.lambda_ewc * total
