@@ -16,7 +16,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from gainlora.memory import distributed, shard
+from gainlora.memory import distributed
 from gainlora.methods.base import Batches, SeqLoRA
 from gainlora.model.module import ContinualLM
 
@@ -57,7 +57,7 @@ class EWC(SeqLoRA):
         hooks untouched. Under DDP each rank takes every world-th batch and the sums are reduced."""
         params = branch_parameters(model)
         sums = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
-        rank, world = shard()
+        rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed() else (0, 1)
         count = torch.zeros((), dtype=torch.float64, device=model.device)
         was_training = model.training
         model.eval()

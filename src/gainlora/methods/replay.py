@@ -42,8 +42,8 @@ class Replay(Method):
         self.method = method
         self.name = f"{method.name}_replay"
         self.per_task, self.max_size, self.frequency, self.seed = per_task, max_size, frequency, seed
-        for attr in ("new_branch_per_task", "wants_layer_features", "gate_spec"):
-            setattr(self, attr, getattr(method, attr))
+        # what the loop and the model read from a method (the task hooks are delegated below)
+        self.new_branch_per_task, self.gate_spec = method.new_branch_per_task, method.gate_spec
         self.indices: dict[int, Tensor] = {}  # task -> kept example indices into its training split
         self.datamodule: TaskStreamDataModule | None = None  # attached by ReplayMixer at each fit
 
