@@ -35,7 +35,7 @@ def clora_penalty(layer: GatedLoRALinear) -> Tensor:
 class CLoRA(IncLoRA):
     name = "clora"
 
-    def __init__(self, lambda_clora: Annotated[float, Field(ge=0)] = 1.0,
+    def __init__(self, lambda_clora: Annotated[float, Field(ge=0)] = 100.0,
                  max_batches: Annotated[int | None, Field(ge=1)] = 100) -> None:
         super().__init__(max_batches=max_batches)
         self.lambda_clora = lambda_clora

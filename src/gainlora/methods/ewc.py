@@ -34,7 +34,7 @@ def branch_parameters(model: ContinualLM) -> dict[str, Tensor]:
 class EWC(SeqLoRA):
     name = "ewc"
 
-    def __init__(self, lambda_ewc: Annotated[float, Field(ge=0)] = 1e4,
+    def __init__(self, lambda_ewc: Annotated[float, Field(ge=0)] = 1e5,
                  decay: Annotated[float, Field(ge=0, le=1)] = 1.0,
                  max_batches: Annotated[int | None, Field(ge=1)] = 100) -> None:
         super().__init__(max_batches=max_batches)
