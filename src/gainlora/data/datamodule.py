@@ -43,7 +43,8 @@ class ResumableLoader(DataLoader):
 class TaskStreamDataModule(L.LightningDataModule):
     """Holds every task's data; ``set_task(t)`` selects what the next fit/test sees.
 
-    - train: task t's training split (only task t: no replay);
+    - train: task t's training split, plus the replay examples set by ``set_replay`` (none unless a
+      method replays: ``methods.replay``);
     - val: task t's validation split (model selection, if enabled);
     - with ``set_task(t, joint=True)`` (the multi-task reference) train and val are the union of
       tasks 0..t's splits instead;
@@ -63,6 +64,7 @@ class TaskStreamDataModule(L.LightningDataModule):
         self.seed = seed
         self.task = 0
         self.joint = False
+        self.replay: list[Example] = []  # earlier tasks' examples mixed into the next fit's training data
 
     @property
     def num_tasks(self) -> int:
@@ -80,7 +82,12 @@ class TaskStreamDataModule(L.LightningDataModule):
         return list(range(self.task + 1)) if self.joint else [self.task]
 
     def train_data(self) -> list[Example]:
+        """The fit tasks' own training examples (what features and memories are collected on)."""
         return [e for j in self.fit_tasks for e in self.tasks[j].train]
+
+    def set_replay(self, examples: list[Example]) -> None:
+        """Examples appended to the training data of the fits until the next call."""
+        self.replay = list(examples)
 
     def _loader(self, data, collate, *, batch_size: int, sampler=None, cls=DataLoader) -> DataLoader:
         return cls(data, batch_size=batch_size, sampler=sampler, collate_fn=collate,
@@ -110,7 +117,7 @@ class TaskStreamDataModule(L.LightningDataModule):
         """Shuffled by one seeded permutation per epoch that every rank shares, rank r taking items
         r, r + W, ...: with the per-device batch scaled down, N devices see the same global batches
         as one device does."""
-        data = self.train_data()
+        data = self.train_data() + self.replay
         world, rank = self._world()
         sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True,
                                      seed=self.seed * 1009 + self.task)
