@@ -21,7 +21,8 @@ from gainlora.methods import EWC, MIGU, CLoRA, GainLoRA, IncLoRA, Replay, SeqLoR
 from gainlora.methods.tasl import consolidate
 from gainlora.model.lora import BranchContext, GatedLoRALinear
 from gainlora.model.module import ContinualLM
-from gainlora.run import CONF_DIR, build_method
+from gainlora.build import build_method
+from gainlora.run import CONF_DIR
 
 TASKS = ("demo_colour", "demo_parity", "demo_continent")
 
