@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import time
+from importlib.util import find_spec
 from datetime import datetime
 from pathlib import Path
 
@@ -30,12 +31,16 @@ from gainlora.data.types import DataError, TaskData
 from gainlora.loop import ArtifactError, ContinualLoop, StopFlag, TaskInterrupted
 from gainlora.methods.base import Method
 from gainlora.model.backbone import load_backbone
+from gainlora.model.checkpointing import enable_gradient_checkpointing
 from gainlora.model.module import ContinualLM
 from gainlora.report import ReportError, single_task_scores
 from gainlora.wandb_logging import log_task_end
 
 log = logging.getLogger("gainlora")
 CONF_DIR = Path(os.environ.get("GAINLORA_CONF", Path(__file__).resolve().parents[2] / "conf"))
+
+
+ATTENTION = ("eager", "sdpa", "flash_attention_2")  # backbone.attn_implementation
 
 
 class ConfigError(ValueError):
@@ -63,6 +68,13 @@ def validate_config(cfg: DictConfig) -> None:
     positive("data.batch_size", cfg.data.batch_size)
     if not (cfg.backbone.get("name_or_path") or cfg.backbone.get("tiny")):
         raise ConfigError("backbone: set backbone.name_or_path (a Hugging Face name or a local path) or backbone.tiny")
+    attention = cfg.backbone.get("attn_implementation")
+    if attention not in (None, *ATTENTION):
+        raise ConfigError(f"backbone.attn_implementation={attention}: one of {', '.join(ATTENTION)} or null "
+                          "(the Hugging Face default)")
+    if attention == "flash_attention_2" and (cfg.backbone.get("family") == "t5" or not find_spec("flash_attn")):
+        raise ConfigError("backbone.attn_implementation=flash_attention_2: needs the flash-attn package (CUDA) "
+                          "and a LLaMA backbone (T5's position bias has no flash kernel); use sdpa or eager")
     target = strategy_target(cfg)
     if is_deepspeed(cfg) and cfg.strategy.get("stage") == 3:
         # Measured with the CPU shim: task 1 trains and generates, then IncLoRA fails at task 2 (the
@@ -96,11 +108,14 @@ def build_model(cfg: DictConfig, task_names: list[str]) -> tuple[ContinualLM, Me
     overrides = cfg.backbone.get("tiny_overrides")
     backbone = load_backbone(cfg.backbone.name_or_path, tiny=cfg.backbone.tiny, dtype=cfg.backbone.dtype,
                              cache_dir=cfg.paths.cache_dir,
-                             tiny_overrides=OmegaConf.to_container(overrides) if overrides else None)
+                             tiny_overrides=OmegaConf.to_container(overrides) if overrides else None,
+                             attn_implementation=cfg.backbone.get("attn_implementation"))
     module = ContinualLM(
         backbone, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, gates=method.gate_spec,
         optimizer=instantiate(cfg.optimizer), task_names=task_names,
         generation={"max_new_tokens": cfg.backbone.max_new_tokens, "num_beams": cfg.generation.num_beams})
+    if cfg.backbone.get("gradient_checkpointing"):
+        enable_gradient_checkpointing(module.backbone, module.context)
     collator = Collator(backbone.tokenizer, backbone.kind, cfg.backbone.max_source_length,
                         cfg.backbone.max_target_length)
     return module, method, collator
@@ -232,7 +247,8 @@ def in_task_checkpoints(cfg: DictConfig) -> dict | None:
 
 RUN_ID_ENV = "GAINLORA_RUN_ID"
 # Keys that may differ between an interrupted run and its resumption.
-RESUMABLE_KEYS = {"resume", "run_id", "paths", "logger", "trainer.enable_progress_bar", "derived", "checkpoint"}
+RESUMABLE_KEYS = {"resume", "run_id", "paths", "logger", "trainer.enable_progress_bar", "derived", "checkpoint",
+                  "backbone.gradient_checkpointing"}  # memory only: the same loss and gradients
 
 
 def config_differences(saved: DictConfig, current: DictConfig) -> list[str]:

@@ -15,6 +15,7 @@ from gainlora.metrics import TaskScores
 from gainlora.model.backbone import Backbone, adapted_layers, replace_module
 from gainlora.model.gates import GateBank, pool_embeddings
 from gainlora.model.lora import BranchContext, GatedLoRALinear
+from gainlora.model.loss import global_token_loss
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +104,12 @@ class ContinualLM(L.LightningModule):
 
     # -- training ----------------------------------------------------------------------------
     def forward(self, batch: dict) -> Tensor:
-        """Teacher-forced loss of a training batch (answer tokens only)."""
+        """Teacher-forced loss of a training batch (answer tokens only): its token mean, or with
+        ``global_tokens`` its share of the global batch's token mean."""
         self._prepare(batch)
         try:
+            if "global_tokens" in batch:  # several devices or accumulation steps: gainlora.model.loss
+                return global_token_loss(self.backbone, batch, self.kind)
             out = self.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                 labels=batch["labels"])
         finally:
