@@ -9,7 +9,7 @@ GAINLORA_DATA ?= data/CL_Benchmark
 export GAINLORA_DATA
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup run test data bench report clean sweep agent demo-table predict
+.PHONY: help setup run test data bench gpu-check report clean sweep agent demo-table predict
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -44,6 +44,9 @@ agent: $(STAMP) ## run sweep trials: make agent ID=entity/project/sweep_id [COUN
 
 bench: $(STAMP) ## speed and memory of the fused gated branches (prints a table, writes JSON)
 	$(PY) bench/run_bench.py --out bench/results/bench.json
+
+gpu-check: $(STAMP) ## the GPU checks (bf16 bench at T5-Large/Llama-7B shapes, runs, ZeRO): one JSON; skips without CUDA
+	$(PY) bench/gpu_check.py --out bench/results/gpu_check.json
 
 DEMO_METHODS := seqlora inclora olora inflora gainlora_olora gainlora_inflora
 demo-table: $(STAMP) ## the README's method comparison on the demo: six runs, then a report

@@ -26,6 +26,7 @@ from gainlora.data.tasks import load_stream
 from gainlora.data.types import TaskData
 from gainlora.methods.base import Method
 from gainlora.model.backbone import load_backbone
+from gainlora.model.checkpointing import enable_gradient_checkpointing
 from gainlora.model.module import ContinualLM
 from gainlora.report import ReportError, single_task_scores
 from gainlora.targets import Bound, ConfigError, bind_logger, bind_method, bind_optimizer, bind_strategy, refuse
@@ -88,13 +89,16 @@ def build_model(cfg: DictConfig, task_names: list[str]) -> tuple[ContinualLM, Me
     overrides = cfg.backbone.get("tiny_overrides")
     backbone = load_backbone(cfg.backbone.name_or_path, tiny=cfg.backbone.tiny, dtype=cfg.backbone.dtype,
                              cache_dir=cfg.paths.cache_dir,
-                             tiny_overrides=OmegaConf.to_container(overrides) if overrides else None)
+                             tiny_overrides=OmegaConf.to_container(overrides) if overrides else None,
+                             attn_implementation=cfg.backbone.get("attn_implementation"))
     module = ContinualLM(
         backbone, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, gates=method.gate_spec,
         optimizer=functools.partial(optimizer.cls, **optimizer.kwargs), task_names=task_names,
         generation={"max_new_tokens": cfg.backbone.max_new_tokens, "num_beams": cfg.generation.num_beams})
+    if cfg.backbone.get("gradient_checkpointing"):
+        enable_gradient_checkpointing(module.backbone, module.context)
     collator = Collator(backbone.tokenizer, backbone.kind, cfg.backbone.max_source_length,
-                        cfg.backbone.max_target_length)
+                        cfg.backbone.max_target_length, chat_template=bool(cfg.backbone.get("chat_template")))
     return module, method, collator
 
 

@@ -28,7 +28,8 @@ from gainlora.schema import ConfigError, refuse, validate_config
 RUN_ID_ENV = "GAINLORA_RUN_ID"
 LOCK, HOLDER = ".lock", ".lock.json"
 # Keys that may differ between an interrupted run and its resumption.
-RESUMABLE_KEYS = {"resume", "run_id", "paths", "logger", "trainer.enable_progress_bar", "derived", "checkpoint"}
+RESUMABLE_KEYS = {"resume", "run_id", "paths", "logger", "trainer.enable_progress_bar", "derived", "checkpoint",
+                  "backbone.gradient_checkpointing"}  # memory only: the same loss and gradients
 
 
 def is_main_process() -> bool:

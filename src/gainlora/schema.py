@@ -12,6 +12,7 @@ A bad value raises ``ConfigError("<dotted.key>=<value>: <what is accepted>")``.
 from __future__ import annotations
 
 import inspect
+from importlib.util import find_spec
 import json
 from dataclasses import fields
 from typing import Annotated, Any, Literal
@@ -78,6 +79,9 @@ class Backbone(Section):
     max_source_length: PosInt
     max_target_length: PosInt
     max_new_tokens: PosInt
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
+    gradient_checkpointing: bool = False
+    chat_template: bool = False  # render each prompt as one user turn of the tokenizer's chat template
 
     @model_validator(mode="after")
     def one_source(self) -> Backbone:
@@ -89,6 +93,9 @@ class Backbone(Section):
         if self.family is not None and f"{self.family}-test" not in PRESETS:
             families = sorted(p[: -len("-test")] for p in PRESETS if p.endswith("-test"))
             raise ValueError(f"backbone.family: one of {', '.join(families)}")
+        if self.attn_implementation == "flash_attention_2" and (self.family == "t5" or not find_spec("flash_attn")):
+            raise ValueError("backbone.attn_implementation: sdpa or eager; flash_attention_2 needs the flash-attn "
+                             "package (CUDA) and a decoder-only backbone (T5's position bias has no flash kernel)")
         if self.tiny is not None and self.tiny not in PRESETS:
             raise ValueError(f"backbone.tiny: one of {', '.join(PRESETS)}")
         unknown = sorted(set(self.tiny_overrides or {}) - {f.name for f in fields(TinySpec)} - {"name"})

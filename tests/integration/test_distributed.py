@@ -10,8 +10,11 @@ What must hold sharded as in one process:
 - the same global batches (the train sampler shards one shared permutation), hence close weights
   and a close accuracy matrix;
 - every test example scored exactly once, and predictions.json holding all of them.
-The loss is a per-rank token mean averaged over ranks, not one token mean over the global batch, so
-weights agree closely rather than bit for bit.
+The loss is one token mean over the global batch on any number of devices (gainlora.model.loss):
+``test_token_mean_makes_devices_agree`` trains a few steps on answers of unequal lengths and finds
+the one-process weights to 1e-5. The demo runs below agree less closely for another reason: 60
+float32 steps on the random-init tiny T5 are chaotic (a 1e-7 relative change of the initial
+weights moves the trained branch by ~27% after 48 steps), so summation-order rounding grows too.
 """
 from __future__ import annotations
 
@@ -109,13 +112,13 @@ def test_sharded_run_matches_the_single_process_run(runs, name: str) -> None:
             assert (x is None) == (y is None)
             if x is not None:
                 assert abs(x - y) <= 16.0 + 1e-9, (single["matrix"], sharded["matrix"])  # 4 of 25 examples
-    # The first task's update: same global batches, so close weights (the loss weighting differs).
+    # The first task's update: same global batches and loss, so close weights (rounding, amplified).
     ref = delta_w(runs["single"], TASKS[0])
     got = delta_w(runs[name], TASKS[0])
-    assert max(relative(got[k], ref[k]) for k in ref) < 0.05  # measured 0.009
+    assert max(relative(got[k], ref[k]) for k in ref) < 0.05  # measured 0.009 and 0.028
     # Gate 1 trained unconstrained in both; its projection-free drift must agree as well.
     gate_ref, gate = tensors(runs["single"], TASKS[0], "gate"), tensors(runs[name], TASKS[0], "gate")
-    assert max(relative(gate[k], gate_ref[k]) for k in gate_ref) < 5e-3  # measured 2.6e-4
+    assert max(relative(gate[k], gate_ref[k]) for k in gate_ref) < 5e-3  # measured 2.6e-4 and 5.0e-4
 
 
 def test_ddp_and_deepspeed_agree_closely(runs) -> None:
@@ -132,3 +135,32 @@ def test_every_test_example_is_scored_once(runs, name: str) -> None:
     assert [p["task"] for p in predictions] == [0] * N_TEST + [1] * N_TEST  # no padding row, none lost
     single = json.loads((runs["single"] / "predictions.json").read_text())
     assert [p["source"] for p in predictions] == [p["source"] for p in single]  # dataset order
+
+
+def train_sharded(tmp_path: Path, backbone: Path, strategy: str, devices: int, batch: int, accumulate: int) -> dict:
+    out = tmp_path / f"{strategy}-{devices}x{batch}x{accumulate}.safetensors"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "support"), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, str(ROOT / "tests" / "support" / "train_sharded.py"), str(backbone), str(out), strategy,
+           str(devices), str(batch), str(accumulate), "8"]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return load_file(out)
+
+
+@pytest.fixture(scope="module")
+def single_weights(tmp_path_factory, tiny_t5_path: Path) -> dict:
+    return train_sharded(tmp_path_factory.mktemp("single"), tiny_t5_path, "auto", 1, 8, 1)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed_stage_2"])
+def test_token_mean_makes_devices_agree(tmp_path: Path, tiny_t5_path: Path, single_weights: dict,
+                                        strategy: str) -> None:
+    """Two processes of batch 4 give the weights of one process of batch 8, on answers of 1-5 words.
+    With a per-rank token mean instead the branch differs by 11% (measured by disabling it)."""
+    if strategy.startswith("deepspeed"):
+        pytest.importorskip("deepspeed")
+    single = single_weights
+    sharded = train_sharded(tmp_path, tiny_t5_path, strategy, 2, 4, 1)
+    assert single.keys() == sharded.keys()
+    assert max(relative(sharded[k].double(), single[k].double()) for k in single) <= 1e-5  # measured 1.4e-6

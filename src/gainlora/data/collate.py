@@ -103,6 +103,12 @@ class Collator:
         ids = self._encode([e.target for e in examples], self.max_target_length - 1, "targets")
         return [x + [self.tokenizer.eos_token_id] for x in ids]
 
+    def answer_tokens(self, examples: list[Example]) -> list[int]:
+        """Each example's count of trained answer tokens (its labels != -100 in ``train_batch``),
+        without touching the truncation counters."""
+        ids = self.tokenizer([e.target for e in examples], add_special_tokens=False)["input_ids"]
+        return [min(len(x), self.max_target_length - 1) + 1 for x in ids]
+
     def _pad(self, rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
         width = max(len(r) for r in rows)
         padded = [([value] * (width - len(r)) + r) if left else (r + [value] * (width - len(r))) for r in rows]

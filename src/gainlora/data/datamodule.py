@@ -7,6 +7,7 @@ import lightning as L
 from torch.utils.data import DataLoader, DistributedSampler
 
 from gainlora.data.collate import Collator
+from gainlora.data.token_sampler import GlobalTokenSampler, Tagged, TaggedCollate
 from gainlora.data.types import PAD_TASK, Example, TaskData
 
 
@@ -119,8 +120,14 @@ class TaskStreamDataModule(L.LightningDataModule):
         as one device does."""
         data = self.train_data() + self.replay
         world, rank = self._world()
-        sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True,
-                                     seed=self.seed * 1009 + self.task)
+        seed = self.seed * 1009 + self.task
+        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
+        if world * accumulate > 1:  # one token mean over the global batch (gainlora.model.loss)
+            sampler = GlobalTokenSampler(data, self.collator.answer_tokens(data), batch_size=self.batch_size,
+                                         accumulate=accumulate, num_replicas=world, rank=rank, seed=seed)
+            return self._loader(Tagged(data), TaggedCollate(self.collator.train_batch, world * accumulate),
+                                batch_size=self.batch_size, sampler=sampler)
+        sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=seed)
         return self._loader(data, self.collator.train_batch, batch_size=self.batch_size,
                             sampler=sampler, cls=ResumableLoader)
 

@@ -96,16 +96,18 @@ def resolve_path(name_or_path: str | None, tiny: str | None, cache_dir: str | No
 
 
 def load_backbone(name_or_path: str | None = None, *, tiny: str | None = None, dtype: str = "float32",
-                  cache_dir: str | None = None, tiny_overrides: dict | None = None) -> Backbone:
+                  cache_dir: str | None = None, tiny_overrides: dict | None = None,
+                  attn_implementation: str | None = None) -> Backbone:
     """Load a frozen backbone and its tokenizer (``tiny``: a locally built preset, optionally with
-    some of its fields changed by ``tiny_overrides``)."""
+    some of its fields changed by ``tiny_overrides``; ``attn_implementation``: Hugging Face's
+    "eager", "sdpa" or "flash_attention_2", None for its default)."""
     path = resolve_path(name_or_path, tiny, cache_dir, tiny_overrides)
     if dtype not in DTYPES:
         raise ValueError(f"backbone.dtype: unknown {dtype!r}; expected one of {sorted(DTYPES)}")
     config = AutoConfig.from_pretrained(path)
     kind = "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
     auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
-    model = auto.from_pretrained(path, dtype=DTYPES[dtype])
+    model = auto.from_pretrained(path, dtype=DTYPES[dtype], attn_implementation=attn_implementation)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:  # LLaMA tokenizers ship without a pad token
         tokenizer.pad_token = tokenizer.eos_token

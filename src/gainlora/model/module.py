@@ -15,6 +15,7 @@ from gainlora.model.backbone import Backbone, adapted_layers, replace_module
 from gainlora.model.features import Features, collect_features
 from gainlora.model.gates import GateBank, pool_embeddings
 from gainlora.model.lora import BranchContext, GatedLoRALinear
+from gainlora.model.loss import global_token_loss
 
 
 class ContinualLM(L.LightningModule):
@@ -95,8 +96,11 @@ class ContinualLM(L.LightningModule):
 
     # -- training ----------------------------------------------------------------------------
     def forward(self, batch: dict) -> Tensor:
-        """Teacher-forced loss of a training batch (answer tokens only)."""
+        """Teacher-forced loss of a training batch (answer tokens only): its token mean, or with
+        ``global_tokens`` its share of the global batch's token mean."""
         with self.gated(batch):
+            if "global_tokens" in batch:  # several devices or accumulation steps: gainlora.model.loss
+                return global_token_loss(self.backbone, batch, self.kind)
             out = self.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                 labels=batch["labels"])
         return out.loss

@@ -1,0 +1,268 @@
+"""Memory planner: ``python -m gainlora.plan experiment=NAME [key=value ...] [--card-gb 24]``.
+
+Prints, before anything is downloaded, the per-device memory of a run's configuration and which
+strategies fit a card. Nothing is allocated: the backbone is built from its config alone (a table of
+known configs below, since no hub is reachable; a local directory's config.json; or a tiny preset)
+under ``FakeTensorMode``, and one training step is traced there at the configured per-device batch
+and lengths. Activations are the bytes autograd saves for the backward (deduplicated by storage,
+frozen weights excluded) plus the largest of them once more, the gradient that meets it at the
+start of the backward. The weights, branches, gates and memories are counted from the same model.
+tests/unit/test_plan.py checks the training figure against measured peaks of tiny shapes on CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch._subclasses.fake_tensor import FakeTensorMode  # shape-only tensors: the planner allocates nothing
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, LlamaConfig, PretrainedConfig,
+                          T5Config)
+
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from gainlora.model.backbone import DTYPES, Backbone
+from gainlora.model.checkpointing import enable_gradient_checkpointing
+from gainlora.model.module import ContinualLM
+
+GIB = 2**30
+# Shapes of the paper's backbones, from their config.json files (nothing else of them is needed).
+_T5 = dict(vocab_size=32128, feed_forward_proj="relu", tie_word_embeddings=True, decoder_start_token_id=0,
+           pad_token_id=0, eos_token_id=1)
+_LLAMA = dict(vocab_size=32000, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+KNOWN: dict[str, PretrainedConfig] = {
+    "google-t5/t5-large": T5Config(d_model=1024, d_kv=64, d_ff=4096, num_layers=24, num_heads=16, **_T5),
+    "google-t5/t5-3b": T5Config(d_model=1024, d_kv=128, d_ff=16384, num_layers=24, num_heads=32, **_T5),
+    "meta-llama/Llama-2-7b-hf": LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                            num_attention_heads=32, num_key_value_heads=32, **_LLAMA),
+    "meta-llama/Llama-2-13b-hf": LlamaConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                                             num_attention_heads=40, num_key_value_heads=40, **_LLAMA),
+    "meta-llama/Meta-Llama-3-8B": LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                              num_attention_heads=32, num_key_value_heads=8,
+                                              **{**_LLAMA, "vocab_size": 128256, "max_position_embeddings": 8192},
+                                              rope_theta=500000.0),
+}
+KNOWN["t5-large"], KNOWN["t5-3b"] = KNOWN["google-t5/t5-large"], KNOWN["google-t5/t5-3b"]
+USABLE = 0.9  # of a card: the CUDA context, the allocator's fragmentation and generation take the rest
+STRATEGIES = ("ddp", "deepspeed_stage_2", "deepspeed_stage_3")
+
+
+class PlanError(ValueError):
+    """A configuration the planner cannot size; the message names the key."""
+
+
+def backbone_config(cfg: DictConfig) -> PretrainedConfig:
+    """The backbone's config without any download."""
+    name, tiny = cfg.backbone.get("name_or_path"), cfg.backbone.get("tiny")
+    if tiny:
+        from gainlora.model.tiny import _make_model, build_tokenizer, resolve_spec, with_overrides
+
+        overrides = cfg.backbone.get("tiny_overrides")
+        spec = with_overrides(tiny, **overrides) if overrides else resolve_spec(tiny)
+        return _make_model(spec, build_tokenizer(spec.arch, spec.vocab_size)).config
+    if name in KNOWN:
+        return KNOWN[name]
+    if name and (Path(name) / "config.json").is_file():
+        return AutoConfig.from_pretrained(name)
+    raise PlanError(f"backbone.name_or_path={name}: the planner knows {', '.join(sorted(KNOWN))} "
+                    "or a local directory with a config.json")
+
+
+@dataclass
+class Plan:
+    """Bytes per device of each part (activations for one training step)."""
+
+    parameters: int        # backbone parameter count
+    weights: int           # the frozen backbone
+    branches: int          # every task's LoRA branch (the last task holds them all)
+    gates: int
+    memories: int          # GPM bases, upper bound: full-rank bases of every adapted input
+    trainable: int         # current branch + gate: parameter count
+    collection: int        # float64 covariance sums and results while features are collected
+    activations: int
+    activations_ckpt: int
+
+    def training_state(self, world: int, sharded: bool) -> int:
+        """Gradients and AdamW moments of what trains (fp32), sharded by ZeRO."""
+        per = 4 * self.trainable * 3
+        return per // world if sharded else per
+
+    def per_device(self, strategy: str, world: int, checkpointing: bool) -> int:
+        weights = self.weights
+        if strategy == "deepspeed_stage_3":  # partitioned; one layer's weights gathered at a time is in the noise
+            weights = weights // world
+        resident = weights + self.branches + self.gates + self.memories
+        training = self.training_state(world, strategy != "ddp") + (
+            self.activations_ckpt if checkpointing else self.activations)
+        return resident + max(training, self.collection)
+
+
+def _fake_model(config: PretrainedConfig, kind: str, dtype: torch.dtype, rank: int, gates: dict | None,
+                tasks: int, mode: FakeTensorMode) -> ContinualLM:
+    with mode:
+        auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
+        model = auto.from_config(config, dtype=dtype)
+        model.requires_grad_(False)
+        module = ContinualLM(Backbone(model, None, kind, "plan"), rank=rank, gates=gates)
+        for _ in range(tasks):  # the last task: every older branch and gate frozen beside the current
+            module.add_branch()
+            if module.gates is not None:
+                module.gates.add_gate(copy_previous=False)
+    return module
+
+
+def trace_saved(module: ContinualLM, mode: FakeTensorMode, batch: int, source: int, target: int,
+                autocast: torch.dtype | None) -> tuple[int, int]:
+    """(total, largest) bytes autograd saves for one training step's backward."""
+    kind = module.kind
+    length = source if kind == "seq2seq" else source + target
+    with mode:
+        data = {"input_ids": torch.zeros(batch, length, dtype=torch.long), "attention_mask": None,
+                "gate_mask": torch.ones(batch, length, dtype=torch.long), "global_tokens": 1, "replicas": 1,
+                "labels": torch.zeros(batch, target if kind == "seq2seq" else length, dtype=torch.long)}
+    frozen = {t.untyped_storage()._cdata for t in (*module.parameters(), *module.buffers())}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = t.untyped_storage()._cdata
+        if key not in frozen:
+            saved[key] = t.untyped_storage().nbytes()
+        return t
+
+    amp = torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext()
+    module.train()
+    with mode, amp, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(data)
+    return sum(saved.values()), max(saved.values(), default=0)
+
+
+def activations(cfg: DictConfig, build, autocast: torch.dtype | None) -> tuple[int, int, ContinualLM]:
+    """Activation bytes of one step without and with gradient checkpointing.
+
+    Beyond what autograd saves, the backward's own peak: the gradient meeting the largest saved
+    tensor, and one block's gradients and temporaries (what autograd saves inside a block) beside
+    what the blocks below still hold. With checkpointing, autograd saves only what lies outside the
+    blocks; the blocks' inputs are kept by the checkpoint, and the block being recomputed holds
+    its saved tensors again.
+    """
+    shape = int(cfg.data.batch_size), int(cfg.backbone.max_source_length), int(cfg.backbone.max_target_length)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    module = build(mode)
+    full, largest = trace_saved(module, mode, *shape, autocast)
+    blocks = max(sum(isinstance(m, GradientCheckpointingLayer) for m in module.backbone.modules()), 1)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    checkpointed = build(mode)
+    with mode:
+        enable_gradient_checkpointing(checkpointed.backbone, checkpointed.context)
+    outside, _ = trace_saved(checkpointed, mode, *shape, autocast)
+    batch, source, target = shape
+    tokens = batch * (source if module.kind == "seq2seq" else source + target)
+    dtype = autocast or next(module.backbone.parameters()).dtype
+    inputs = blocks * tokens * module.backbone.get_input_embeddings().embedding_dim * dtype.itemsize
+    block = (full - outside) // blocks  # what autograd saves inside one block
+    return full + largest + block, outside + inputs + largest + 2 * block, module
+
+
+def plan(cfg: DictConfig) -> Plan:
+    from gainlora.build import build_method
+
+    config = backbone_config(cfg)
+    kind = "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
+    dtype = DTYPES[cfg.backbone.dtype]
+    gates = build_method(cfg).gate_spec
+    tasks = num_tasks(cfg)
+    autocast = torch.bfloat16 if str(cfg.trainer.precision).startswith("bf16") and dtype == torch.float32 else None
+    attention = cfg.backbone.get("attn_implementation")
+    if attention:
+        config._attn_implementation = attention
+    with warnings.catch_warnings():  # fake tensors and checkpointing warn about what they are
+        warnings.simplefilter("ignore")
+        return _plan(cfg, config, kind, dtype, gates, tasks, autocast)
+
+
+def _plan(cfg: DictConfig, config: PretrainedConfig, kind: str, dtype: torch.dtype, gates: dict | None, tasks: int,
+          autocast: torch.dtype | None) -> Plan:
+    build = lambda mode: _fake_model(config, kind, dtype, int(cfg.lora.rank), gates, tasks, mode)  # noqa: E731
+    plain, checkpointed, module = activations(cfg, build, autocast)
+    layers = module.adapted.values()
+    inputs = {(name.rsplit(".", 1)[0], layer.stream): layer.in_features for name, layer in module.adapted.items()}
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    gate_tensors = [*module.gates.parameters(), *module.gates.buffers()] if module.gates is not None else []
+    gate_memory = 3 * module.gates.dim ** 2 * 4 if module.gates is not None else 0
+    return Plan(
+        parameters=sum(p.numel() for n, p in module.backbone.named_parameters() if "lora_" not in n),
+        weights=nbytes(p for n, p in module.backbone.named_parameters() if "lora_" not in n),
+        branches=nbytes(t for layer in layers for t in (layer.frozen_A, layer.frozen_B, layer.lora_A, layer.lora_B)),
+        gates=nbytes(gate_tensors),
+        memories=sum(layer.in_features ** 2 * 4 for layer in layers) + gate_memory,
+        trainable=sum(p.numel() for p in module.parameters() if p.requires_grad),
+        collection=sum(2 * d * d * 8 for d in inputs.values()),
+        activations=plain, activations_ckpt=checkpointed)
+
+
+def num_tasks(cfg: DictConfig) -> int:
+    bench = cfg.benchmark
+    names = bench.get("tasks") or (bench.get("orders") or {}).get(bench.get("order")) or []
+    return int(bench.get("num_tasks") or len(names) or 1)
+
+
+def report(cfg: DictConfig, p: Plan, world: int, card_gb: float) -> str:
+    gb = lambda b: f"{b / GIB:8.2f}"  # noqa: E731
+    name = cfg.backbone.get("name_or_path") or f"tiny:{cfg.backbone.tiny}"
+    rows = [f"backbone {name}: {p.parameters / 1e9:.2f} B parameters in {cfg.backbone.dtype}; "
+            f"{world} device(s) x batch {cfg.data.batch_size}, lengths {cfg.backbone.max_source_length}"
+            f"+{cfg.backbone.max_target_length}; {num_tasks(cfg)} tasks, LoRA rank {cfg.lora.rank}",
+            f"{'GiB per device':44s}",
+            f"  {'frozen backbone (ZeRO-3: / devices)':42s}{gb(p.weights)}",
+            f"  {'LoRA branches of every task':42s}{gb(p.branches)}",
+            f"  {'gates':42s}{gb(p.gates)}",
+            f"  {'GPM memories (upper bound: full rank)':42s}{gb(p.memories)}",
+            f"  {'training state (grads, AdamW; ZeRO: / devices)':42s}{gb(p.training_state(1, False))}",
+            f"  {'activations, one step':42s}{gb(p.activations)}",
+            f"  {'activations with gradient checkpointing':42s}{gb(p.activations_ckpt)}",
+            f"  {'feature collection (float64 covariances)':42s}{gb(p.collection)}",
+            f"{'strategy':24s}{'ckpt off':>9s}{'ckpt on':>9s}   fits {card_gb:g} GiB ({USABLE:.0%} usable)"]
+    for strategy in STRATEGIES:
+        off, on = (p.per_device(strategy, world, c) for c in (False, True))
+        limit = card_gb * GIB * USABLE
+        fits = "yes" if off <= limit else "with checkpointing" if on <= limit else "no"
+        note = " (refused today: docs/architecture.md)" if strategy == "deepspeed_stage_3" else ""
+        rows.append(f"{strategy:24s}{gb(off)} {gb(on)}   {fits}{note}")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from hydra import compose, initialize_config_dir
+
+    from gainlora.build import world_size
+    from gainlora.run import CONF_DIR
+
+    parser = argparse.ArgumentParser(prog="python -m gainlora.plan", description=__doc__.split("\n")[0])
+    parser.add_argument("--card-gb", type=float, default=24.0, help="memory of one device (GiB)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for gainlora.run")
+    args = parser.parse_args(argv)
+    if args.card_gb <= 0:
+        print(f"error: --card-gb={args.card_gb}: a positive number of GiB", file=sys.stderr)
+        sys.exit(2)
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=args.overrides)
+    except Exception as err:  # Hydra's override and missing-group errors
+        print(f"error: {' '.join(args.overrides)}: {str(err).splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
+    devices = cfg.trainer.get("devices", 1)
+    world = world_size(cfg.trainer) if devices not in ("auto", -1) else 1
+    try:
+        print(report(cfg, plan(cfg), world, args.card_gb))
+    except PlanError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
