@@ -60,11 +60,12 @@ def backbone_config(cfg: DictConfig) -> PretrainedConfig:
     """The backbone's config without any download."""
     name, tiny = cfg.backbone.get("name_or_path"), cfg.backbone.get("tiny")
     if tiny:
-        from gainlora.model.tiny import _make_model, build_tokenizer, resolve_spec, with_overrides
+        from gainlora.model.tiny import build_tokenizer, resolve_spec, with_overrides
+        from gainlora.model.tiny_models import make_model
 
         overrides = cfg.backbone.get("tiny_overrides")
         spec = with_overrides(tiny, **overrides) if overrides else resolve_spec(tiny)
-        return _make_model(spec, build_tokenizer(spec.arch, spec.vocab_size)).config
+        return make_model(spec, build_tokenizer(spec.arch, spec.vocab_size)).config
     if name in KNOWN:
         return KNOWN[name]
     if name and (Path(name) / "config.json").is_file():
