@@ -93,10 +93,11 @@ def build_method(cfg: DictConfig) -> Method:
 def build_model(cfg: DictConfig, task_names: list[str]) -> tuple[ContinualLM, Method, Collator]:
     """The module (backbone + branch/gate registry), the method and the collator for a config."""
     method = build_method(cfg)
-    overrides = cfg.backbone.get("tiny_overrides")
+    overrides, corpus = cfg.backbone.get("tiny_overrides"), cfg.backbone.get("text_corpus")
     backbone = load_backbone(cfg.backbone.name_or_path, tiny=cfg.backbone.tiny, dtype=cfg.backbone.dtype,
                              cache_dir=cfg.paths.cache_dir,
-                             tiny_overrides=OmegaConf.to_container(overrides) if overrides else None)
+                             tiny_overrides=OmegaConf.to_container(overrides) if overrides else None,
+                             text_corpus=OmegaConf.to_container(corpus, resolve=True) if corpus else None)
     module = ContinualLM(
         backbone, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, gates=method.gate_spec,
         optimizer=instantiate(cfg.optimizer), task_names=task_names,
