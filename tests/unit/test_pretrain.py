@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from gainlora.data.types import DataError
 from gainlora.model.pretrain import TextCorpus, corpus_texts, corrupt, resolve_text_spec, text_backbone_dir
@@ -92,3 +93,18 @@ def test_missing_train_file_and_bad_preset_are_data_errors(tmp_path: Path) -> No
         resolve_text_spec("t5-demo")
     with pytest.raises(DataError, match=r"tiny_overrides\.layerz"):
         resolve_text_spec("t5-text", {"layerz": 3})
+
+
+def test_lsa_puts_tokens_of_the_same_documents_together() -> None:
+    from gainlora.model.pretrain import lsa_embeddings
+
+    rng = random.Random(0)
+    topics = [list(range(10, 20)), list(range(20, 30))]  # two topics, ten tokens each; 5-9 occur everywhere
+    docs = [rng.sample(topics[d % 2], 4) + rng.sample(range(5, 10), 3) for d in range(200)]
+    vectors, seen = lsa_embeddings(docs, 40, 4, seed=0)
+    assert seen.tolist() == [5 <= i < 30 for i in range(40)]
+    unit = vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    same = (unit[10:20] @ unit[10:20].T).mean()
+    across = (unit[10:20] @ unit[20:30].T).mean()
+    assert same > 0.5 and across < 0
+    assert torch.allclose(vectors[seen].norm(dim=1), torch.full((25,), 2.0))  # sqrt(dim): T5's init scale
