@@ -86,10 +86,11 @@ def build_model(cfg: DictConfig, task_names: list[str]) -> tuple[ContinualLM, Me
     """The module (backbone + branch/gate registry), the method and the collator for a config."""
     method = build_method(cfg)
     optimizer = bind_optimizer(plain(cfg.optimizer))
-    overrides = cfg.backbone.get("tiny_overrides")
+    overrides, corpus = cfg.backbone.get("tiny_overrides"), cfg.backbone.get("text_corpus")
     backbone = load_backbone(cfg.backbone.name_or_path, tiny=cfg.backbone.tiny, dtype=cfg.backbone.dtype,
                              cache_dir=cfg.paths.cache_dir,
                              tiny_overrides=OmegaConf.to_container(overrides) if overrides else None,
+                             text_corpus=OmegaConf.to_container(corpus, resolve=True) if corpus else None,
                              attn_implementation=cfg.backbone.get("attn_implementation"))
     module = ContinualLM(
         backbone, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, gates=method.gate_spec,

@@ -81,6 +81,7 @@ class Backbone(Section):
     max_new_tokens: PosInt
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
     gradient_checkpointing: bool = False
+    text_corpus: dict[str, Any] | None = None  # tiny presets: pre-train on this benchmark text (model.pretrain)
     chat_template: bool = False  # render each prompt as one user turn of the tokenizer's chat template
 
     @model_validator(mode="after")

@@ -84,7 +84,11 @@ def split_fused_qkv(model: nn.Module) -> int:
 
 
 def resolve_path(name_or_path: str | None, tiny: str | None, cache_dir: str | None = None,
-                 tiny_overrides: dict | None = None) -> str:
+                 tiny_overrides: dict | None = None, text_corpus: dict | None = None) -> str:
+    if tiny and text_corpus:  # a tiny T5 pre-trained on benchmark text (gainlora.model.pretrain)
+        from gainlora.model.pretrain import build_text_backbone
+
+        return str(build_text_backbone(tiny, text_corpus, cache_dir=cache_dir, overrides=tiny_overrides))
     if tiny:
         from gainlora.model.tiny import build_tiny_backbone, with_overrides
 
@@ -97,11 +101,11 @@ def resolve_path(name_or_path: str | None, tiny: str | None, cache_dir: str | No
 
 def load_backbone(name_or_path: str | None = None, *, tiny: str | None = None, dtype: str = "float32",
                   cache_dir: str | None = None, tiny_overrides: dict | None = None,
-                  attn_implementation: str | None = None) -> Backbone:
+                  text_corpus: dict | None = None, attn_implementation: str | None = None) -> Backbone:
     """Load a frozen backbone and its tokenizer (``tiny``: a locally built preset, optionally with
-    some of its fields changed by ``tiny_overrides``; ``attn_implementation``: Hugging Face's
-    "eager", "sdpa" or "flash_attention_2", None for its default)."""
-    path = resolve_path(name_or_path, tiny, cache_dir, tiny_overrides)
+    some of its fields changed by ``tiny_overrides``, pre-trained on ``text_corpus`` when given;
+    ``attn_implementation``: Hugging Face's "eager", "sdpa" or "flash_attention_2", None for its default)."""
+    path = resolve_path(name_or_path, tiny, cache_dir, tiny_overrides, text_corpus)
     if dtype not in DTYPES:
         raise ValueError(f"backbone.dtype: unknown {dtype!r}; expected one of {sorted(DTYPES)}")
     config = AutoConfig.from_pretrained(path)

@@ -1,0 +1,87 @@
+"""The cpu_long experiment's pipeline, shortened: real Long Sequence data, a tiny T5 pre-trained on
+benchmark text (gainlora.model.pretrain) and cached, two tasks. The full run's figures are in the
+README; this checks that the pieces connect, what the pre-training reads, and the error path."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = Path(os.environ.get("GAINLORA_DATA", "/work/shared/CL_Benchmark"))
+
+pytestmark = [pytest.mark.slow, pytest.mark.data,
+              pytest.mark.skipif(not (DATA / "Long_Sequence").is_dir(), reason="no CL_Benchmark data")]
+
+# The experiment with debug-sized caps; the backbone keeps the text preset but smaller and shorter
+# pre-trained, on one task's text, so that it builds in seconds.
+SHORT = ["experiment=cpu_long", f"paths.data_dir={DATA}", "benchmark.num_tasks=2",
+         "benchmark.max_train_per_task=32", "benchmark.max_eval_per_task=16", "trainer.max_steps=3",
+         "data.batch_size=8", "trainer.enable_progress_bar=false", "backbone.text_corpus.tasks=[sst2]",
+         "backbone.tiny_overrides={d_model: 32, d_ff: 64, heads: 2, vocab_size: 1000, pretrain_steps: 3,"
+         " pretrain_batch: 4, pretrain_warmup: 1}"]
+
+
+def launch(tmp: Path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "gainlora.run", *SHORT, f"paths.runs_dir={tmp / 'runs'}",
+           f"paths.cache_dir={tmp / 'cache'}", *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("cpu_long")
+    done = launch(tmp, "run_id=r1")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return Path(done.stdout.strip().splitlines()[-1]), tmp
+
+
+def test_runs_on_the_real_tasks_with_a_text_pretrained_backbone(short_run) -> None:
+    results_path, tmp = short_run
+    results = json.loads(results_path.read_text())
+    assert results["status"] == "finished" and results["method"] == "gainlora_inflora"
+    assert results["tasks"] == ["agnews", "amazon"] and results["metric"] == "exact_match"
+    assert len(results["matrix"]) == 2 and all(v is not None for v in results["matrix"][1])
+    assert (results_path.parent / "plots" / "forgetting.png").stat().st_size > 1000
+    # The backbone came from the text builder, pre-trained on the corpus the config names.
+    (built,) = (tmp / "cache").glob("t5-text-*")
+    assert Path(results["backbone"]) == built
+    meta = json.loads((built / "tiny_spec.json").read_text())
+    assert meta["corpus"]["tasks"] == ["sst2"] and meta["spec"]["pretrain_steps"] == 3
+    assert meta["corpus_texts"] > 1000  # sst2's 2,000 train inputs (the shortest dropped)
+
+
+def test_the_cached_backbone_is_reused_and_keyed_on_the_recipe(short_run) -> None:
+    from gainlora.model.pretrain import build_text_backbone
+
+    _, tmp = short_run
+    (built,) = (tmp / "cache").glob("t5-text-*")
+    stamp = {p: p.stat().st_mtime_ns for p in built.iterdir()}
+    corpus = {"data_dir": str(DATA), "benchmark": "long", "tasks": ["sst2"]}
+    overrides = {"d_model": 32, "d_ff": 64, "heads": 2, "vocab_size": 1000, "pretrain_steps": 3,
+                 "pretrain_batch": 4, "pretrain_warmup": 1}
+    assert build_text_backbone("t5-text", corpus, tmp / "cache", overrides) == built  # no rebuild
+    assert {p: p.stat().st_mtime_ns for p in built.iterdir()} == stamp
+    # Another corpus or recipe is another directory (checked by name, without building it).
+    from gainlora.model.pretrain import TextCorpus, resolve_text_spec, text_backbone_dir
+
+    spec = resolve_text_spec("t5-text", overrides)
+    other = text_backbone_dir(spec, TextCorpus(str(DATA), "long", ("sst2", "cb")), tmp / "cache")
+    longer = text_backbone_dir(resolve_text_spec(spec, {"pretrain_steps": 4}), TextCorpus.from_config(corpus),
+                               tmp / "cache")
+    assert len({built, other, longer}) == 3
+
+
+def test_a_missing_corpus_file_is_one_error_line_before_anything_is_written(tmp_path) -> None:
+    # yahoo's train.json is one of the files absent from the shared copy
+    done = launch(tmp_path, "backbone.text_corpus.tasks=[sst2,yahoo]")
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: backbone.text_corpus: ") and "yahoo/train.json" in lines[-1]
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "runs").exists() and not list((tmp_path / "cache").glob("t5-text-*"))
