@@ -117,6 +117,10 @@ def check_backbone_source(backbone: DictConfig, timeout: float = 2.0) -> None:
     """A named backbone must be a model directory, in the Hugging Face cache, or downloadable: known
     in about a second instead of minutes of connection retries and a traceback."""
     name = backbone.get("name_or_path")
+    if backbone.get("tiny") and backbone.get("text_corpus"):  # its pre-training text must be there
+        from gainlora.model.pretrain import TextCorpus
+
+        TextCorpus.from_config(OmegaConf.to_container(backbone.text_corpus, resolve=True)).files()
     if backbone.get("tiny") or not name:
         return
     path = Path(name).expanduser()

@@ -97,7 +97,12 @@ class Backbone(Section):
         if self.attn_implementation == "flash_attention_2" and (self.family == "t5" or not find_spec("flash_attn")):
             raise ValueError("backbone.attn_implementation: sdpa or eager; flash_attention_2 needs the flash-attn "
                              "package (CUDA) and a decoder-only backbone (T5's position bias has no flash kernel)")
-        if self.tiny is not None and self.tiny not in PRESETS:
+        if self.text_corpus is not None:  # a preset pre-trained on benchmark text (gainlora.model.pretrain)
+            from gainlora.model.pretrain import TEXT_PRESETS
+
+            if self.tiny not in TEXT_PRESETS:
+                raise ValueError(f"backbone.tiny: with backbone.text_corpus one of {', '.join(TEXT_PRESETS)}")
+        elif self.tiny is not None and self.tiny not in PRESETS:
             raise ValueError(f"backbone.tiny: one of {', '.join(PRESETS)}")
         unknown = sorted(set(self.tiny_overrides or {}) - {f.name for f in fields(TinySpec)} - {"name"})
         if unknown:
