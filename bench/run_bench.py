@@ -406,7 +406,7 @@ TINY_SUPERNI_OVERRIDES = {"pretrain_steps": 0}
 
 
 def find_data(explicit: str | None) -> Path | None:
-    candidates = [explicit, os.environ.get("GAINLORA_DATA"), "/work/shared/CL_Benchmark", "data/CL_Benchmark"]
+    candidates = [explicit, os.environ.get("GAINLORA_DATA"), "data/CL_Benchmark"]
     for c in candidates:
         if c and (Path(c) / "SuperNI").is_dir():
             return Path(c)

@@ -63,7 +63,7 @@ CASES = {
     "malformed JSON": (SUPERNI, lambda t: t[:-40], "train.json: malformed JSON"),
     "missing key": (SUPERNI, drop_key("Instances"), "missing key 'Instances'"),
     "empty Instances": (SUPERNI, empty_instances, "'Instances' is empty"),
-    "unknown reader": (["benchmark.reader=bogus"], None, "benchmark.reader=bogus: should be 'demo', 'superni' or 'long'"),
+    "unknown reader": (["benchmark.reader=bogus"], None, "benchmark.reader=bogus: should be 'demo', 'superni', 'long' or 'custom'"),
     "unknown order": (["benchmark.order=9"], None, "benchmark.order=9: one of 1, 2, all"),
     "zero rank": (["lora.rank=0"], None, "lora.rank=0: should be greater than 0"),
     "no backbone": (["backbone.tiny=null"], None, "backbone.name_or_path"),

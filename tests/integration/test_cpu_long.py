@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-DATA = Path(os.environ.get("GAINLORA_DATA", "/work/shared/CL_Benchmark"))
+DATA = Path(os.environ.get("GAINLORA_DATA", ROOT / "data" / "CL_Benchmark"))
 
 pytestmark = [pytest.mark.slow, pytest.mark.data,
               pytest.mark.skipif(not (DATA / "Long_Sequence").is_dir(), reason="no CL_Benchmark data")]

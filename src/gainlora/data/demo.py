@@ -5,7 +5,7 @@ Each task has its own instruction and its own pool of filler pseudo-words, so in
 set. The tiny tokenizer (``gainlora.model.tiny``) is trained so that each answer word is one token;
 an answer is then one token plus EOS, which a frozen tiny T5 with LoRA learns in a few hundred steps.
 
-Prompts follow the SuperNI shape used for the real benchmark (METHOD.md), so the same collators and
+Prompts follow the SuperNI shape used for the real benchmark (docs/method.md), so the same collators and
 metrics serve the demo and the paper's data.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 
-# The fixed pieces of the SuperNI prompt (METHOD.md, 'Data and prompts'). The tiny tokenizer makes
+# The fixed pieces of the SuperNI prompt (docs/method.md, 'Data and prompts'). The tiny tokenizer makes
 # each one a single token, which keeps demo sequences short. The first two leave their trailing space
 # to the text that follows (a byte-level "Ġword" token, so decoding is exact); the last keeps it, so a
 # prompt ends on that token whether or not the answer is tokenized together with it.
@@ -216,7 +216,7 @@ _TASKS: dict[str, _Task] = {
     ),
 }
 
-# Default order: the A -> E sequence of DEMO_FINDINGS.md.
+# Default order: the A -> E sequence of docs/demo_findings.md.
 DEMO_TASKS: tuple[str, ...] = (
     "demo_colour",
     "demo_parity",

@@ -9,7 +9,7 @@ renamed into place under a file lock (concurrent builders never see a half-writt
 
 Presets that ask for it get a short generic pre-training of the whole model: repeating random
 pseudo-word strings. A frozen random-init model cannot learn to copy an open-vocabulary word with
-LoRA alone; after this pre-training it can (DEMO_FINDINGS.md). The pre-training shares no
+LoRA alone; after this pre-training it can (docs/demo_findings.md). The pre-training shares no
 instruction and no pseudo-word with the demo tasks.
 """
 from __future__ import annotations
@@ -90,7 +90,7 @@ class TinySpec:
 
 
 PRESETS: dict[str, TinySpec] = {
-    # The demo backbone: DEMO_FINDINGS.md's d_model-128, 2+2-layer T5, pre-trained.
+    # The demo backbone: docs/demo_findings.md's d_model-128, 2+2-layer T5, pre-trained.
     "t5-demo": TinySpec("t5", d_model=128, layers=2, heads=4, d_ff=512, pretrain_steps=2000, name="t5-demo"),
     # Unit tests: random init, builds in seconds.
     "t5-test": TinySpec("t5", d_model=64, layers=2, heads=2, d_ff=128, name="t5-test"),
@@ -238,7 +238,7 @@ def build_tokenizer(arch: str = "t5", vocab_size: int = 6000) -> PreTrainedToken
 
 
 # --- pre-training ---------------------------------------------------------------------------------
-# Copying is the skill a frozen random model lacks (DEMO_FINDINGS.md), so pre-training is copying:
+# Copying is the skill a frozen random model lacks (docs/demo_findings.md), so pre-training is copying:
 # repeat a random string of 1-8 pseudo-words (the demo's inputs have up to 8 words). Measured: after
 # 2,000 steps LoRA learns "copy the last word" to 100% (two seeds); 1,200 steps of 1-6 words gave 84%.
 # Mixing in content lookups ("which word follows / precedes X", "fill the blank") stalled learning:
