@@ -113,5 +113,36 @@ def main(cfg: DictConfig) -> float:
              "some space and resume with resume=true")
 
 
-if __name__ == "__main__":
+def check_overrides(overrides: list[str]) -> None:
+    """Hydra reports a bad override (a typo'd key, an unknown group option) in several lines and
+    exits 1 before ``main`` runs; compose first, so it is one ``error:`` line and exit 2 as well."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            compose("config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        if any(line.startswith("Available options") for line in lines):  # an unknown group option
+            start = next(i for i, line in enumerate(lines) if line.startswith("Available options")) + 1
+            options = [o for o in lines[start:] if not o.startswith(("Config search path", "provider="))]
+            fail(f"{lines[0].removeprefix(chr(39).join(['In ', 'config', ': ']))}; available: {', '.join(options)}")
+        key = lines[0].partition("Could not override '")[2].rstrip("'.")
+        arg = next((a for a in overrides if key and a.split("=")[0].lstrip("+~") == key), None)
+        if arg is not None:  # a key the config does not have
+            fail(f"{arg}: unknown key (a typo?); to add a new key use +{arg}")
+        fail("; ".join(lines[:2]))
+
+
+def cli() -> None:
+    """``python -m gainlora.run`` / ``gainlora-run``: Hydra's command line, overrides checked first."""
+    args = sys.argv[1:]
+    if not any(arg.startswith("-") for arg in args):  # plain overrides; Hydra's flags go to Hydra as they are
+        check_overrides(args)
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import save_file
 import torch
 
+import gainlora.run
 from gainlora.run import CONF_DIR, main, run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -265,3 +266,18 @@ def test_disk_full_names_the_path(wrapped, tmp_path, monkeypatch, capsys):
     run_dir = tmp_path / "runs" / "demo" / "full"
     assert line == (f"error: {run_dir if wrapped else run_dir / 'config.yaml'}: no space left on device; "
                     "finished tasks are kept, free some space and resume with resume=true")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["lora.rnak=4"], "error: lora.rnak=4: unknown key (a typo?); to add a new key use +lora.rnak=4"),
+    (["experiment=demo", "method.lam=-1"], "error: method.lam=-1: unknown key"),
+    (["method=nosuch"], "error: Could not find 'method/nosuch'; available: clora, ewc"),
+    (["lora.rank=["], "error: no viable alternative at input '['"),
+])
+def test_a_bad_override_is_one_line_and_exit_2(args, fragment, monkeypatch, capsys) -> None:
+    """Hydra's own override errors (before main runs) also end in one `error:` line, exit 2."""
+    monkeypatch.setattr(sys, "argv", ["gainlora.run", *args])
+    with pytest.raises(SystemExit) as stopped:
+        gainlora.run.cli()
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.startswith(fragment) and err.count("\n") == 1, err
