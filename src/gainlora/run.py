@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import hydra
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from gainlora.artifacts import RunDir, write_text
@@ -61,12 +62,14 @@ def run(cfg: DictConfig) -> dict:
 def run_loop(loop: ContinualLoop, run_dir: RunDir, loggers: list, stop: StopFlag) -> dict:
     try:
         results = loop.run()
-    except (TaskInterrupted, KeyboardInterrupt) as err:  # SIGTERM, Ctrl-C
+    except (TaskInterrupted, KeyboardInterrupt, SIGTERMException) as err:  # SIGTERM, Ctrl-C
+        # Lightning's SIGTERMException (raised when SIGTERM lands in an evaluation or between its
+        # checks) is a SystemExit with no code: left alone, a killed run would exit 0 as "failed".
         loop.finish("interrupted")
         if loop.is_main:
-            print(f"interrupted: {str(err) or 'Ctrl-C'}; resume with:\n  {resume_command(run_dir.root.name)}",
+            print(f"interrupted: {str(err) or type(err).__name__}; resume with:\n  {resume_command(run_dir.root.name)}",
                   file=sys.stderr)
-        sys.exit(stop.exit_code if isinstance(err, TaskInterrupted) else 130)
+        sys.exit(130 if isinstance(err, KeyboardInterrupt) else stop.exit_code)
     except BaseException as err:  # finished tasks stay on disk; say what stopped the run
         loop.finish(f"failed: {type(err).__name__}: {err}"[:500])
         raise

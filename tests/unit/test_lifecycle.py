@@ -196,3 +196,31 @@ def test_stop_flag_exit_codes_and_resume_command() -> None:
     assert term.exit_code == 143
     command = resume_command("r1", ["experiment=demo", "run_id=old", "lora.rank=4", "resume=false"])
     assert command == "python -m gainlora.run experiment=demo lora.rank=4 resume=true run_id=r1"
+
+
+def test_lightning_s_sigterm_exception_ends_as_an_interruption(tmp_path, capsys) -> None:
+    """Lightning raises SIGTERMException (a SystemExit without a code) when SIGTERM lands in its
+    loops: the run must end `interrupted` with exit 143, not exit 0 as `failed`."""
+    import signal
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from gainlora.artifacts import RunDir
+    from gainlora.callbacks.interrupt import StopFlag
+    from gainlora.run import run_loop
+
+    class Loop:
+        is_main, statuses = True, []
+
+        def run(self):
+            raise SIGTERMException
+
+        def finish(self, status):
+            self.statuses.append(status)
+
+    stop, loop = StopFlag(), Loop()
+    stop.signal = signal.SIGTERM
+    with pytest.raises(SystemExit) as stopped:
+        run_loop(loop, RunDir(tmp_path / "r"), [], stop)
+    assert stopped.value.code == 143 and loop.statuses == ["interrupted"]
+    assert "resume=true run_id=r" in capsys.readouterr().err
