@@ -165,7 +165,7 @@ def build_module(arch: Arch, variant: Variant, device: str, seed: int = 0) -> Co
     torch.manual_seed(seed)
     model = make_model(arch)
     model.requires_grad_(False)
-    backbone = Backbone(model=model, tokenizer=tokenizer_for(arch.tokenizer), kind=arch.kind, source="bench")
+    backbone = Backbone(model=model, tokenizer=tokenizer_for(arch.tokenizer), kind=arch.kind)
     gates = {"hidden": GATE_HIDDEN, "pool": "mean"} if variant.gated else None
     module = ContinualLM(backbone, rank=RANK, alpha=ALPHA, gates=gates)
     generator = torch.Generator().manual_seed(seed + 1)
@@ -395,7 +395,7 @@ def bench_backbone(arch: Arch) -> Backbone:
     torch.manual_seed(0)
     model = make_model(arch)
     model.requires_grad_(False)
-    return Backbone(model=model, tokenizer=tokenizer_for(arch.tokenizer), kind=arch.kind, source="bench")
+    return Backbone(model=model, tokenizer=tokenizer_for(arch.tokenizer), kind=arch.kind)
 
 
 # experiments/tiny_superni.yaml: the t5-demo preset with random weights (pretrain_steps 0), batch 32

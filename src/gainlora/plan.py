@@ -109,7 +109,7 @@ def _fake_model(config: PretrainedConfig, kind: str, dtype: torch.dtype, rank: i
         auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
         model = auto.from_config(config, dtype=dtype)
         model.requires_grad_(False)
-        module = ContinualLM(Backbone(model, None, kind, "plan"), rank=rank, gates=gates)
+        module = ContinualLM(Backbone(model, None, kind), rank=rank, gates=gates)
         for _ in range(tasks):  # the last task: every older branch and gate frozen beside the current
             module.add_branch()
             if module.gates is not None:

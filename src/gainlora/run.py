@@ -7,11 +7,9 @@ with one ``error:`` line and exit code 2.
 """
 from __future__ import annotations
 
-import errno
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
 
 import hydra
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -21,6 +19,7 @@ from gainlora.artifacts import RunDir, write_text
 from gainlora.build import (build, check_backbone_source, check_trainer, derive_batching, in_task_checkpoints,
                             make_loggers, single_task_reference, trainer_factory)
 from gainlora.callbacks.interrupt import resume_command
+from gainlora.cli import check_overrides, disk_full, fail
 from gainlora.data.tasks import load_stream, stream_metric
 from gainlora.data.types import DataError
 from gainlora.loop import ArtifactError, ContinualLoop, StopFlag, TaskInterrupted
@@ -45,7 +44,8 @@ def run(cfg: DictConfig) -> dict:
         info = {"experiment": cfg.exp_name, "method": method.name, "benchmark": cfg.benchmark.name,
                 "order": cfg.benchmark.get("order"), "metric": stream_metric(tasks), "seed": cfg.seed,
                 "selection": cfg.benchmark.get("selection", "carved"), "backbone": module.backbone.name_or_path,
-                "derived": OmegaConf.to_container(cfg.derived)}  # world size, per-device and global batch
+                "derived": OmegaConf.to_container(cfg.derived),  # world size, per-device and global batch
+                "notes": sorted({note for task in tasks for note in task.notes})}  # e.g. selection=paper
         if single_task is not None:
             info["single_task_run"] = str(cfg.metrics.single_task_run)
         loggers = make_loggers(cfg)
@@ -85,21 +85,6 @@ def run_loop(loop: ContinualLoop, run_dir: RunDir, loggers: list, stop: StopFlag
 USER_ERRORS = (ConfigError, DataError, ArtifactError)
 
 
-def disk_full(err: BaseException) -> BaseException | None:
-    """The ENOSPC error behind ``err``, if any. Libraries wrap I/O errors in their own, some only
-    in text (safetensors: "I/O error: No space left on device (os error 28)")."""
-    while err is not None:
-        if isinstance(err, OSError) and err.errno == errno.ENOSPC or os.strerror(errno.ENOSPC) in str(err):
-            return err
-        err = err.__cause__ or err.__context__
-    return None
-
-
-def fail(message: str) -> NoReturn:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float:
     try:
@@ -116,34 +101,11 @@ def main(cfg: DictConfig) -> float:
              "some space and resume with resume=true")
 
 
-def check_overrides(overrides: list[str]) -> None:
-    """Hydra reports a bad override (a typo'd key, an unknown group option) in several lines and
-    exits 1 before ``main`` runs; compose first, so it is one ``error:`` line and exit 2 as well."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            compose("config", overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as err:
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        if any(line.startswith("Available options") for line in lines):  # an unknown group option
-            start = next(i for i, line in enumerate(lines) if line.startswith("Available options")) + 1
-            options = [o for o in lines[start:] if not o.startswith(("Config search path", "provider="))]
-            fail(f"{lines[0].removeprefix(chr(39).join(['In ', 'config', ': ']))}; available: {', '.join(options)}")
-        key = lines[0].partition("Could not override '")[2].rstrip("'.")
-        arg = next((a for a in overrides if key and a.split("=")[0].lstrip("+~") == key), None)
-        if arg is not None:  # a key the config does not have
-            fail(f"{arg}: unknown key (a typo?); to add a new key use +{arg}")
-        fail("; ".join(lines[:2]))
-
-
 def cli() -> None:
     """``python -m gainlora.run`` / ``gainlora-run``: Hydra's command line, overrides checked first."""
     args = sys.argv[1:]
     if not any(arg.startswith("-") for arg in args):  # plain overrides; Hydra's flags go to Hydra as they are
-        check_overrides(args)
+        check_overrides(CONF_DIR, args)
     main()
 
 

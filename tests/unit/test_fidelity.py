@@ -44,7 +44,7 @@ def build_model(tensors: dict[str, torch.Tensor], meta: dict, tokenizer) -> Cont
     assert not unexpected and not missing, (missing, unexpected)
     model.requires_grad_(False).eval()
     settings = meta["prompt_config"]
-    module = ContinualLM(Backbone(model=model, tokenizer=tokenizer, kind="seq2seq", source="ref"),
+    module = ContinualLM(Backbone(model=model, tokenizer=tokenizer, kind="seq2seq"),
                          rank=settings["lora_r"], alpha=settings["lora_alpha"],
                          gates={"hidden": settings["mlp_hidden_dim"], "pool": "padded_mean"})
     # Our task 0 = the reference's previous task; our task 1 = its current task.

@@ -22,7 +22,6 @@ IGNORE = -100
 class TruncationCounter:
     sources: int = 0
     targets: int = 0
-    seen: int = 0
     warned: set = field(default_factory=set)
 
     def report(self, what: str, count: int, limit: int) -> None:
@@ -117,7 +116,6 @@ class Collator:
     def train_batch(self, examples: list[Example]) -> dict:
         pad = self.tokenizer.pad_token_id
         sources, targets = self._sources(examples), self._targets(examples)
-        self.truncation.seen += len(examples)
         if self.kind == "seq2seq":
             input_ids = self._pad(sources, pad)
             mask = (self._pad([[1] * len(s) for s in sources], 0))

@@ -43,7 +43,6 @@ class Backbone:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     kind: str  # "seq2seq" | "causal"
-    source: str
 
     @property
     def d_model(self) -> int:
@@ -119,7 +118,7 @@ def load_backbone(name_or_path: str | None = None, *, tiny: str | None = None, d
         split_fused_qkv(model)
     model.requires_grad_(False)
     model.eval()
-    return Backbone(model=model, tokenizer=tokenizer, kind=kind, source=path)
+    return Backbone(model=model, tokenizer=tokenizer, kind=kind)
 
 
 def _discover(model: nn.Module) -> dict[str, nn.Linear]:

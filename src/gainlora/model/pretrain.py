@@ -18,10 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
@@ -32,6 +29,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from gainlora.data.benchmarks import GROUPS, task_dir
+from gainlora.artifacts import atomic_dir
 from gainlora.data.types import DataError
 from gainlora.model.tiny import BOS, EOS, PAD, UNK, TinySpec, _deterministic, _lock, default_cache_dir
 from gainlora.model.tiny_models import make_model
@@ -287,9 +285,7 @@ def build_text_backbone(preset: str | TextSpec, corpus: TextCorpus | Mapping, ca
             return final
         log.info("building %s into %s (pre-training on the train text of %s)", spec.name, final,
                  ", ".join(corpus.tasks))
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-        tmp.chmod(0o755)
-        try:
+        with atomic_dir(final) as tmp:  # readers see nothing or the complete directory
             texts = corpus_texts(corpus)
             tokenizer = train_tokenizer(texts, spec.vocab_size)
             with _deterministic(spec.seed):
@@ -300,8 +296,4 @@ def build_text_backbone(preset: str | TextSpec, corpus: TextCorpus | Mapping, ca
             meta = {"spec": asdict(spec), "builder": TEXT_BUILDER_VERSION, "corpus": asdict(corpus),
                     "corpus_digest": corpus.digest(), **stats}
             (tmp / "tiny_spec.json").write_text(json.dumps(meta, indent=2) + "\n")
-            os.replace(tmp, final)  # atomic: readers see nothing or the complete directory
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return final

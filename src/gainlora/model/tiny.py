@@ -20,8 +20,6 @@ import json
 import logging
 import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
@@ -32,6 +30,7 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
+from gainlora.artifacts import atomic_dir
 from gainlora.data.demo import PROMPT_PIECES, demo_vocabulary, pseudo_word_universe, render_prompt
 from gainlora.model.tiny_models import make_model
 
@@ -360,14 +359,8 @@ def build_tiny_backbone(preset: str | TinySpec, cache_dir: str | Path | None = N
         if final.is_dir():  # another process built it while we waited
             return final
         log.info("building tiny backbone %s into %s", spec.name, final)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
-        try:
+        with atomic_dir(final) as tmp:  # readers see nothing or the complete directory
             _build_into(spec, tmp)
-            os.replace(tmp, final)  # atomic: readers see nothing or the complete directory
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return final
 
 
