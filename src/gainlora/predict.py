@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from gainlora.artifacts import write_text
 from gainlora.data.benchmarks import long_sequence_prompt, superni_prompt
+from gainlora.data.custom import jsonl_rows
 from gainlora.data.demo import render_prompt
 from gainlora.data.types import DataError, Example
 
@@ -58,21 +59,7 @@ def read_inputs(path: Path, template: Callable[[str, str], str]) -> list[tuple[d
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        try:
-            lines = list(enumerate(handle, 1))
-        except UnicodeDecodeError as err:
-            raise DataError(f"{path}: not valid UTF-8 at byte {err.start}") from None
-    for number, line in lines:
-        if not line.strip():
-            continue
-        where = f"{path} line {number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    for where, row in jsonl_rows(path):
         if "prediction" in row:
             raise DataError(f"{where}: has a 'prediction' field already (it would be overwritten)")
         if "prompt" in row:

@@ -157,7 +157,7 @@ def _example(where: str, row: dict[str, Any], instruction: str | None, prompt, k
 def _rows(path: Path) -> list[Row]:
     if path.is_dir():
         return _dataset_rows(path)
-    readers = {".jsonl": _jsonl_rows, ".csv": _csv_rows}
+    readers = {".jsonl": jsonl_rows, ".csv": _csv_rows}
     if path.suffix not in readers:
         raise DataError(f"{path}: unsupported file type '{path.suffix}'; expected .jsonl, .csv or a "
                         "save_to_disk folder")
@@ -170,19 +170,24 @@ def _rows(path: Path) -> list[Row]:
     return rows
 
 
-def _jsonl_rows(path: Path) -> Iterator[Row]:
+def jsonl_rows(path: Path) -> Iterator[Row]:
+    """("<file> line N", object) for every non-blank line; a DataError names the first bad one."""
     with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            where = f"{path} line {number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            yield where, row
+        try:
+            lines = list(enumerate(handle, 1))
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}: not valid UTF-8 at byte {err.start}") from None
+    for number, line in lines:
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        yield where, row
 
 
 def _csv_rows(path: Path) -> Iterator[Row]:
