@@ -13,9 +13,14 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 
-def fail(message: str) -> NoReturn:
+def error_line(message: str) -> int:
+    """Print the one ``error:`` line of a user mistake; the exit code to return (2)."""
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    return 2
+
+
+def fail(message: str) -> NoReturn:
+    sys.exit(error_line(message))
 
 
 def disk_full(err: BaseException) -> BaseException | None:

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from gainlora.cli import error_line
 from gainlora.artifacts import RunDir, write_json, write_text, write_tensors
 
 FORMATS = ("peft",)
@@ -182,25 +183,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", default="peft", help=f"one of {', '.join(FORMATS)}")
     args = parser.parse_args(argv)
     if args.format not in FORMATS:
-        return _fail(f"--format={args.format}: expected one of {', '.join(FORMATS)}")
+        return error_line(f"--format={args.format}: expected one of {', '.join(FORMATS)}")
     run = Path(args.run)
     if not (run / "config.yaml").is_file() or not (run / "results.json").is_file():
-        return _fail(f"run={run}: not a run directory (needs config.yaml and results.json)")
+        return error_line(f"run={run}: not a run directory (needs config.yaml and results.json)")
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        return _fail(f"out={out}: exists and is not an empty folder")
+        return error_line(f"out={out}: exists and is not an empty folder")
     try:
         sidecar = export_peft(run, out)
     except FileNotFoundError as err:  # load_run: no finished task
-        return _fail(f"run={run}: {err}")
+        return error_line(f"run={run}: {err}")
     print(f"{len(sidecar['adapters'])} task adapter(s){' + merged' if sidecar['merged'] else ' + gate sidecar'} "
           f"in {out}")
     return 0
-
-
-def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from gainlora.cli import error_line
 from gainlora.artifacts import write_text
 from gainlora.data.benchmarks import long_sequence_prompt, superni_prompt
 from gainlora.data.custom import jsonl_rows
@@ -135,14 +136,14 @@ def main(argv: list[str] | None = None) -> int:
                                                        "(default: the run's)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
-        return _fail(f"--batch-size={args.batch_size}: a positive integer")
+        return error_line(f"--batch-size={args.batch_size}: a positive integer")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        return _fail(f"--max-new-tokens={args.max_new_tokens}: a positive integer")
+        return error_line(f"--max-new-tokens={args.max_new_tokens}: a positive integer")
     if args.prompt is not None and args.prompt not in PROMPTS:
-        return _fail(f"--prompt={args.prompt}: expected one of {', '.join(PROMPTS)}")
+        return error_line(f"--prompt={args.prompt}: expected one of {', '.join(PROMPTS)}")
     run = Path(args.run)
     if not (run / "config.yaml").is_file() or not (run / "results.json").is_file():
-        return _fail(f"run={run}: not a run directory (needs config.yaml and results.json)")
+        return error_line(f"run={run}: not a run directory (needs config.yaml and results.json)")
     try:
         from omegaconf import OmegaConf
 
@@ -155,17 +156,12 @@ def main(argv: list[str] | None = None) -> int:
         answers, stats = predict(trained, [p for _, p in rows], batch_size=args.batch_size, **generation)
         write_predictions(args.output, rows, answers)
     except DataError as err:
-        return _fail(str(err))
+        return error_line(str(err))
     except FileNotFoundError as err:  # load_run: no finished task
-        return _fail(f"run={run}: {err}")
+        return error_line(f"run={run}: {err}")
     print(stats)
     print(args.output)
     return 0
-
-
-def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
 
 
 if __name__ == "__main__":
