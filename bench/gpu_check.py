@@ -5,8 +5,8 @@
    vocab 32000) with 8 of its 32 layers (time and memory per layer scale linearly), for one plain
    LoRA branch and GainLoRA with 15 branches, and the peak CUDA memory of both;
 2. a 2-task continual run on a T5-Large-shaped tiny-vocabulary backbone (random init), single GPU;
-3. single-GPU DeepSpeed runs on the demo backbone: ZeRO-2 must finish; ZeRO-3 is recorded as what
-   it does today (refused at config time, exit 2) so the record shows when that changes.
+3. single-GPU DeepSpeed runs on the demo backbone, ZeRO-2 and ZeRO-3 (each task's engine torn down
+   and the module handed over whole; tested on CPU processes only so far).
 
 Without CUDA it prints one line, writes {"skipped": ...} and exits 0. Budget: under 8 minutes on
 one GPU (each step has its own timeout; the whole is checked against the budget at the end).

@@ -24,6 +24,7 @@ from gainlora.data.collate import Collator
 from gainlora.data.datamodule import TaskStreamDataModule
 from gainlora.data.tasks import load_stream
 from gainlora.data.types import TaskData
+from gainlora.dist import continual_strategy
 from gainlora.methods.base import Method
 from gainlora.model.backbone import load_backbone
 from gainlora.model.checkpointing import enable_gradient_checkpointing
@@ -179,6 +180,8 @@ def make_loggers(cfg: DictConfig) -> list:
 def trainer_factory(cfg: DictConfig, run_dir: RunDir, loggers: list):
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     strategy = bind_strategy(plain(cfg.strategy))
+    if isinstance(strategy, Bound):  # DeepSpeed: the accumulation fix and the ZeRO-3 handover
+        strategy = Bound(continual_strategy(strategy.cls), strategy.kwargs, strategy.label)
 
     def make_trainer(task: int, callbacks: list, steps_scale: int = 1) -> L.Trainer:
         kwargs = dict(trainer_kwargs)

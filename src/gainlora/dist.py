@@ -1,4 +1,4 @@
-"""Where this process stands among the ranks of a run: the one place that asks.
+"""Where this process stands among the ranks of a run, and what a continual run adds to DeepSpeed.
 
 Two questions with different answers before training starts:
 - ``is_main()``: should this process write the run directory? Lightning launches every rank with
@@ -6,8 +6,13 @@ Two questions with different answers before training starts:
   exists, so this is right from the entry point on.
 - ``shard()``: (rank, world size) of the initialised process group, for collective work (feature
   collection, prediction gathering); (0, 1) when there is none, so one process takes everything.
+
+``continual_strategy`` adapts Lightning's DeepSpeedStrategy (or a subclass) to a run that hands one
+module from Trainer to Trainer (docs/architecture.md, "Several processes").
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 from lightning.pytorch.utilities import rank_zero_only
@@ -29,3 +34,84 @@ def shard() -> tuple[int, int]:
     if not distributed():
         return 0, 1
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def zero3_partitioned(module: torch.nn.Module) -> bool:
+    """Are ``module``'s parameters partitioned by a live ZeRO-3 engine? Its every forward is then
+    a collective (each rank gathers the others' shards), so ranks must run as many forwards."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+@functools.cache
+def continual_strategy(cls: type) -> type:
+    """``cls`` itself, or for a DeepSpeedStrategy class the same class with the two changes a
+    continual run needs (``ContinualDeepSpeed``)."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    if not issubclass(cls, DeepSpeedStrategy):
+        return cls
+    return type(cls.__name__, (ContinualDeepSpeed, cls), {"__module__": cls.__module__})
+
+
+class ContinualDeepSpeed:
+    """Mixed in before a DeepSpeedStrategy class by ``continual_strategy``.
+
+    - Accumulation: Lightning divides the loss by ``accumulate_grad_batches`` before backward, and
+      DeepSpeed's ``engine.backward`` divides it again (Lightning #6170); only Lightning's stays.
+    - ZeRO-3 handover: an engine partitions the module's parameters in place (empty ``.data``,
+      ``ds_*`` attributes, module hooks, a parameter dict that gathers on access). The next
+      Trainer's engine, the method's task-boundary work (feature collection, new branches) and
+      the saved tensors all need the whole module, so when a fit or test ends each parameter is
+      gathered whole (one at a time: the peak is the module plus one parameter), the engine is
+      destroyed (its hooks removed) and what DeepSpeed added to the module and its parameters is
+      removed, leaving the plain module the engine was given. While a fit runs, the trainable
+      tensors are gathered for the whole step (see ``init_deepspeed``).
+    """
+
+    _plain: tuple[list, dict] | None = None  # (modules and their attribute names, parameter attribute names)
+
+    def backward(self, closure_loss, optimizer, *args, **kwargs):
+        return super().backward(closure_loss, optimizer, *args, scale_wrt_gas=False, **kwargs)
+
+    def init_deepspeed(self) -> None:
+        module = self.lightning_module
+        self._plain = ([(m, set(vars(m))) for m in module.modules()],
+                       {id(p): set(vars(p)) for p in module.parameters()})
+        super().init_deepspeed()
+        if self.zero_stage_3 and module.trainer.training:
+            import deepspeed
+
+            # A method's loss term (O-LoRA, EWC, C-LoRA) reads the trainable tensors outside any
+            # layer's forward, where ZeRO-3 would hand it empty shards: gathered for the whole step
+            # instead (LoRA and gate tensors only, a few megabytes).
+            for p in module.parameters():
+                if p.requires_grad:
+                    deepspeed.zero.register_external_parameter(self.model.module, p)
+
+    def teardown(self) -> None:
+        if self.zero_stage_3 and self._plain is not None and self.lightning_module is not None:
+            self._release_partitioned()
+        super().teardown()
+
+    def _release_partitioned(self) -> None:
+        import deepspeed
+
+        if isinstance(self.model, deepspeed.DeepSpeedEngine):
+            self.model.empty_partition_cache()  # every parameter released, the step's externals too
+        whole = {}
+        for p in self.lightning_module.parameters():
+            if hasattr(p, "ds_id"):
+                with deepspeed.zero.GatheredParameters([p]):
+                    whole[id(p)] = (p, p.data.clone())
+        if isinstance(self.model, deepspeed.DeepSpeedEngine):
+            self.model.destroy()
+        modules, params = self._plain
+        for m, names in modules:
+            m._parameters = dict(dict.items(m._parameters))  # not ZeRO's dict that gathers on access
+            for name in set(vars(m)) - names:
+                delattr(m, name)
+        for p, data in whole.values():
+            for name in set(vars(p)) - params.get(id(p), set()):
+                delattr(p, name)
+            p.data = data
+        self._plain = None

@@ -232,8 +232,7 @@ def report(cfg: DictConfig, p: Plan, world: int, card_gb: float) -> str:
         off, on = (p.per_device(strategy, world, c) for c in (False, True))
         limit = card_gb * GIB * USABLE
         fits = "yes" if off <= limit else "with checkpointing" if on <= limit else "no"
-        note = " (refused today: docs/architecture.md)" if strategy == "deepspeed_stage_3" else ""
-        rows.append(f"{strategy:24s}{gb(off)} {gb(on)}   {fits}{note}")
+        rows.append(f"{strategy:24s}{gb(off)} {gb(on)}   {fits}")
     return "\n".join(rows)
 
 

@@ -263,13 +263,6 @@ def check_machine(cfg: RunConfig, strategy: dict) -> None:
         raise refuse("trainer.devices", trainer.devices, f"at most {torch.cuda.device_count()} (the GPUs here)")
     target, name = str(strategy.get("_target_", "")), str(strategy.get("name", ""))
     if "DeepSpeed" in target or name.startswith("deepspeed"):
-        if strategy.get("stage") == 3 or "stage_3" in name:
-            # Measured with the CPU shim: task 1 trains, then IncLoRA fails at task 2 (the new
-            # Trainer's engine meets the last one's partitioned parameters) and InfLoRA hangs
-            # collecting features outside the engine (docs/architecture.md, "Several processes").
-            raise refuse("strategy", "deepspeed_stage_3", "deepspeed_stage_3 is not supported: a continual run "
-                         "rebuilds the DeepSpeed engine for every task and ZeRO-3's partitioned parameters do "
-                         "not survive the handover; use deepspeed_stage_2 or deepspeed_stage_2_offload")
         if on_cpu and (target == "lightning.pytorch.strategies.DeepSpeedStrategy" or name):  # not a CPU subclass
             raise refuse("strategy", target or name, "ddp or auto on this CPU run: Lightning runs DeepSpeed on CUDA "
                          "GPUs only (or set trainer.accelerator=gpu on a GPU machine)")

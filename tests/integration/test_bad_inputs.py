@@ -70,7 +70,6 @@ CASES = {
     "no backbone": (["backbone.tiny=null"], None, "backbone.name_or_path"),
     "indivisible global batch": (["data.global_batch_size=32", "data.batch_size=5"], None,
                                  "data.global_batch_size=32: a multiple of data.batch_size (5)"),
-    "ZeRO-3": (["strategy=deepspeed_stage_3", "method=inclora"], None, "deepspeed_stage_3 is not supported"),
     "DeepSpeed on CPU": (["strategy=deepspeed_stage_2", "trainer.accelerator=cpu"], None,
                          "Lightning runs DeepSpeed on CUDA GPUs only"),
     "devices Lightning refuses": (["trainer.accelerator=cpu", "trainer.devices=[0,1]"], None,

@@ -6,7 +6,8 @@ device index (None on CPU), so the CPU tests exercise the same ZeRO optimizer, f
 and collectives as a GPU run. Never use it for real training.
 
 Selected with ``strategy._target_=cpu_deepspeed.CPUDeepSpeedStrategy``, this folder on PYTHONPATH
-and DS_ACCELERATOR=cpu.
+and DS_ACCELERATOR=cpu; the run's trainer factory adds the project's DeepSpeed changes to it
+(``gainlora.dist.continual_strategy``), as to Lightning's own class.
 """
 from __future__ import annotations
 
@@ -19,6 +20,14 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
 
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+    def __init__(self, *args, param_persistence_threshold: int | None = None, **kwargs) -> None:
+        """``param_persistence_threshold``: ZeRO-3 keeps parameters of at most this many elements
+        whole on every rank (DeepSpeed's default 1e5 covers every tensor of the tiny test models;
+        0 partitions them all, as a real model's large ones are)."""
+        super().__init__(*args, **kwargs)
+        if param_persistence_threshold is not None:
+            self.config["zero_optimization"]["stage3_param_persistence_threshold"] = param_persistence_threshold
+
     def setup_environment(self) -> None:
         DDPStrategy.setup_environment(self)  # skips DeepSpeedStrategy's CUDA-only check
 

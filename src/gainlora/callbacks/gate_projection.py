@@ -39,7 +39,13 @@ def write_full(param: torch.nn.Parameter, value: torch.Tensor) -> None:
         from deepspeed.utils import safe_set_full_fp32_param
 
         safe_set_full_fp32_param(param, value)
-    param.data.copy_(value.to(param.dtype))
+    if hasattr(param, "ds_id"):  # ZeRO-3: the module holds a shard; gather, write, re-partition
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            param.data.copy_(value.to(param.dtype))
+    else:
+        param.data.copy_(value.to(param.dtype))
 
 
 class GateProjection(L.Callback):

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from gainlora.data.types import PAD_TASK
-from gainlora.dist import shard
+from gainlora.dist import distributed, shard, zero3_partitioned
 from gainlora.metrics import TaskScores
 from gainlora.model.backbone import Backbone, adapted_layers, replace_module
 from gainlora.model.features import Features, collect_features
@@ -158,7 +158,8 @@ class ContinualLM(L.LightningModule):
         with self.gated(batch):
             out = self.backbone.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                          do_sample=False, pad_token_id=self.tokenizer.pad_token_id,
-                                         eos_token_id=self.tokenizer.eos_token_id, **kwargs)
+                                         eos_token_id=self.tokenizer.eos_token_id,
+                                         synced_gpus=distributed() and zero3_partitioned(self.backbone), **kwargs)
         if self.kind == "causal":  # left-padded prompts: the answer starts after the prompt
             out = out[:, batch["input_ids"].shape[1]:]
         return [s.strip() for s in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
