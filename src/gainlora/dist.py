@@ -64,8 +64,7 @@ class ContinualDeepSpeed:
       the saved tensors all need the whole module, so when a fit or test ends each parameter is
       gathered whole (one at a time: the peak is the module plus one parameter), the engine is
       destroyed (its hooks removed) and what DeepSpeed added to the module and its parameters is
-      removed, leaving the plain module the engine was given. While a fit runs, the trainable
-      tensors are gathered for the whole step (see ``init_deepspeed``).
+      removed, leaving the plain module the engine was given.
     """
 
     _plain: tuple[list, dict] | None = None  # (modules and their attribute names, parameter attribute names)
@@ -78,15 +77,6 @@ class ContinualDeepSpeed:
         self._plain = ([(m, set(vars(m))) for m in module.modules()],
                        {id(p): set(vars(p)) for p in module.parameters()})
         super().init_deepspeed()
-        if self.zero_stage_3 and module.trainer.training:
-            import deepspeed
-
-            # A method's loss term (O-LoRA, EWC, C-LoRA) reads the trainable tensors outside any
-            # layer's forward, where ZeRO-3 would hand it empty shards: gathered for the whole step
-            # instead (LoRA and gate tensors only, a few megabytes).
-            for p in module.parameters():
-                if p.requires_grad:
-                    deepspeed.zero.register_external_parameter(self.model.module, p)
 
     def teardown(self) -> None:
         if self.zero_stage_3 and self._plain is not None and self.lightning_module is not None:
@@ -97,7 +87,7 @@ class ContinualDeepSpeed:
         import deepspeed
 
         if isinstance(self.model, deepspeed.DeepSpeedEngine):
-            self.model.empty_partition_cache()  # every parameter released, the step's externals too
+            self.model.empty_partition_cache()  # every parameter released by every submodule
         whole = {}
         for p in self.lightning_module.parameters():
             if hasattr(p, "ds_id"):

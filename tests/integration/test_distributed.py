@@ -222,11 +222,11 @@ def test_zero3_continual_run_matches_the_single_process_run(zero3_runs, method: 
         if method.startswith("gainlora"):
             gate_ref, gate = tensors(single, task, "gate"), tensors(zero3, task, "gate")
             assert all(relative(gate[k], gate_ref[k]) <= gate_bound for k in ("G1", "G2", "key")), task
-        memory_ref, memory = tensors(single, task, "memory"), tensors(zero3, task, "memory")
-        assert memory.keys() == memory_ref.keys()
-        for k in memory_ref:  # GPM bases: the same spans (a basis is defined up to rotation)
-            assert memory[k].shape == memory_ref[k].shape, (task, k)
-            assert relative(memory[k] @ memory[k].T, memory_ref[k] @ memory_ref[k].T) <= tight, (task, k)
+            memory_ref, memory = tensors(single, task, "memory"), tensors(zero3, task, "memory")
+            assert memory.keys() == memory_ref.keys()
+            for k in memory_ref:  # GPM bases: the same spans (a basis is defined up to rotation)
+                assert memory[k].shape == memory_ref[k].shape, (task, k)
+                assert relative(memory[k] @ memory[k].T, memory_ref[k] @ memory_ref[k].T) <= tight, (task, k)
     predictions = json.loads((zero3 / "predictions.json").read_text())  # the last test: every task, once
     single_predictions = json.loads((single / "predictions.json").read_text())
     assert [(p["task"], p["source"]) for p in predictions] == [(p["task"], p["source"]) for p in single_predictions]
