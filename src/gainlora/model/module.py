@@ -106,7 +106,9 @@ class ContinualLM(L.LightningModule):
         return out.loss
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        loss = self(batch)
+        # forward, not self(batch): under ZeRO-3 a nested call of the root module ends with its
+        # release of the gathered tensors, before the loss term below reads them
+        loss = self.forward(batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite loss ({loss.item()}) in task {self.current_task + 1} at step {self.global_step}; "
