@@ -258,3 +258,18 @@ def test_accumulation_under_deepspeed_matches_one_process(tmp_path: Path, tiny_t
     sharded = train_sharded(tmp_path, tiny_t5_path, strategy, 2, 2, 2, "sgd")
     assert single_weights_sgd.keys() == sharded.keys()
     assert max(relative(sharded[k].double(), single_weights_sgd[k].double()) for k in sharded) <= 1e-5
+
+
+@pytest.mark.parametrize("method", ["olora", "ewc", "clora", "tasl", "inclora_replay"])
+def test_zero3_runs_the_other_methods(tmp_path: Path, method: str) -> None:
+    """Two tasks in one ZeRO-3 process, every tensor partitioned: the loss-term methods (O-LoRA, EWC,
+    C-LoRA read the trainable tensors in training_step), TaSL and replay reach task 2 and train it.
+    GainLoRA (InfLoRA) and IncLoRA are covered above; MIGU stops under DeepSpeed by design."""
+    pytest.importorskip("deepspeed")
+    run = launch(tmp_path, method, ["experiment=demo", "benchmark.num_tasks=2", "benchmark.n_train=32",
+                                    "benchmark.n_val=0", "benchmark.n_test=5", "trainer.max_steps=3",
+                                    "data.global_batch_size=8", f"method={method}", *Z3[:3],
+                                    "trainer.accelerator=cpu", "trainer.devices=1", "data.batch_size=8"])
+    assert results(run)["status"] == "finished" and len(results(run)["matrix"]) == 2
+    last = task_dirs(run)[-1]
+    assert any(v.abs().max() > 0 for k, v in tensors(run, last, "branch").items() if k.endswith(".B"))
