@@ -62,7 +62,7 @@ class ContinualDeepSpeed:
       ``ds_*`` attributes, module hooks, a parameter dict that gathers on access). The next
       Trainer's engine, the method's task-boundary work (feature collection, new branches) and
       the saved tensors all need the whole module, so when a fit or test ends each parameter is
-      gathered whole (one at a time: the peak is the module plus one parameter), the engine is
+      gathered whole (one at a time, beside the shards until the engine goes), the engine is
       destroyed (its hooks removed) and what DeepSpeed added to the module and its parameters is
       removed, leaving the plain module the engine was given.
     """
@@ -74,8 +74,9 @@ class ContinualDeepSpeed:
 
     def init_deepspeed(self) -> None:
         module = self.lightning_module
-        self._plain = ([(m, set(vars(m))) for m in module.modules()],
-                       {id(p): set(vars(p)) for p in module.parameters()})
+        if self.zero_stage_3:  # what the module is before the engine: what teardown restores
+            self._plain = ([(m, set(vars(m))) for m in module.modules()],
+                           {id(p): set(vars(p)) for p in module.parameters()})
         super().init_deepspeed()
 
     def teardown(self) -> None:

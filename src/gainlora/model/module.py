@@ -160,8 +160,8 @@ class ContinualLM(L.LightningModule):
         with self.gated(batch):
             out = self.backbone.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                          do_sample=False, pad_token_id=self.tokenizer.pad_token_id,
-                                         eos_token_id=self.tokenizer.eos_token_id,
-                                         synced_gpus=distributed() and zero3_partitioned(self.backbone), **kwargs)
+                                         eos_token_id=self.tokenizer.eos_token_id, **kwargs,
+                                         synced_gpus=distributed() and zero3_partitioned(self.backbone))
         if self.kind == "causal":  # left-padded prompts: the answer starts after the prompt
             out = out[:, batch["input_ids"].shape[1]:]
         return [s.strip() for s in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
