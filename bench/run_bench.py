@@ -713,9 +713,11 @@ def bench_fifteen(data_dir: str | None, out: Path) -> dict:
         return {"skipped": "15 tasks: skipped, no CL_Benchmark found (GAINLORA_DATA or `make data`)"}
     here = Path(__file__).resolve().parent
     path = out.with_name(out.stem + "_fifteen.json")
-    subprocess.run([sys.executable, str(here / "fifteen_tasks.py"), "--out", str(path), "--baseline",
-                    str(here / "fifteen_baseline.json"), f"benchmark.data_dir={root}"],
-                   env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True, stdout=subprocess.DEVNULL)
+    done = subprocess.run([sys.executable, str(here / "fifteen_tasks.py"), "--out", str(path), "--baseline",
+                           str(here / "fifteen_baseline.json"), f"benchmark.data_dir={root}"],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    if done.returncode:  # the run's own log only when it failed: 15 tasks of it otherwise
+        raise SystemExit(f"15-task run failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
     return json.loads(path.read_text())
 
 
