@@ -28,8 +28,8 @@ from hydra import compose, initialize_config_dir
 import gainlora.run as entry
 from gainlora.observers import TaskObserver
 
-# Capped to about 45 s of CPU time (one thread; longer in wall time on a busy machine): 16 test examples per task (1,920
-# generations over the run), 32 training examples and 8 steps per task.
+# Capped to about 45 s of CPU time (one thread; longer in wall time on a busy machine): 16 test
+# examples per task (1,920 generations over the run), 32 training examples and 8 steps per task.
 OVERRIDES = ["experiment=tiny_superni", "benchmark.num_tasks=15", "benchmark.max_train_per_task=32",
              "benchmark.max_eval_per_task=16", "trainer.max_steps=8", "data.batch_size=8",
              "data.eval_batch_size=16", "trainer.enable_progress_bar=false", "checkpoint.every_n_epochs=0"]
