@@ -6,7 +6,10 @@ Measures, on random-weight backbones (a t5-small-shaped T5 and a tiny LLaMA):
   branches in Python as the reference implementation does;
 - feature collection and GPM memory update of one task, relative to one training epoch of it
   (the tiny_superni first task on the demo backbone shape, and the t5-small shape);
-- peak memory of each configuration, in a fresh subprocess per configuration.
+- peak memory of each configuration, in a fresh subprocess per configuration;
+- a whole 15-task run on the tiny T5 with capped SuperNI data (bench/fifteen_tasks.py, in a fresh
+  subprocess): task 15 against task 1, the share of the run spent evaluating, peak RSS per task,
+  evaluation time against the stored baseline (bench/fifteen_baseline.json).
 
 Timing: time.perf_counter, warm-up calls, then repeats in rotating round-robin order over the
 configurations (drifting machine load hits every configuration alike); the median is reported.
@@ -691,6 +694,8 @@ def markdown(result: dict) -> str:
                          f"{cell('update_task2')} | {cell('init_task_start')} | {100 * u['task_end_relative']:.1f}% |")
         lines += ["", "Percentages are of one training epoch over the same batches."]
         lines.append("")
+    if result.get("fifteen"):
+        lines += [result["fifteen"].get("markdown") or result["fifteen"]["skipped"], ""]
     if result.get("targets"):
         lines += ["### Targets", "", "| target | value | goal | met |", "|---|---:|---:|:---:|"]
         for t in result["targets"]:
@@ -698,6 +703,22 @@ def markdown(result: dict) -> str:
             lines.append(f"| {t['what']} | {t['value']:.3f} | {t['target']} | {met} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def bench_fifteen(data_dir: str | None, out: Path) -> dict:
+    """bench/fifteen_tasks.py in a fresh process (its own peak RSS), one thread, against the stored
+    baseline; skipped without the SuperNI data."""
+    root = find_data(data_dir)
+    if root is None:
+        return {"skipped": "15 tasks: skipped, no CL_Benchmark found (GAINLORA_DATA or `make data`)"}
+    here = Path(__file__).resolve().parent
+    path = out.with_name(out.stem + "_fifteen.json")
+    done = subprocess.run([sys.executable, str(here / "fifteen_tasks.py"), "--out", str(path), "--baseline",
+                           str(here / "fifteen_baseline.json"), f"benchmark.data_dir={root}"],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    if done.returncode:  # the run's own log only when it failed: 15 tasks of it otherwise
+        raise SystemExit(f"15-task run failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    return json.loads(path.read_text())
 
 
 # -- entry point --------------------------------------------------------------------------------------
@@ -740,8 +761,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--archs", default="t5_small,llama_tiny")
     p.add_argument("--variants", default="lora_1,gainlora_1,gainlora_5,gainlora_15,unfused_15",
                    help=f"comma list of {', '.join(VARIANT_BY_NAME)}")
-    p.add_argument("--sections", default="steps,layer,update,memory,profile",
-                   help="comma list of steps, layer, update, memory (peak, subprocesses), profile")
+    p.add_argument("--sections", default="steps,layer,update,memory,profile,fifteen",
+                   help="comma list of steps, layer, update, memory (peak, subprocesses), profile, fifteen "
+                        "(a 15-task run)")
     p.add_argument("--data-dir", default=None, help="CL_Benchmark folder for the tiny_superni task")
     p.add_argument("--out", default="bench/results/bench.json")
     p.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: arch:variant memory probe
@@ -820,6 +842,10 @@ def main(argv: list[str] | None = None) -> int:
             result["peak_memory"][arch.name] = {v.name: run_probe(arch, v, s, args.quick) for v in probe_variants}
         log_load("memory")
         save(result, load_log, t0, Path(args.out))
+    if "fifteen" in sections:
+        print("[bench] 15 tasks", file=sys.stderr, flush=True)
+        result["fifteen"] = bench_fifteen(args.data_dir, Path(args.out))
+        log_load("fifteen")
     save(result, load_log, t0, Path(args.out))
     print(result["markdown"])
     print(f"[bench] wrote {args.out} in {result['meta']['elapsed_s']:.0f} s", file=sys.stderr)

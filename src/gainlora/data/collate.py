@@ -2,12 +2,14 @@
 
 Training batches: ``input_ids``, ``attention_mask``, ``labels`` (-100 where no loss), ``gate_mask``
 (the source tokens the gates pool over). Evaluation batches carry the source only (left-padded for
-causal models so generation continues every row) plus ``task_id``, ``references`` and ``metric``.
+causal models so generation continues every row) plus ``task_id``, ``references``, ``metric`` and
+``index`` (each row's place in dataset order, as length-sorted evaluation reorders rows).
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -16,6 +18,16 @@ from gainlora.data.types import DataError, Example
 
 log = logging.getLogger(__name__)
 IGNORE = -100
+
+
+class EvalItem(NamedTuple):
+    """One evaluation example, its source tokenized (once per run) and its place in dataset order."""
+
+    task: int
+    example: Example
+    metric: str
+    ids: list[int]
+    index: int
 
 
 @dataclass
@@ -128,14 +140,22 @@ class Collator:
                 "gate_mask": self._pad([[1] * len(s) + [0] * len(t) for s, t in zip(sources, targets)], 0),
                 "labels": self._pad(labels, IGNORE)}
 
+    def eval_items(self, items: list[tuple[int, Example, str]], start: int = 0) -> list[EvalItem]:
+        """(task index, example, metric name) items with their sources tokenized, indexed from ``start``."""
+        sources = self._sources([e for _, e, _ in items])
+        return [EvalItem(t, e, m, ids, start + i) for i, ((t, e, m), ids) in enumerate(zip(items, sources))]
+
     def eval_batch(self, items: list[tuple[int, Example, str]]) -> dict:
         """``items``: (task index, example, metric name)."""
-        examples = [e for _, e, _ in items]
-        sources = self._sources(examples)
+        return self.encoded_eval_batch(self.eval_items(items))
+
+    def encoded_eval_batch(self, items: list[EvalItem]) -> dict:
+        """A batch of already tokenized items: padding only."""
+        sources = [item.ids for item in items]
         left = self.kind == "causal"
         mask = self._pad([[1] * len(s) for s in sources], 0, left=left)
         return {"input_ids": self._pad(sources, self.tokenizer.pad_token_id, left=left),
                 "attention_mask": mask, "gate_mask": mask,
-                "task_id": torch.tensor([t for t, _, _ in items], dtype=torch.long),
-                "references": [e.references for e in examples], "metric": [m for _, _, m in items],
-                "source": [e.source for e in examples]}
+                "task_id": torch.tensor([item.task for item in items], dtype=torch.long),
+                "references": [item.example.references for item in items], "metric": [item.metric for item in items],
+                "source": [item.example.source for item in items], "index": [item.index for item in items]}

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 import lightning as L
 from torch.utils.data import DataLoader, DistributedSampler
 
-from gainlora.data.collate import Collator
+from gainlora.data.collate import Collator, EvalItem
 from gainlora.data.token_sampler import GlobalTokenSampler, Tagged, TaggedCollate
 from gainlora.data.types import PAD_TASK, Example, TaskData
 
@@ -51,6 +51,12 @@ class TaskStreamDataModule(L.LightningDataModule):
       tasks 0..t's splits instead;
     - test: tasks 0..t through ONE loader with a task column (several eval loaders break
       DeepSpeed ZeRO-3, Lightning #18473).
+
+    Evaluation is the bulk of a long run (after task t all t + 1 seen tasks are generated for, 120
+    task evaluations in 15 tasks), so each split of each task is tokenized once per run, and its
+    items are generated for in length-sorted batches (``eval_schedule``): a batch decodes until its
+    longest answer ends and pads to its longest source. The module puts predictions back in dataset
+    order.
     """
 
     def __init__(self, tasks: list[TaskData], collator: Collator, *, batch_size: int = 32,
@@ -66,6 +72,10 @@ class TaskStreamDataModule(L.LightningDataModule):
         self.task = 0
         self.joint = False
         self.replay: list[Example] = []  # earlier tasks' examples mixed into the next fit's training data
+        self._encoded: dict[tuple[str, int], list[EvalItem]] = {}  # (split, task): tokenized once per run
+        # (split, task): each item's expected answer length in tokens, the reference's until the item
+        # is generated for, then the last generated one (old tasks' answers barely change).
+        self.answer_hints: dict[tuple[str, int], list[int]] = {}
 
     @property
     def num_tasks(self) -> int:
@@ -94,20 +104,42 @@ class TaskStreamDataModule(L.LightningDataModule):
         return cls(data, batch_size=batch_size, sampler=sampler, collate_fn=collate,
                           num_workers=self.num_workers, persistent_workers=False)
 
-    def _eval_loader(self, items: list[tuple[int, object, str]]) -> DataLoader:
+    def eval_items(self, split: str, task: int) -> list[EvalItem]:
+        """Task ``task``'s ``split`` ("val" or "test"), tokenized on first use; ``index`` is each item's
+        position in the split."""
+        key = (split, task)
+        if key not in self._encoded:
+            data = self.tasks[task].val if split == "val" else self.tasks[task].test
+            self._encoded[key] = self.collator.eval_items([(task, e, self.tasks[task].metric) for e in data])
+            self.answer_hints[key] = self.collator.answer_tokens(data)
+        return self._encoded[key]
+
+    def eval_schedule(self, split: str, tasks: list[int]) -> list[EvalItem]:
+        """The tasks' items, longest expected answer first, then longest source (stable: ties keep
+        dataset order). Longest first: a batch that does not fit in memory fails at once."""
+        items = [item for j in tasks for item in self.eval_items(split, j)]
+        return sorted(items, key=lambda it: (self.answer_hints[(split, it.task)][it.index], len(it.ids)),
+                      reverse=True)
+
+    def remember_answer_lengths(self, split: str, rows: list[tuple[int, int, int]]) -> None:
+        """(task, index, generated tokens) of an evaluation: the expected lengths of the next one."""
+        for task, index, tokens in rows:
+            self.answer_hints[(split, task)][index] = tokens
+
+    def _eval_loader(self, items: list[EvalItem]) -> DataLoader:
         """Evaluation items, each scored exactly once however many ranks share them.
 
         Lightning's DistributedSampler would repeat items to even out the ranks, counting them twice.
         Instead the list is padded to a multiple of the world size with ``PAD_TASK`` rows, which are
-        generated but never scored, and sharded here, so Lightning keeps this sampler. Equal shards
-        let the predictions be gathered back in dataset order (``ContinualLM.on_test_epoch_end``).
+        generated but never scored, and sharded here, so Lightning keeps this sampler. Rank r takes
+        items r, r + W, ... of the sorted list: every rank's batch i has similar lengths.
         """
         world, rank = self._world()
         sampler = None
         if world > 1 and items:
-            items = items + [(PAD_TASK, items[0][1], items[0][2])] * (-len(items) % world)
+            items = items + [items[0]._replace(task=PAD_TASK, index=-1)] * (-len(items) % world)
             sampler = DistributedSampler(items, num_replicas=world, rank=rank, shuffle=False)
-        return self._loader(items, self.collator.eval_batch, batch_size=self.eval_batch_size,
+        return self._loader(items, self.collator.encoded_eval_batch, batch_size=self.eval_batch_size,
                             sampler=sampler)
 
     def _world(self) -> tuple[int, int]:
@@ -132,10 +164,10 @@ class TaskStreamDataModule(L.LightningDataModule):
                             sampler=sampler, cls=ResumableLoader)
 
     def val_dataloader(self) -> DataLoader:
-        return self._eval_loader([(j, e, self.tasks[j].metric) for j in self.fit_tasks for e in self.tasks[j].val])
+        return self._eval_loader(self.eval_schedule("val", self.fit_tasks))
 
     def test_dataloader(self) -> DataLoader:
-        return self._eval_loader([(j, e, t.metric) for j, t in enumerate(self.tasks[: self.task + 1]) for e in t.test])
+        return self._eval_loader(self.eval_schedule("test", list(range(self.task + 1))))
 
     def feature_batches(self) -> Iterator[dict]:
         """The fit's training batches in a fixed order (covariance collection)."""

@@ -156,6 +156,11 @@ class ContinualLM(L.LightningModule):
     @torch.no_grad()
     def generate(self, batch: dict, **overrides) -> list[str]:
         """Greedy (or beam) generation; gates computed once per example from the source."""
+        return self._generate(batch, **overrides)[0]
+
+    def _generate(self, batch: dict, **overrides) -> tuple[list[str], list[int]]:
+        """The answers and their lengths in generated tokens. generate() stops once every row of the
+        batch has ended (length-sorted evaluation batches make that early)."""
         kwargs = {**self.generation, **overrides}
         with self.gated(batch):
             out = self.backbone.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -164,17 +169,21 @@ class ContinualLM(L.LightningModule):
                                          synced_gpus=distributed() and zero3_partitioned(self.backbone))
         if self.kind == "causal":  # left-padded prompts: the answer starts after the prompt
             out = out[:, batch["input_ids"].shape[1]:]
-        return [s.strip() for s in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        lengths = (out != self.tokenizer.pad_token_id).sum(1).tolist()
+        return [s.strip() for s in self.tokenizer.batch_decode(out, skip_special_tokens=True)], lengths
 
     def _score_batch(self, batch: dict) -> None:
-        preds = self.generate(batch)
+        with torch.no_grad():
+            preds, lengths = self._generate(batch)
         task_ids = batch["task_id"].tolist()
         real = [i for i, t in enumerate(task_ids) if t != PAD_TASK]  # padding that evens out ranks
         self.scores.update([preds[i] for i in real], [batch["references"][i] for i in real],
                            [task_ids[i] for i in real], [batch["metric"][i] for i in real])
         if not self.trainer.sanity_checking and self.trainer.testing:
-            for p, r, t, src in zip(preds, batch["references"], task_ids, batch["source"]):
-                self.predictions.append({"task": t, "source": src, "prediction": p, "references": list(r)})
+            for p, r, t, src, i, n in zip(preds, batch["references"], task_ids, batch["source"], batch["index"],
+                                          lengths):
+                self.predictions.append({"task": t, "source": src, "prediction": p, "references": list(r),
+                                         "index": i, "tokens": n})
 
     def on_validation_epoch_start(self) -> None:
         self.scores.reset()
@@ -196,13 +205,18 @@ class ContinualLM(L.LightningModule):
         self._score_batch(batch)
 
     def on_test_epoch_end(self) -> None:
-        """Gather every rank's predictions in dataset order (rank r held items r, r + W, ...)."""
+        """Gather every rank's predictions (rank r held items r, r + W, ... of the length-sorted
+        schedule), put them back in dataset order, and tell the data module the answers' lengths."""
         world = shard()[1]
         if world > 1:
             shards: list[list[dict]] = [[] for _ in range(world)]
             torch.distributed.all_gather_object(shards, self.predictions)
-            self.predictions = [p for row in zip(*shards) for p in row]  # shards are equal-sized
-        self.predictions = [p for p in self.predictions if p["task"] != PAD_TASK]
+            self.predictions = [p for row in shards for p in row]
+        rows = sorted((p for p in self.predictions if p["task"] != PAD_TASK), key=lambda p: (p["task"], p["index"]))
+        remember = getattr(self.trainer.datamodule, "remember_answer_lengths", None)
+        if remember is not None:
+            remember("test", [(p["task"], p["index"], p["tokens"]) for p in rows])
+        self.predictions = [{k: p[k] for k in ("task", "source", "prediction", "references")} for p in rows]
 
     def test_scores(self) -> list[float]:
         """Per-task scores of the last test (tasks 0..current)."""
