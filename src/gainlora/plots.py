@@ -36,19 +36,18 @@ def save_png(fig: Figure, path: Path | str) -> Path:
 def wrap_name(name: str, width: int = 18) -> str:
     """``name`` on lines of at most ``width`` characters, broken after underscores (or hard where a
     part is longer); joining the lines gives the name back."""
+    parts = name.split("_")
     lines, line = [], ""
-    for part in name.split("_"):
-        piece = part if not line else "_" + part
+    for i, part in enumerate(parts):
+        piece = part + ("_" if i < len(parts) - 1 else "")
         if line and len(line) + len(piece) > width:
-            lines.append(line + "_")
-            piece = part
+            lines.append(line)
             line = ""
         line += piece
         while len(line) > width:
             lines.append(line[:width])
             line = line[width:]
-    lines.append(line)
-    return "\n".join(lines)
+    return "\n".join([*lines, line] if line or not lines else lines)
 
 
 def _rows(matrix: Matrix, tasks: Sequence[str]) -> list[list[float]]:
