@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
+from hydra.types import RunMode
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
@@ -33,6 +34,8 @@ def noted_jobs(folder: Path) -> list[dict[str, Any]]:
 
 class SweepTable(Callback):
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if config.hydra.mode != RunMode.MULTIRUN:  # Hydra calls this for a single run too
+            return
         run_dir = job_return.cfg.get("paths", {}).get("run_dir") if job_return.cfg is not None else None
         if run_dir is None:  # the job stopped before it had a run directory
             return
