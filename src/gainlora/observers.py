@@ -102,7 +102,8 @@ class LoggerMetrics(TaskObserver):
     def on_task_end(self, end: TaskEnd) -> None:
         for logger in self.loggers:
             csv_logger = isinstance(logger, RunCSVLogger)
-            if end.restored and not (csv_logger and end.task + 1 not in logged_tasks(Path(logger.log_dir) / "metrics.csv")):
+            if end.restored and not (csv_logger and end.task + 1 not in
+                                     logged_tasks(Path(logger.log_dir) / "metrics.csv")):
                 continue  # logged before the kill (only metrics.csv can be checked)
             metrics = task_metrics(end.task, end.results)
             if csv_logger:

@@ -236,6 +236,8 @@ def test_kill_at_a_task_boundary_then_resume(point, two_task_run, tmp_path):
     assert "task 1/2 demo_colour: finished earlier, restored" in done.stdout
     assert not list(run_dir.rglob(".*.tmp"))  # the kill's temporary file is gone
     assert cl_rows(run_dir) == ["1", "2"]
+    with open(run_dir / "metrics.csv", newline="") as file:  # the global step continues from task 1's
+        assert [r["global_step"] for r in csv.DictReader(file) if r.get("cl/task")] == ["8", "16"]
     assert results_of(run_dir / "results.json")["matrix"] == results_of(two_task_run[0])["matrix"]
     assert (run_dir / "predictions.json").read_text() == (run_dir / "tasks" / "02-demo_parity" /
                                                          "predictions.json").read_text()
