@@ -75,7 +75,6 @@ class TaskProgressBar(TQDMProgressBar):
 
     def init_validation_tqdm(self) -> Tqdm:
         bar = super().init_validation_tqdm()
-        bar.set_description(f"{self.label}: validating")
         bar.leave = False
         return bar
 
@@ -105,6 +104,17 @@ class TaskProgressBar(TQDMProgressBar):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.train_progress_bar.disable:
+            self.train_progress_bar.set_postfix(self.postfix(trainer, pl_module))
+
+    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                                  batch_idx: int, dataloader_idx: int = 0) -> None:
+        super().on_validation_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx)
+        if not trainer.sanity_checking:
+            self.val_progress_bar.set_description(f"{self.label}: validating")
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)  # it resets the train bar's postfix: put ours back
+        if trainer.state.fn == "fit" and not self.train_progress_bar.disable:
             self.train_progress_bar.set_postfix(self.postfix(trainer, pl_module))
 
     def on_test_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int,
