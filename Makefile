@@ -9,10 +9,17 @@ GAINLORA_DATA ?= data/CL_Benchmark
 export GAINLORA_DATA
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup run test data bench gpu-check report clean sweep agent demo-table predict
+.PHONY: help list setup run test data bench gpu-check report clean sweep agent demo-table predict
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+# Each name with the first line of its file's comment; reads the files only (no virtualenv needed).
+list: ## the named experiments (EXP=...) and the methods (ARGS="method=...")
+	@echo "experiments: make run EXP=<name>"
+	@for f in experiments/*.yaml; do printf "  %-31s %s\n" "$$(basename $$f .yaml)" "$$(grep -m1 '^# [^@]' $$f | cut -c3-88)"; done
+	@echo "methods: make run ARGS=\"method=<name>\""
+	@for f in conf/method/*.yaml; do printf "  %-31s %s\n" "$$(basename $$f .yaml)" "$$(grep -m1 '^# ' $$f | cut -c3-88)"; done
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +39,8 @@ test: $(STAMP) ## run the test suite (CPU; GPU tests skip without CUDA); ends wi
 data: $(STAMP) ## download the CL benchmark into $(GAINLORA_DATA), checking every file's hash
 	$(PY) -m gainlora.data.download --dest $(GAINLORA_DATA)
 
-report: $(STAMP) ## compare runs: make report RUNS="runs/demo/a runs/demo/b"
-	$(PY) -m gainlora.report $(RUNS) --out reports
+report: $(STAMP) ## compare runs into reports/<name>/: make report RUNS="runs/demo/a runs/demo/b" [NAME=lr]
+	$(PY) -m gainlora.report $(RUNS) $(if $(NAME),--name $(NAME))
 
 COUNT ?= 1
 sweep: $(STAMP) ## create a W&B sweep: make sweep SWEEP=sweeps/demo_lr.yaml

@@ -47,9 +47,12 @@ class TrainedModel:
 
 
 def load_run(path: str | Path) -> TrainedModel:
-    """Raises ``gainlora.schema.ConfigError`` (a ValueError) naming the key when config.yaml is not a
+    """``path``: a run directory, or the results.json (any file in it) that a run prints last.
+
+    Raises ``gainlora.schema.ConfigError`` (a ValueError) naming the key when config.yaml is not a
     valid run config, e.g. one whose ``_target_`` is not one of the project's classes."""
-    run_dir = RunDir(path)
+    path = Path(path)
+    run_dir = RunDir(path.parent if path.is_file() else path)
     if not run_dir.config.is_file():
         raise FileNotFoundError(f"{run_dir.config}: not a run directory (no config.yaml)")
     cfg = OmegaConf.load(run_dir.config)

@@ -29,6 +29,7 @@ from gainlora.methods.base import Method
 from gainlora.model.backbone import load_backbone
 from gainlora.model.checkpointing import enable_gradient_checkpointing
 from gainlora.model.module import ContinualLM
+from gainlora.progress import quiet_lightning
 from gainlora.report import ReportError, single_task_scores
 from gainlora.targets import Bound, ConfigError, bind_logger, bind_method, bind_optimizer, bind_strategy, refuse
 
@@ -182,6 +183,7 @@ def trainer_factory(cfg: DictConfig, run_dir: RunDir, loggers: list):
     strategy = bind_strategy(plain(cfg.strategy))
     if isinstance(strategy, Bound):  # DeepSpeed: the accumulation fix and the ZeRO-3 handover
         strategy = Bound(continual_strategy(strategy.cls), strategy.kwargs, strategy.label)
+    quiet_lightning()  # no accelerator banner, tips or deprecation lines from every task's Trainer
 
     def make_trainer(task: int, callbacks: list, steps_scale: int = 1) -> L.Trainer:
         kwargs = dict(trainer_kwargs)

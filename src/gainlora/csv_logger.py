@@ -4,11 +4,15 @@ Lightning's CSVLogger deletes an existing metrics.csv when its writer starts, wh
 per-step history of finished tasks whenever an interrupted sequence is resumed, and rewrites the
 whole file in place when a new key appears: a kill during that rewrite left it empty. Here every
 save writes the old rows and the new ones to a temporary file that replaces metrics.csv.
+
+Every row also carries ``task`` (1-based, as in the log lines and task folders) and ``global_step``,
+counted across the whole sequence: Lightning's ``step`` restarts with each task's Trainer.
 """
 from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger
@@ -58,6 +62,16 @@ class RunCSVLogger(CSVLogger):
 
     def __init__(self, save_dir: str) -> None:
         super().__init__(save_dir=save_dir, name="", version="")
+        self.task: int | None = None  # 0-based index of the task being trained
+        self.step_offset = 0  # optimizer steps of the tasks before it
+
+    def start_task(self, task: int, step_offset: int) -> None:
+        self.task, self.step_offset = task, step_offset
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if self.task is not None and "task" not in metrics:
+            metrics = {**metrics, "task": self.task + 1, "global_step": self.step_offset + (step or 0)}
+        super().log_metrics(metrics, step)
 
     @property
     @rank_zero_experiment

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
 
 from gainlora.artifacts import ArtifactError, RunDir
 from gainlora.callbacks.forgetting import ForgettingMetrics
@@ -29,6 +28,7 @@ from gainlora.data.datamodule import TaskStreamDataModule
 from gainlora.methods.base import Method
 from gainlora.model.module import ContinualLM
 from gainlora.observers import PREDICTIONS, ResultsWriter, TaskEnd, TaskObserver
+from gainlora.progress import TaskProgressBar, duration, sequence_eta
 from gainlora.run_kinds import run_kind
 
 __all__ = ["ArtifactError", "ContinualLoop", "StopFlag", "TaskInterrupted", "fits", "restore_task", "task_tensors"]
@@ -45,18 +45,6 @@ def fits(method: Method, names: list[str]) -> list[tuple[int, str]]:
     if method.joint_training:
         return [(len(names) - 1, JOINT)]
     return list(enumerate(names))
-
-
-class TaskProgressBar(TQDMProgressBar):
-    """Step bars that say which task of the sequence is training."""
-
-    def __init__(self, task: int, num_tasks: int, name: str, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.label = f"Task {task + 1}/{num_tasks} {name}"
-
-    def on_train_epoch_start(self, trainer, *args) -> None:
-        super().on_train_epoch_start(trainer, *args)
-        self.train_progress_bar.set_description(f"{self.label} · epoch {trainer.current_epoch}")
 
 
 # -- artifacts of one task ----------------------------------------------------------------------------
@@ -139,6 +127,9 @@ class ContinualLoop:
         self.earlier_time = 0.0  # wall time of tasks finished in earlier attempts
         self.started = time.time()
         self.task_started = self.started
+        self.task_times: list[float] = []  # wall time of each task trained in this process: the ETA
+        self.steps_done = 0  # optimizer steps of the finished tasks: metrics.csv's global_step
+        self.end_steps: dict[int, int] = {}  # task -> steps_done at its end
 
     def say(self, message: str) -> None:
         if self.is_main:  # one line per event, not one per rank
@@ -151,6 +142,9 @@ class ContinualLoop:
     @property
     def task_names(self) -> list[str]:
         return [t.name for t in self.datamodule.tasks]
+
+    def fits_after(self, t: int) -> int:
+        return sum(1 for u, _ in fits(self.method, self.task_names) if u > t)
 
     def fit_name(self, t: int) -> str:
         return JOINT if self.method.joint_training else self.task_names[t]
@@ -165,7 +159,8 @@ class ContinualLoop:
         restored = self.restore(plan)
         self.consistent = True
         for t, name in restored:  # fill in what a kill right after a DONE marker left missing
-            self.notify(TaskEnd(t, self.run_dir.task_dir(t, name), self.results("running"), restored=True))
+            self.notify(TaskEnd(t, self.run_dir.task_dir(t, name), self.results("running"), restored=True,
+                                global_step=self.end_steps[t]))
         for t, name in plan[len(restored):]:
             if self.stop.requested:  # a stop signal between tasks: stop at this boundary
                 raise TaskInterrupted(f"stopped before task {t + 1} ({name}); finished tasks are saved")
@@ -189,6 +184,8 @@ class ContinualLoop:
             restore_task(self.module, self.method, t, files)
             self.forgetting.record(t, meta["row"])
             self.earlier_time += meta.get("wall_time_s", 0.0)
+            self.steps_done += meta.get("steps", 0)
+            self.end_steps[t] = self.steps_done
             if self.is_main:  # a kill between DONE and this removal left it
                 shutil.rmtree(self.run_dir.checkpoint_dir(t, name), ignore_errors=True)
             self.say(f"{self.label(t, name)}: finished earlier, restored")
@@ -197,9 +194,12 @@ class ContinualLoop:
 
     def run_task(self, t: int, name: str) -> None:
         label = self.label(t, name)
-        self.say(f"{label}: start")
+        if not self.progress_bar:  # else the task's bar names it
+            self.say(f"{label}: start")
         self.begin_task(t)
-        callbacks = [TaskProgressBar(t, len(self.task_names), name)] if self.progress_bar else []
+        for observer in self.observers:
+            observer.on_task_start(t, self.steps_done)
+        callbacks = [TaskProgressBar(label, self.fits_after(t), self.task_times)] if self.progress_bar else []
         callbacks += [*self.method.callbacks(), self.forgetting, StopOnSignal(self.stop)]
         saver, last = self.in_task_checkpoint(t, name)  # last: it saves the batch's projected gate update
         trainer = self.make_trainer(t, callbacks + saver, len(self.datamodule.fit_tasks))
@@ -231,14 +231,20 @@ class ContinualLoop:
             trainer = self.make_trainer(t, [self.forgetting], 1)
         trainer.test(self.module, datamodule=self.datamodule, verbose=False)  # records the matrix row
         row = [v for v in self.forgetting.matrix[-1] if v is not None]
-        self.say(f"{self.label(t, name)}: scores on seen tasks {row}")
+        task_s, steps = time.time() - self.task_started, trainer.global_step  # 0 for a fresh Trainer
+        self.task_times.append(task_s)
+        self.steps_done += steps
+        self.end_steps[t] = self.steps_done
+        left = self.fits_after(t)
+        eta = f"; sequence ETA {duration(sequence_eta(0, task_s, left, self.task_times))}" if left else ""
+        self.say(f"{self.label(t, name)}: {steps} steps, {duration(task_s)}; scores on seen tasks {row}{eta}")
         if self.is_main:
-            meta = {"task": t, "name": name, "row": row, "wall_time_s": time.time() - self.task_started}
+            meta = {"task": t, "name": name, "row": row, "wall_time_s": task_s, "steps": steps}
             self.run_dir.save_task(t, name, task_tensors(self.module, self.method, t), meta,
                                    extra_json={PREDICTIONS: self.module.predictions})
             shutil.rmtree(self.run_dir.checkpoint_dir(t, name), ignore_errors=True)  # done: not needed
         results = self.results("running")
-        self.notify(TaskEnd(t, self.run_dir.task_dir(t, name), results))
+        self.notify(TaskEnd(t, self.run_dir.task_dir(t, name), results, global_step=self.steps_done))
         return results
 
     def notify(self, end: TaskEnd) -> None:
@@ -263,7 +269,8 @@ class ContinualLoop:
         truncation = self.datamodule.collator.truncation
         results = {**self.info, "tasks": self.task_names, "run_kind": self.kind.name, "matrix": rows,
                    **self.forgetting.metrics(),
-                   "wall_time_s": round(self.earlier_time + time.time() - self.started, 2), "status": status,
+                   "wall_time_s": round(self.earlier_time + time.time() - self.started, 2), "steps": self.steps_done,
+                   "status": status,
                    "truncated": {"sources": truncation.sources, "targets": truncation.targets}}
         if self.kind.note:
             results["note"] = self.kind.note

@@ -1,27 +1,29 @@
-"""Plots of the accuracy matrix and the offline cross-run comparison (``make report``).
+"""The offline cross-run comparison (``make report``), and reading a run's results.json.
 
-Figures are drawn on bare ``matplotlib.figure.Figure`` objects (Agg canvas, no pyplot): nothing
-global is switched, no display is needed, and callbacks can plot from any thread.
+Runs are labelled by method and by the settings that differ between the compared runs' config.yaml
+files (``gainlora_inflora optimizer.lr=0.001``), never by their timestamped folder names. Each
+report goes in a folder of its own, ``reports/<name>/``. One run's figures: :mod:`gainlora.plots`.
 
-CLI: ``python -m gainlora.report RUN_DIR [RUN_DIR ...] --out DIR`` prints the markdown table.
+CLI: ``python -m gainlora.report RUN_DIR [RUN_DIR ...] [--name NAME | --out DIR]`` prints the
+markdown table.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from omegaconf import OmegaConf
 
 from gainlora.artifacts import atomic_write
+from gainlora.cli import error_line
 from gainlora.metrics import average_curve, lower_triangle
+from gainlora.plots import new_figure, plot_forgetting, plot_matrix, plot_task_scores, save_png
 from gainlora.run_kinds import run_kind
 
 __all__ = [
@@ -31,113 +33,24 @@ __all__ = [
     "load_results",
     "main",
     "markdown_table",
+    "run_labels",
     "plot_forgetting",
     "plot_matrix",
     "plot_task_scores",
     "single_task_scores",
 ]
 
-Matrix = Sequence[Sequence[float | None]]
-
 RESULTS_FILE = "results.json"
 _REQUIRED_KEYS = ("method", "benchmark", "order", "tasks", "matrix")
-TABLE_COLUMNS = ("run", "method", "benchmark", "order", "AP", "FT", "BWT", "FWT")
+TABLE_COLUMNS = ("run", "benchmark", "order", "AP", "FT", "BWT", "FWT", "folder")
+# Keys that never tell runs apart in a label: where and how a run was written, not what it trained.
+UNLABELLED = ("run_id", "resume", "paths", "logger", "derived", "checkpoint", "trainer.enable_progress_bar")
+NAME = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]{0,99}")  # a report's folder name, never a path
+MAX_SETTINGS = 4  # per label; the rest is counted ("+2 more")
 
 
 class ReportError(ValueError):
     """A run directory cannot be reported on. The message names the file at fault."""
-
-
-def _new_figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save_png(fig: Figure, path: Path) -> Path:
-    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-
-
-def _rows_and_tasks(matrix: Matrix, tasks: Sequence[str]) -> list[list[float]]:
-    rows = lower_triangle(matrix)
-    if len(tasks) < len(rows):
-        raise ValueError(f"{len(rows)} matrix rows but only {len(tasks)} task names")
-    return rows
-
-
-def plot_matrix(matrix: Matrix, tasks: Sequence[str], path: Path | str, title: str | None = None) -> Path:
-    """Heatmap of R[t][j]: row t = after learning task t, blank above the diagonal."""
-    rows = _rows_and_tasks(matrix, tasks)
-    n_rows, n_cols = len(rows), len(tasks)
-    grid = np.full((n_rows, n_cols), np.nan)
-    for t, row in enumerate(rows):
-        grid[t, : t + 1] = row
-
-    fig = _new_figure(max(4.0, 0.65 * n_cols + 2.5), max(3.0, 0.5 * n_rows + 1.8))
-    ax = fig.subplots()
-    cmap = colormaps["viridis"].with_extremes(bad="white")  # blank above the diagonal
-    image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0.0, vmax=100.0, aspect="auto")
-    fig.colorbar(image, ax=ax, label="score")
-    fontsize = 9 if n_cols <= 8 else 7 if n_cols <= 12 else 6
-    for t, row in enumerate(rows):
-        for j, value in enumerate(row):
-            # Dark text on the bright (high) end of viridis, light text on the dark end.
-            color = "black" if value >= 60.0 else "white"
-            ax.text(j, t, f"{value:.1f}", ha="center", va="center", color=color, fontsize=fontsize)
-    ax.set_xticks(range(n_cols), labels=list(tasks), rotation=45, ha="right")
-    ax.set_yticks(range(n_rows), labels=[f"after {t + 1}: {tasks[t]}" for t in range(n_rows)])
-    ax.set_xlabel("evaluated task")
-    ax.set_ylabel("tasks learned")
-    ax.set_title(title or "Score matrix R[t][j]")
-    return _save_png(fig, Path(path))
-
-
-def plot_forgetting(
-    matrix: Matrix, tasks: Sequence[str], path: Path | str, title: str | None = None
-) -> Path:
-    """Score of each task vs number of tasks learned (from when it was learned), plus the average."""
-    rows = _rows_and_tasks(matrix, tasks)
-    n_rows = len(rows)
-    steps = list(range(1, n_rows + 1))
-
-    fig = _new_figure(8.0, 4.5)
-    ax = fig.subplots()
-    # The default cycle repeats after 10 colours; long benchmarks have 15 tasks.
-    palette = colormaps["tab10" if n_rows <= 10 else "tab20"].colors
-    for j in range(n_rows):
-        ax.plot(steps[j:], [rows[t][j] for t in range(j, n_rows)], marker="o", markersize=3,
-                linewidth=1.2, color=palette[j % len(palette)], label=f"{j + 1}: {tasks[j]}")
-    ax.plot(steps, average_curve(rows), color="black", linestyle="--", linewidth=2.2,
-            label="average of seen tasks")
-    ax.set_xlim(0.5, n_rows + 0.5)
-    ax.set_xticks(steps)
-    ax.set_ylim(-2.0, 102.0)
-    ax.set_xlabel("tasks learned")
-    ax.set_ylabel("score")
-    ax.grid(alpha=0.3)
-    ax.set_title(title or "Forgetting curves")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
-    return _save_png(fig, Path(path))
-
-
-def plot_task_scores(scores: Sequence[float], tasks: Sequence[str], path: Path | str,
-                     title: str | None = None) -> Path:
-    """Bar chart of one score per task (a multi-task run's single row), with their mean."""
-    if len(scores) != len(tasks):
-        raise ValueError(f"{len(scores)} scores for {len(tasks)} tasks")
-    fig = _new_figure(max(5.0, 0.65 * len(tasks) + 2.5), 4.0)
-    ax = fig.subplots()
-    ax.bar(range(len(tasks)), scores, color=colormaps["viridis"](0.55))
-    for j, value in enumerate(scores):
-        ax.text(j, value + 1.0, f"{value:.1f}", ha="center", va="bottom", fontsize=8)
-    mean = sum(scores) / len(scores)
-    ax.axhline(mean, color="black", linestyle="--", linewidth=1.5, label=f"mean (AP) {mean:.1f}")
-    ax.set_xticks(range(len(tasks)), labels=list(tasks), rotation=45, ha="right")
-    ax.set_ylim(0.0, 105.0)
-    ax.set_ylabel("score")
-    ax.legend(loc="lower right", fontsize=8)
-    ax.set_title(title or "Score per task")
-    return _save_png(fig, Path(path))
 
 
 def load_results(run_dir: Path | str) -> dict[str, Any]:
@@ -207,12 +120,12 @@ def markdown_table(records: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _summary(label: str, results: dict[str, Any],
+def _summary(label: str, folder: str, results: dict[str, Any],
              references: dict[tuple[str, ...], list[float]]) -> dict[str, Any]:
     kind = run_kind(results.get("run_kind"))
     single_task = references.get(tuple(results["tasks"])) if kind.forgetting else None
     computed = kind.metrics(results["matrix"], single_task)
-    record: dict[str, Any] = {"run": label}
+    record: dict[str, Any] = {"run": label, "folder": folder}
     record.update({k: results[k] for k in ("method", "benchmark", "order")})
     # Stored numbers are what the run reported; fall back to the matrix for older/partial files
     # (for reference runs FT and BWT stay None: they do not apply).
@@ -225,12 +138,73 @@ def _summary(label: str, results: dict[str, Any],
     return record
 
 
-def _labels(run_dirs: Sequence[Path]) -> list[str]:
-    """Run directory names, qualified by their experiment directory where names collide."""
-    names = [p.name if p.is_dir() else p.parent.name for p in run_dirs]
-    dirs = [p if p.is_dir() else p.parent for p in run_dirs]
-    labels = [f"{d.parent.name}/{n}" if names.count(n) > 1 else n for d, n in zip(dirs, names)]
-    return [f"{lab} [{i + 1}]" if labels.count(lab) > 1 else lab for i, lab in enumerate(labels)]
+def _run_dir(path: Path) -> Path:
+    return path.parent if path.is_file() else path
+
+
+def flat_config(run_dir: Path) -> dict[str, Any]:
+    """A run's config.yaml as {dotted key: value} (lists kept whole); {} when it has none. Read as
+    data: nothing it names is built."""
+    path = _run_dir(run_dir) / "config.yaml"
+    if not path.is_file():
+        return {}
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix.rstrip(".")] = node
+
+    walk(OmegaConf.to_container(OmegaConf.load(path)), "")
+    return flat
+
+
+def swept_keys(configs: Sequence[dict[str, Any]]) -> list[str]:
+    """The keys whose values differ between the configs (runs without config.yaml are left out)."""
+    known = [c for c in configs if c]
+    if len(known) < 2:
+        return []
+    keys = sorted({k for c in known for k in c})
+    return [k for k in keys if not any(k == u or k.startswith(u + ".") for u in UNLABELLED)
+            and len({json.dumps(c.get(k), sort_keys=True, default=str) for c in known}) > 1]
+
+
+def _value(value: Any) -> str:
+    return json.dumps(value, default=str) if isinstance(value, (list, dict)) else str(value)
+
+
+def run_labels(run_dirs: Sequence[Path], all_results: Sequence[dict[str, Any]]) -> list[str]:
+    """``<method> key=value ...``: the method and the settings that differ between the runs (a
+    method's own keys only when the method is the same); the folder name where labels still tie."""
+    configs = [flat_config(p) for p in run_dirs]
+    keys = swept_keys(configs)
+    if len({r["method"] for r in all_results}) > 1:  # the method's name stands for its settings
+        keys = [k for k in keys if not k.startswith("method.")]
+    labels = []
+    for config, results in zip(configs, all_results):
+        settings = [f"{k}={_value(config[k])}" for k in keys if k in config]
+        more = f" +{len(settings) - MAX_SETTINGS} more" if len(settings) > MAX_SETTINGS else ""
+        labels.append(" ".join([str(results["method"]), *settings[:MAX_SETTINGS]]) + more)
+    return [f"{lab} ({_run_dir(p).name})" if labels.count(lab) > 1 else lab for lab, p in zip(labels, run_dirs)]
+
+
+def report_name(run_dirs: Sequence[Path], all_results: Sequence[dict[str, Any]]) -> str:
+    """A folder name for the comparison: the experiments, then the swept keys, else the methods
+    (``demo_optimizer.lr``, ``demo_seqlora-vs-gainlora_inflora``)."""
+    experiments = dict.fromkeys(str(r.get("experiment") or _run_dir(p).parent.name)
+                                for p, r in zip(run_dirs, all_results))
+    methods = list(dict.fromkeys(str(r["method"]) for r in all_results))
+    keys = [k for k in swept_keys([flat_config(p) for p in run_dirs]) if k not in ("exp_name", "seed")]
+    if len(methods) > 1:
+        what = "-vs-".join(methods)
+    elif keys:
+        what = "+".join(keys)
+    else:
+        what = "-vs-".join(_run_dir(p).name for p in run_dirs)
+    name = re.sub(r"[^A-Za-z0-9._+-]+", "-", "+".join(experiments) + "_" + what)[:100].strip("-.")
+    return name if NAME.fullmatch(name) else "report"
 
 
 def compare_runs(run_dirs: Sequence[Path | str], out_dir: Path | str,
@@ -247,13 +221,14 @@ def compare_runs(run_dirs: Sequence[Path | str], out_dir: Path | str,
         raise ReportError("no run directories given")
     paths = [Path(p) for p in run_dirs]
     all_results = [load_results(p) for p in paths]
-    labels = _labels(paths)
+    labels = run_labels(paths, all_results)
+    folders = [f"{_run_dir(p).parent.name}/{_run_dir(p).name}" for p in paths]
     references = {}
     for ref in single_task:
         tasks = load_results(ref)["tasks"]
         references[tuple(tasks)] = single_task_scores(ref, tasks)
 
-    fig = _new_figure(12.0, 4.5)
+    fig = new_figure(12.0, 4.5)
     ax_avg, ax_first = fig.subplots(1, 2)
     for label, results in zip(labels, all_results):
         steps, average, first, style = run_kind(results.get("run_kind")).curves(results["matrix"])
@@ -270,8 +245,9 @@ def compare_runs(run_dirs: Sequence[Path | str], out_dir: Path | str,
         ax.legend(fontsize=7)
 
     out_dir = Path(out_dir)
-    figure_path = _save_png(fig, out_dir / "compare.png")
-    table = markdown_table([_summary(lab, res, references) for lab, res in zip(labels, all_results)])
+    figure_path = save_png(fig, out_dir / "compare.png")
+    table = markdown_table([_summary(lab, folder, res, references)
+                            for lab, folder, res in zip(labels, folders, all_results)])
     markdown_path = atomic_write(out_dir / "compare.md", lambda tmp: tmp.write_text(table))
     return figure_path, markdown_path
 
@@ -279,20 +255,28 @@ def compare_runs(run_dirs: Sequence[Path | str], out_dir: Path | str,
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m gainlora.report",
-        description="Compare continual-learning runs: writes compare.png and compare.md.",
+        description="Compare continual-learning runs: writes compare.png and compare.md into a folder of "
+                    "their own (reports/<name>/) and prints the table. Runs are labelled by method and by the "
+                    "settings that differ between their config.yaml files.",
     )
-    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
-                        help="run directories (each holding results.json)")
-    parser.add_argument("--out", type=Path, default=Path("reports"), metavar="DIR",
-                        help="output directory (default: reports)")
+    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN",
+                        help="run directories, or the results.json a run printed")
+    parser.add_argument("--name", metavar="NAME",
+                        help="the report's folder under reports/ (default: from the experiments and what differs)")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="the report's folder itself (instead of --name)")
     parser.add_argument("--single-task", type=Path, action="append", default=[], metavar="RUN_DIR",
                         help="a finished method=single_task run: FWT for runs over the same tasks (repeatable)")
     args = parser.parse_args(argv)
+    if args.name is not None and not NAME.fullmatch(args.name):
+        return error_line(f"--name={args.name}: a folder name of letters, digits and . _ + - (at most 100)")
     try:
-        figure_path, markdown_path = compare_runs(args.run_dirs, args.out, single_task=args.single_task)
+        out = args.out
+        if out is None:
+            paths = [Path(p) for p in args.run_dirs]
+            out = Path("reports") / (args.name or report_name(paths, [load_results(p) for p in paths]))
+        figure_path, markdown_path = compare_runs(args.run_dirs, out, single_task=args.single_task)
     except ReportError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return error_line(str(err))
     print(markdown_path.read_text(), end="")
     print(f"figure: {figure_path}\ntable: {markdown_path}", file=sys.stderr)
     return 0

@@ -26,6 +26,7 @@ from gainlora.loop import ArtifactError, ContinualLoop, StopFlag, TaskInterrupte
 from gainlora.observers import logger_observers
 from gainlora.rundir import claim_run_dir, is_main_process
 from gainlora.schema import ConfigError, validate_config
+from gainlora.summary import run_summary
 
 CONF_DIR = Path(os.environ.get("GAINLORA_CONF", Path(__file__).resolve().parents[2] / "conf"))
 
@@ -77,7 +78,7 @@ def run_loop(loop: ContinualLoop, run_dir: RunDir, loggers: list, stop: StopFlag
         for logger in loggers:
             logger.finalize("success")
     if loop.is_main:
-        print("  ".join(f"{k} {results[k]:.2f}" for k in ("AP", "FT", "BWT", "FWT") if results[k] is not None))
+        print(run_summary(results, run_dir.root))
         print(run_dir.results)
     return results
 

@@ -33,14 +33,15 @@ class RunKind:
         if len(tasks) < len(lower_triangle(matrix)):
             raise ValueError(f"{len(matrix)} matrix rows but only {len(tasks)} task names")
 
-    def plot(self, matrix: Matrix, tasks: Sequence[str], plots_dir: Path, title: str = "") -> list[Path]:
+    def plot(self, matrix: Matrix, tasks: Sequence[str], plots_dir: Path, title: str = "",
+             metric: str = "score") -> list[Path]:
         """``matrix.png`` and ``forgetting.png``."""
-        from gainlora.report import plot_forgetting, plot_matrix  # matplotlib: only when plotting
+        from gainlora.plots import plot_forgetting, plot_matrix  # matplotlib: only when plotting
 
         rows = lower_triangle(matrix)
         names = list(tasks[: len(rows)])
-        return [plot_matrix(rows, names, plots_dir / "matrix.png", title=title or None),
-                plot_forgetting(rows, names, plots_dir / "forgetting.png", title=title or None)]
+        return [plot_matrix(rows, names, plots_dir / "matrix.png", title=title or None, metric=metric),
+                plot_forgetting(rows, names, plots_dir / "forgetting.png", title=title or None, metric=metric)]
 
     def curves(self, matrix: Matrix) -> tuple[list[int], list[float], list[float], str]:
         """(tasks learned, average of seen tasks, score of the first task, line style) for compare.png."""
@@ -62,13 +63,14 @@ class SingleTaskKind(RunKind):
         mean = sum(rows[j][j] for j in range(len(rows))) / len(rows)
         return {"AP": mean, **dict.fromkeys(NOT_APPLICABLE), "FWT_diag": mean}
 
-    def plot(self, matrix: Matrix, tasks: Sequence[str], plots_dir: Path, title: str = "") -> list[Path]:
+    def plot(self, matrix: Matrix, tasks: Sequence[str], plots_dir: Path, title: str = "",
+             metric: str = "score") -> list[Path]:
         """``matrix.png`` only: its off-diagonal entries are no forgetting."""
-        from gainlora.report import plot_matrix
+        from gainlora.plots import plot_matrix
 
         rows = lower_triangle(matrix)
         return [plot_matrix(rows, list(tasks[: len(rows)]), plots_dir / "matrix.png",
-                            title=f"{title}\nonly the diagonal is meaningful")]
+                            title=f"{title}\nonly the diagonal is meaningful", metric=metric)]
 
     def curves(self, matrix: Matrix) -> tuple[list[int], list[float], list[float], str]:
         rows = lower_triangle(matrix)
@@ -93,12 +95,13 @@ class MultiTaskKind(RunKind):
         if len(joint_row(matrix)) != len(tasks):
             raise ValueError(f"one score per task expected, {len(tasks)} tasks")
 
-    def plot(self, matrix: Matrix, tasks: Sequence[str], plots_dir: Path, title: str = "") -> list[Path]:
+    def plot(self, matrix: Matrix, tasks: Sequence[str], plots_dir: Path, title: str = "",
+             metric: str = "score") -> list[Path]:
         """``scores.png``: one score per task."""
-        from gainlora.report import plot_task_scores
+        from gainlora.plots import plot_task_scores
 
         return [plot_task_scores(joint_row(matrix), tasks, plots_dir / "scores.png",
-                                 title=f"{title}\njoint training on all tasks")]
+                                 title=f"{title}\njoint training on all tasks", metric=metric)]
 
     def curves(self, matrix: Matrix) -> tuple[list[int], list[float], list[float], str]:
         """Flat dashed lines: every task was learned at once (the upper bound)."""

@@ -64,7 +64,12 @@ def resolve_run_dir(cfg: DictConfig) -> RunDir:
             raise refuse("resume", True, f"needs an unfinished run under {base} (none there); name one with run_id=...")
         print(f"[gainlora] resuming {found} (the most recently modified unfinished run)", flush=True)
         return RunDir(found)
-    return RunDir(base / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    root, n = base / stamp, 1
+    while root.exists():  # several runs in one second (a multirun of short jobs): <stamp>-2, -3, ...
+        n += 1
+        root = base / f"{stamp}-{n}"
+    return RunDir(root)
 
 
 def config_differences(saved: DictConfig, current: DictConfig) -> list[str]:

@@ -81,12 +81,55 @@ def test_results_contract(two_task_run):
 def test_load_run_reproduces_final_predictions(two_task_run):
     import gainlora
 
-    run_dir = two_task_run[0].parent
-    recorded = json.loads((run_dir / "predictions.json").read_text())
-    model = gainlora.load_run(run_dir)
+    recorded = json.loads((two_task_run[0].parent / "predictions.json").read_text())
+    model = gainlora.load_run(two_task_run[0])  # the results.json path a run prints last
     assert model.tasks == results_of(two_task_run[0])["tasks"]
     again = model.generate([r["source"] for r in recorded], batch_size=7)  # other batching on purpose
     assert again == [r["prediction"] for r in recorded]
+
+
+def test_run_ends_with_a_summary_and_without_lightning_chatter(two_task_run):
+    results_path, done = two_task_run
+    run_dir = results_path.parent
+    out = done.stdout.splitlines()
+    assert out[-1] == str(results_path)  # still the last line
+    summary = "\n".join(out[out.index(next(line for line in out if line.startswith("== demo"))):])
+    assert "gainlora_inflora · finished: 2 tasks, 16 steps" in summary
+    results = results_of(results_path)
+    assert f"AP {results['AP']:.2f}  FT {results['FT']:.2f}" in summary
+    assert f"run folder: {run_dir}" in summary and str(run_dir / "plots" / "matrix.png") in summary
+    names = results["tasks"]
+    assert any(line.split()[:2] == ["2", names[1]] for line in out)  # the matrix, rows named
+    assert any(line.startswith("[gainlora] task 1/2 demo_colour: 8 steps, ") and "sequence ETA" in line for line in out)
+    for noise in ("GPU available", "TPU available", "Tip:", "LeafSpec", "LOCAL_RANK"):
+        assert noise not in done.stdout + done.stderr, noise
+
+
+def test_metrics_csv_rows_carry_task_and_global_step(two_task_run):
+    with open(two_task_run[0].parent / "metrics.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert {"task", "global_step", "step"} <= set(rows[0])
+    tasks = [int(r["task"]) for r in rows]
+    steps = [int(r["global_step"]) for r in rows]
+    assert tasks == sorted(tasks) and set(tasks) == {1, 2}
+    assert steps == sorted(steps) and len(set(steps)) == len(steps)  # global: never restarts with a task
+    assert [int(r["global_step"]) for r in rows if r.get("cl/task")] == [8, 16]  # 8 steps per task
+    second = [r for r in rows if r["task"] == "2" and not r.get("cl/task")]
+    assert all(int(r["global_step"]) == 8 + int(r["step"]) for r in second)  # Lightning's step restarts
+    assert results_of(two_task_run[0])["steps"] == 16
+
+
+def test_multirun_writes_a_sweep_table_and_no_empty_folders(tmp_path):
+    done = launch(tmp_path, "benchmark.num_tasks=1", "trainer.max_steps=2", "optimizer.lr=1e-3,3e-3",
+                  entry=("-m", "gainlora.run", "-m"))
+    empty = [p for p in tmp_path.rglob("*") if p.is_dir() and not any(p.iterdir())]
+    assert not empty, empty  # Hydra's per-job folders used to stay empty
+    (sweep,) = (tmp_path / "multirun").iterdir()
+    assert (sweep / "multirun.yaml").is_file() and (sweep / "compare.png").is_file()
+    table = (sweep / "compare.md").read_text()
+    labels = [row.split(" | ")[0].lstrip("| ") for row in table.splitlines()[2:]]
+    assert labels == ["gainlora_inflora optimizer.lr=0.001", "gainlora_inflora optimizer.lr=0.003"]
+    assert table in done.stdout  # printed as well
 
 
 def test_existing_run_dir_is_refused(two_task_run, tmp_path):
@@ -193,6 +236,8 @@ def test_kill_at_a_task_boundary_then_resume(point, two_task_run, tmp_path):
     assert "task 1/2 demo_colour: finished earlier, restored" in done.stdout
     assert not list(run_dir.rglob(".*.tmp"))  # the kill's temporary file is gone
     assert cl_rows(run_dir) == ["1", "2"]
+    with open(run_dir / "metrics.csv", newline="") as file:  # the global step continues from task 1's
+        assert [r["global_step"] for r in csv.DictReader(file) if r.get("cl/task")] == ["8", "16"]
     assert results_of(run_dir / "results.json")["matrix"] == results_of(two_task_run[0])["matrix"]
     assert (run_dir / "predictions.json").read_text() == (run_dir / "tasks" / "02-demo_parity" /
                                                          "predictions.json").read_text()
@@ -246,7 +291,8 @@ def test_single_task_reference_then_fwt_of_a_continual_run(tmp_path):
     assert single["FT"] is None and single["BWT"] is None and single["FWT"] is None
     S = [single["matrix"][j][j] for j in range(2)]
     assert single["AP"] == pytest.approx(sum(S) / 2)
-    assert "FT" not in done.stdout.strip().splitlines()[-2]  # the summary line names no FT for it
+    metrics_line = next(line for line in done.stdout.splitlines() if line.startswith("AP "))
+    assert "FT" not in metrics_line  # the summary names no FT for it
 
     done = launch(tmp_path, *REFERENCE, "method=inclora", f"metrics.single_task_run={tmp_path / 'demo' / 'st'}",
                   "run_id=inc")
@@ -262,7 +308,8 @@ def test_multi_task_reference_joint_fit_and_resume(tmp_path):
 
     done = launch(tmp_path, "benchmark.num_tasks=2", "trainer.max_steps=6", "method=multi_task", "run_id=mt")
     assert "joint fit on all 2 tasks: start" in done.stdout
-    assert "`max_steps=12` reached" in done.stdout + done.stderr  # max_steps per task x 2 tasks, one fit
+    assert "joint fit on all 2 tasks: 12 steps" in done.stdout  # max_steps per task x 2 tasks, one fit
+    assert "all tasks jointly" in done.stdout  # the summary's one row
     run_dir = tmp_path / "demo" / "mt"
     results = results_of(run_dir / "results.json")
     assert results["status"] == "finished" and results["run_kind"] == "multi_task"

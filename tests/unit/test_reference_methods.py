@@ -313,9 +313,10 @@ def test_report_compares_reference_runs_and_fills_fwt(tmp_path: Path) -> None:
     assert figure.stat().st_size > 1000
     lines = {line.split(" | ")[0].strip("| "): line for line in table.read_text().splitlines()[2:]}
     fwt = ((75 - 70) + (40 - 50) + (99 - 90)) / 3
-    assert lines["cont"].endswith(f"| {fwt:.2f} |")
-    assert lines["multi"] == "| multi | multi_task | demo | 1 | 80.00 | - | - | - |"
-    assert lines["st"] == "| st | single_task | demo | 1 | 70.00 | - | - | - |"  # mean of the diagonal
+    here = tmp_path.name  # the folder column: <experiment folder>/<run folder>
+    assert lines["inclora"].endswith(f"| {fwt:.2f} | {here}/cont |")
+    assert lines["multi_task"] == f"| multi_task | demo | 1 | 80.00 | - | - | - | {here}/multi |"
+    assert lines["single_task"] == f"| single_task | demo | 1 | 70.00 | - | - | - | {here}/st |"  # diagonal mean
     with pytest.raises(ReportError, match="bad matrix"):  # a multi-task row must score every task
         (tmp_path / "multi" / "results.json").write_text(json.dumps({**runs["multi"], "matrix": [[90.0, None, 70.0]]}))
         load_results(tmp_path / "multi")
