@@ -4,7 +4,7 @@ token mean and the global token mean differ). Rank 0 writes the trained tensors 
 
     python train_sharded.py BACKBONE OUT STRATEGY DEVICES BATCH ACCUMULATE STEPS
 
-STRATEGY: auto, ddp, deepspeed_stage_2 or deepspeed_stage_3 (the CPU shim, DS_ACCELERATOR=cpu).
+STRATEGY: auto, ddp, deepspeed_stage_2 or deepspeed_stage_3 (the CPU shim, DS_ACCELERATOR=cpu), or fsdp.
 Run as a script, never inside pytest: Lightning's launcher re-runs this command for rank 1.
 """
 from __future__ import annotations
@@ -29,6 +29,10 @@ def strategy(name: str):
         from cpu_deepspeed import CPUDeepSpeedStrategy
 
         return CPUDeepSpeedStrategy(stage=int(name[-1]), logging_batch_size_per_gpu=1)
+    if name == "fsdp":  # conf/strategy/fsdp.yaml
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        return ModelParallelStrategy(data_parallel_size=int(sys.argv[4]), tensor_parallel_size=1)
     return name
 
 
