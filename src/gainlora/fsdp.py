@@ -14,7 +14,8 @@ lists in ``_no_split_modules``). What the blocks shard is only the backbone's ow
   scaled for it, ``gainlora.model.loss``), so every rank takes the same step and the gate
   projection reads and writes whole tensors: it stays exact, as in one process.
 - The input embedding is read outside the backbone's forward (the gates' pooled p0) and the rest
-  (final norms, the LM head) is small: replicated as well. Each block is then its own FSDP root.
+  (final norms, the LM head) is small: replicated as well. The backbone is the FSDP root (holding
+  none of them), so each block is gathered for its forward and resharded after it.
 
 Between Trainers nothing is unwrapped: the blocks stay sharded and every boundary computation
 (feature collection, generation) runs forward through them, which gathers each block's weights
@@ -78,7 +79,7 @@ def is_fsdp(strategy) -> bool:
 def blocks(backbone: nn.Module) -> list[nn.Module]:
     """The backbone's repeated transformer blocks: the units Hugging Face never splits across devices."""
     names = set(getattr(backbone, "_no_split_modules", None) or ())
-    found = [m for m in backbone.modules() if type(m).__name__ in names]
+    found = [m for m in backbone.modules() if any(c.__name__ in names for c in type(m).__mro__)]  # FSDP subclasses
     if not found:
         raise RuntimeError(f"{type(backbone).__name__} names no transformer block class (_no_split_modules); "
                            "FSDP needs one to shard by")
@@ -102,27 +103,37 @@ def is_sharded(module: ContinualLM) -> bool:
 
 
 def configure_model(module: ContinualLM) -> None:
-    """Shard the frozen backbone's blocks over the strategy's data-parallel mesh, once per run (each
-    Trainer calls this again; the module keeps its sharded blocks across Trainers)."""
+    """Shard the frozen backbone over the strategy's data-parallel mesh, once per run (each Trainer
+    calls this again; the module keeps its sharded blocks across Trainers)."""
     trainer = module._trainer
     if trainer is None or not is_fsdp(trainer.strategy) or is_sharded(module):
         return
-    from torch.distributed.fsdp import fully_shard
+    local, full, units = shard(module, trainer.strategy.device_mesh["data_parallel"])
+    if trainer.is_global_zero:
+        print(f"[gainlora] FSDP: {units} blocks sharded over {trainer.world_size} devices; rank 0 holds "
+              f"{local} of their {full} frozen weights", flush=True)
 
-    mesh = trainer.strategy.device_mesh["data_parallel"]
+
+def shard(module: ContinualLM, mesh) -> tuple[int, int, int]:
+    """fully_shard every block of ``module``'s backbone over ``mesh``, then the backbone as the root.
+    Returns (this rank's block weights, all block weights, blocks): element counts."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    from torch.distributed.tensor import DTensor
+
     keep = replicated(module)
     units = blocks(module.backbone)
     for block in units:
         fully_shard(block, mesh=mesh, ignored_params=keep)
+    # The backbone is the FSDP root, holding nothing itself (the rest is replicated). A block that
+    # is its own root keeps its weights whole after a forward (FSDP skips the root's reshard for
+    # the backward), so all blocks would end up whole: memory as without sharding.
+    outside = {p for p in module.backbone.parameters() if not isinstance(p, DTensor)}
+    fully_shard(module.backbone, mesh=mesh, ignored_params=keep | outside)
+    register_fsdp_forward_method(module.backbone, "generate")  # generate() enters through the root too
     # transformers' generate() then runs synced_gpus: ranks keep forwarding until all have finished
     module.backbone._is_fsdp_managed_module = True
-    from torch.distributed.tensor import DTensor
-
     sharded = [p for b in units for p in b.parameters() if isinstance(p, DTensor)]
-    local, full = sum(p.to_local().numel() for p in sharded), sum(p.numel() for p in sharded)
-    if trainer.is_global_zero:
-        print(f"[gainlora] FSDP: {len(units)} blocks sharded over {mesh.size()} devices; rank 0 holds "
-              f"{local} of their {full} frozen weights", flush=True)
+    return sum(p.to_local().numel() for p in sharded), sum(p.numel() for p in sharded), len(units)
 
 
 class ReplicatedGradients(L.Callback):

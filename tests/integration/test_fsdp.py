@@ -122,3 +122,18 @@ def test_new_gate_key_stays_orthogonal_to_old_task_span(runs, method: str) -> No
         key = tensors(run, task, "gate")["key"]
         assert memory.shape[1] >= 1
         assert (memory.T @ key).norm() / key.norm() < 1e-5
+
+
+def test_blocks_are_resharded_after_every_kind_of_forward(tiny_t5_path: Path) -> None:
+    """After a training step, feature collection (odd batch count: one rank pads) and generation of
+    unequal lengths, every block holds only its shard again: the memory of a sharded backbone, not
+    of a replicated one. Made a block its own FSDP root, collection and generation leave every
+    block whole (measured); without the padding forward, collection hangs."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    port = str(29500 + os.getpid() % 500)
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "support" / "fsdp_residency.py"), str(tiny_t5_path),
+                           port], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    ranks = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert done.returncode == 0 and len(ranks) == 2, done.stdout[-2000:] + done.stderr[-3000:]
+    assert all(all(v for k, v in r.items() if k not in ("rank", "blocks")) for r in ranks), ranks
