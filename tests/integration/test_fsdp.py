@@ -137,3 +137,23 @@ def test_blocks_are_resharded_after_every_kind_of_forward(tiny_t5_path: Path) ->
     ranks = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert done.returncode == 0 and len(ranks) == 2, done.stdout[-2000:] + done.stderr[-3000:]
     assert all(all(v for k, v in r.items() if k not in ("rank", "blocks")) for r in ranks), ranks
+
+
+def train_sharded(tmp_path: Path, backbone: Path, strategy: str, devices: int, batch: int, accumulate: int) -> dict:
+    out = tmp_path / f"{strategy}-{devices}x{batch}x{accumulate}.safetensors"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "tests" / "support" / "train_sharded.py"), str(backbone), str(out), strategy,
+           str(devices), str(batch), str(accumulate), "8"]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return load_file(out)
+
+
+def test_accumulated_steps_on_two_ranks_give_the_one_process_weights(tmp_path: Path, tiny_t5_path: Path) -> None:
+    """2 ranks x batch 2 x 2 accumulation steps = one process of batch 8, on answers of 1-5 words:
+    the replicated gradients are averaged once per optimizer step, after accumulation. Measured
+    4.0e-6; without ReplicatedGradients 0.77."""
+    single = train_sharded(tmp_path, tiny_t5_path, "auto", 1, 8, 1)
+    sharded = train_sharded(tmp_path, tiny_t5_path, "fsdp", 2, 2, 2)
+    assert single.keys() == sharded.keys()
+    assert worst({k: v.double() for k, v in sharded.items()}, {k: v.double() for k, v in single.items()}) <= 1e-5
