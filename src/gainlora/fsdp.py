@@ -38,8 +38,6 @@ from gainlora.model.stacks import FrozenStack
 if TYPE_CHECKING:
     from gainlora.model.module import ContinualLM
 
-TARGET = "lightning.pytorch.strategies.ModelParallelStrategy"
-
 
 def configured(strategy: dict) -> bool:
     """A strategy section naming ModelParallelStrategy (by name: nothing is imported)."""
@@ -53,9 +51,11 @@ def check(strategy: dict, trainer: dict) -> None:
 
     target, name = str(strategy.get("_target_", "")), str(strategy.get("name", ""))
     if target.rpartition(".")[2] == "FSDPStrategy" or name.startswith("fsdp"):
+        # Lightning 2.6 runs FSDPStrategy (FSDP1) on CUDA only, so it cannot be tested on CPU, and
+        # FSDP1 flattens each unit's Parameters once while every task adds new branch and gate ones.
         raise refuse("strategy", target or name, "strategy=fsdp (conf/strategy/fsdp.yaml: ModelParallelStrategy "
-                     "with fully_shard); Lightning's FSDPStrategy wraps the whole module again for every task's "
-                     "Trainer, which a continual run cannot hand over")
+                     "with fully_shard); Lightning's FSDPStrategy (FSDP1) is not supported: it flattens each "
+                     "unit's parameters once, and every task adds new branch and gate parameters")
     if not configured(strategy):
         return
     devices, nodes = trainer.get("devices"), trainer.get("num_nodes", 1)
