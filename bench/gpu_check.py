@@ -7,6 +7,8 @@
 2. a 2-task continual run on a T5-Large-shaped tiny-vocabulary backbone (random init), single GPU;
 3. single-GPU DeepSpeed runs on the demo backbone, ZeRO-2 and ZeRO-3 (each task's engine torn down
    and the module handed over whole; tested on CPU processes only so far).
+4. FSDP (strategy=fsdp, gainlora/fsdp.py) on one GPU, bf16-mixed: the CPU test covers two processes
+   over gloo; this checks the CUDA path (fully_shard on a cuda mesh, NCCL, autocast) finishes.
 
 Without CUDA it prints one line, writes {"skipped": ...} and exits 0. Budget: under 8 minutes on
 one GPU (each step has its own timeout; the whole is checked against the budget at the end).
@@ -99,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         "t5_large_shape_2_tasks": [*DEMO_2, *T5_LARGE_TINY, "data.batch_size=16"],
         "zero2_single_gpu": [*DEMO_2, "strategy=deepspeed_stage_2", "trainer.precision=bf16-mixed"],
         "zero3_single_gpu": [*DEMO_2, "strategy=deepspeed_stage_3", "trainer.precision=bf16-mixed"],
+        "fsdp_single_gpu": [*DEMO_2, "strategy=fsdp", "trainer.precision=bf16-mixed"],
     }
     for name, run_args in plans.items():
         out["runs"][name] = run(name, run_args, runs_dir, timeout=180)

@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from gainlora import fsdp
 from gainlora.artifacts import RunDir
 from gainlora.callbacks.best_state import BestTrainableState
 from gainlora.data.collate import Collator
@@ -221,5 +222,8 @@ def in_task_checkpoints(cfg: DictConfig) -> dict | None:
         return None
     if is_deepspeed(cfg):
         log.info("in-task checkpoints are off under DeepSpeed; an interrupted task restarts on resume")
+        return None
+    if fsdp.configured(cfg.strategy):  # its sharded checkpoints are folders with a pickled metadata file
+        log.info("in-task checkpoints are off under FSDP; an interrupted task restarts on resume")
         return None
     return spec

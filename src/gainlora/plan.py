@@ -26,6 +26,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqL
 
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from gainlora import fsdp
 from gainlora.model.backbone import DTYPES, Backbone
 from gainlora.model.checkpointing import enable_gradient_checkpointing
 from gainlora.model.module import ContinualLM
@@ -49,7 +50,7 @@ KNOWN: dict[str, PretrainedConfig] = {
 }
 KNOWN["t5-large"], KNOWN["t5-3b"] = KNOWN["google-t5/t5-large"], KNOWN["google-t5/t5-3b"]
 USABLE = 0.9  # of a card: the CUDA context, the allocator's fragmentation and generation take the rest
-STRATEGIES = ("ddp", "deepspeed_stage_2", "deepspeed_stage_3")
+STRATEGIES = ("ddp", "deepspeed_stage_2", "deepspeed_stage_3", "fsdp")
 
 
 class PlanError(ValueError):
@@ -80,6 +81,8 @@ class Plan:
 
     parameters: int        # backbone parameter count
     weights: int           # the frozen backbone
+    block_weights: int     # its transformer blocks' share: what FSDP shards
+    largest_block: int     # one block's weights, whole while FSDP runs it
     branches: int          # every task's LoRA branch (the last task holds them all)
     gates: int
     memories: int          # GPM bases, upper bound: full-rank bases of every adapted input
@@ -97,8 +100,11 @@ class Plan:
         weights = self.weights
         if strategy == "deepspeed_stage_3":  # partitioned; one layer's weights gathered at a time is in the noise
             weights = weights // world
+        if strategy == "fsdp":  # blocks sharded, one gathered at a time; embeddings and head replicated
+            weights += self.block_weights // world - self.block_weights + self.largest_block
         resident = weights + self.branches + self.gates + self.memories
-        training = self.training_state(world, strategy != "ddp") + (
+        # FSDP keeps what trains replicated (gainlora/fsdp.py): its state is not sharded
+        training = self.training_state(world, strategy not in ("ddp", "fsdp")) + (
             self.activations_ckpt if checkpointing else self.activations)
         return resident + max(training, self.collection)
 
@@ -195,9 +201,12 @@ def _plan(cfg: DictConfig, config: PretrainedConfig, kind: str, dtype: torch.dty
     nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
     gate_tensors = [*module.gates.parameters(), *module.gates.buffers()] if module.gates is not None else []
     gate_memory = 3 * module.gates.dim ** 2 * 4 if module.gates is not None else 0
+    frozen = lambda block: nbytes(p for n, p in block.named_parameters() if "lora_" not in n)  # noqa: E731
+    blocks = [frozen(b) for b in fsdp.blocks(module.backbone)]
     return Plan(
         parameters=sum(p.numel() for n, p in module.backbone.named_parameters() if "lora_" not in n),
         weights=nbytes(p for n, p in module.backbone.named_parameters() if "lora_" not in n),
+        block_weights=sum(blocks), largest_block=max(blocks),
         branches=nbytes(t for layer in layers for t in (layer.frozen_A, layer.frozen_B, layer.lora_A, layer.lora_B)),
         gates=nbytes(gate_tensors),
         memories=sum(layer.in_features ** 2 * 4 for layer in layers) + gate_memory,
@@ -220,6 +229,7 @@ def report(cfg: DictConfig, p: Plan, world: int, card_gb: float) -> str:
             f"+{cfg.backbone.max_target_length}; {num_tasks(cfg)} tasks, LoRA rank {cfg.lora.rank}",
             f"{'GiB per device':44s}",
             f"  {'frozen backbone (ZeRO-3: / devices)':42s}{gb(p.weights)}",
+            f"  {'  of which blocks (FSDP: / devices)':42s}{gb(p.block_weights)}",
             f"  {'LoRA branches of every task':42s}{gb(p.branches)}",
             f"  {'gates':42s}{gb(p.gates)}",
             f"  {'GPM memories (upper bound: full rank)':42s}{gb(p.memories)}",

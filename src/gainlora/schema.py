@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from gainlora import fsdp
 from gainlora.data.tasks import READERS
 from gainlora.targets import (STRICT, ConfigError, bind_logger, bind_method, bind_optimizer, bind_strategy,
                               check_name, from_pydantic, refuse)
@@ -239,6 +240,7 @@ def validate_config(cfg: DictConfig, *, machine: bool = True) -> RunConfig:
     bind_method("method", data["method"])
     bind_optimizer(data["optimizer"])
     bind_strategy(data["strategy"])
+    fsdp.check(data["strategy"], data["trainer"])
     for name, spec in (data["logger"] or {}).items():
         if spec is not None:
             bind_logger(name, spec)

@@ -5,7 +5,7 @@ token mean and the global token mean differ). Rank 0 writes the trained tensors 
     python train_sharded.py BACKBONE OUT STRATEGY DEVICES BATCH ACCUMULATE STEPS [OPTIMIZER]
 
 STRATEGY: auto, ddp, deepspeed_stage_2 or deepspeed_stage_3 (the CPU shim, DS_ACCELERATOR=cpu, with
-the project's DeepSpeed changes, gainlora.dist.continual_strategy). OPTIMIZER: adamw (default) or sgd;
+the project's DeepSpeed changes, gainlora.dist.continual_strategy), or fsdp. OPTIMIZER: adamw (default) or sgd;
 SGD's step is proportional to the gradient, so a gradient off by a constant factor shows in the
 weights (AdamW's normalised step would hide most of it).
 Run as a script, never inside pytest: Lightning's launcher re-runs this command for rank 1.
@@ -33,6 +33,10 @@ def strategy(name: str):
         from cpu_deepspeed import CPUDeepSpeedStrategy
 
         return continual_strategy(CPUDeepSpeedStrategy)(stage=int(name[-1]), logging_batch_size_per_gpu=1)
+    if name == "fsdp":  # conf/strategy/fsdp.yaml
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        return ModelParallelStrategy(data_parallel_size=int(sys.argv[4]), tensor_parallel_size=1)
     return name
 
 

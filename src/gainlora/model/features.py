@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from gainlora.dist import shard
+from gainlora.fsdp import is_sharded
 from gainlora.memory import CovarianceAccumulator
 from gainlora.model.lora import GatedLoRALinear
 
@@ -113,11 +114,13 @@ def collect_features(model: ContinualLM, batches: Iterable[dict], *, max_batches
     was_training = model.training
     rank, world = shard()
     model.eval()
+    seen, first = 0, None
     try:
         with inputs.hooked():
             for i, batch in enumerate(batches):
                 if max_batches is not None and i >= max_batches:
                     break
+                seen, first = i + 1, batch if first is None else first
                 if i % world != rank:
                     continue
                 batch = model._to_device(batch)
@@ -129,6 +132,8 @@ def collect_features(model: ContinualLM, batches: Iterable[dict], *, max_batches
                 if layers:
                     inputs.start_batch(stream_masks(batch, model.kind))
                     model(batch)
+        if layers and world > 1 and seen % world and rank >= seen % world and is_sharded(model):
+            model(model._to_device(first))  # FSDP gathers weights in every forward: as many on every rank
     finally:
         model.train(was_training)
     if world > 1:

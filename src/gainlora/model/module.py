@@ -8,6 +8,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from gainlora import fsdp
 from gainlora.data.types import PAD_TASK
 from gainlora.dist import distributed, shard, zero3_partitioned
 from gainlora.metrics import TaskScores
@@ -143,6 +144,13 @@ class ContinualLM(L.LightningModule):
         # methods and on for others (collect_features restores train mode); the reference trains in
         # train mode.
         self.train()
+
+    def configure_model(self) -> None:
+        """Under ModelParallelStrategy the frozen backbone's blocks are sharded (gainlora.fsdp)."""
+        fsdp.configure_model(self)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return fsdp.callbacks(self._trainer)
 
     def configure_optimizers(self):
         params = self.trainable_parameters()
