@@ -78,8 +78,8 @@ class ResultsWriter(TaskObserver):
             self.trainable[name] = earlier.get("trainable_params_per_task", {}).get(name)
 
     def write(self, results: dict) -> None:
-        if self.module is not None:
-            results = {**results, "cost": cost.figures(self.module, dict(self.trainable))}
+        if self.module is not None:  # in place: the later observers and the loop's return value see it too
+            results["cost"] = cost.figures(self.module, dict(self.trainable))
         write_json(self.run_dir.results, results)
         if results["matrix"]:
             title = f"{results.get('experiment')} · {results.get('method')}"
