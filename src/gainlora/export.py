@@ -10,7 +10,7 @@ Writes, under OUT:
   model as it answers, every branch summed with coefficient 1, as one adapter of rank n * r
   (``[B_1 .. B_n] [A_1; ..; A_n] = sum_i B_i A_i``; alpha scaled so alpha / rank is unchanged).
 - ``gainlora/`` (gated methods): ``gates.safetensors`` (``G1`` n x h x d, ``G2`` n x d x h, ``keys``
-  n x d), ``memories.safetensors`` (the method's GPM bases, needed only to keep training) and
+  n x d; a gate of depth L has ``G1`` .. ``G(L+1)``, the middle ones n x h x h), ``memories.safetensors`` (the method's GPM bases, needed only to keep training) and
   ``gainlora.json``, which says how to combine the per-task adapters: per input,
   ``y = W h + sum_i a_i(x) (alpha / r) B_i A_i h`` with ``a_i`` from the gates (formula in the JSON).
   PEFT has no per-input weighting of adapters, so a gated model is these files, not one adapter.
@@ -138,8 +138,9 @@ def export_peft(run: str | Path, out: str | Path) -> dict:
     if not gated:
         write_peft_adapter(out / "merged", module, merged_branches(module), scale)
     else:
-        G1, G2, keys = (t.float() for t in module.gates.stacked())
-        write_tensors(out / "gainlora" / "gates.safetensors", {"G1": G1, "G2": G2, "keys": keys})
+        *layers, keys = (t.float() for t in module.gates.stacked())
+        write_tensors(out / "gainlora" / "gates.safetensors",
+                      {**dict(zip(module.gates.layers, layers, strict=True)), "keys": keys})
         memories = {k: v.float() for k, v in method.memory_tensors().items()}
         if memories:  # write_tensors copies each entry: q and v may share one memory tensor
             write_tensors(out / "gainlora" / "memories.safetensors", memories)
@@ -150,8 +151,7 @@ def export_peft(run: str | Path, out: str | Path) -> dict:
             "p0": "the input token embeddings (model.get_input_embeddings()) of the prompt's tokens (T5: the "
                   "prompt then EOS; decoder-only: BOS then the prompt), averaged over those tokens ('mean'; "
                   "'padded_mean' divides by the batch's padded length instead), in float32",
-            "formula": "p1 = silu(G1[i] @ p0); p2 = silu(G2[i] @ p1); "
-                       "a_i = |tanh(key_scale * cos(p2, keys[i]) / 2)|  (= |2 sigmoid(key_scale * cos) - 1|)",
+            "formula": _gate_formula(module.gates.depth, module.gates.output),
             "combine": "y = W h + sum_i a_i(x) * lora_scale * B_i A_i h on every adapted layer, with A_i, B_i "
                        "from adapters[task i]; the coefficients are computed once per input, from the prompt",
         }
@@ -161,6 +161,14 @@ def export_peft(run: str | Path, out: str | Path) -> dict:
     write_json(out / "gainlora.json", sidecar)
     write_text(out / "README.md", _readme(sidecar))
     return sidecar
+
+
+def _gate_formula(depth: int, output: str) -> str:
+    layers = "; ".join(f"p{j} = silu(G{j}[i] @ p{j - 1})" for j in range(1, depth + 2))
+    last = f"p{depth + 1}"
+    f = {"abs_2sigmoid": f"|tanh(key_scale * cos({last}, keys[i]) / 2)|  (= |2 sigmoid(key_scale * cos) - 1|)",
+         "abs_cos": f"|cos({last}, keys[i])|", "sigmoid": f"sigmoid(key_scale * cos({last}, keys[i]))"}[output]
+    return f"{layers}; a_i = {f}"
 
 
 def _readme(sidecar: dict) -> str:

@@ -73,7 +73,7 @@ def restore_task(module: ContinualLM, method: Method, task: int, files: dict[str
                 layer.lora_B.copy_(init[name][1])
     if module.gates is not None:
         gate = files["gate"]
-        module.gates.add_gate(copy_previous=False, G1=gate["G1"], G2=gate["G2"], key=gate["key"])
+        module.gates.add_gate(copy_previous=False, **{k: gate[k] for k in module.gates.param_names})
     if files.get("memory"):
         method.load_memory_tensors(files["memory"])
 
@@ -94,9 +94,7 @@ def check_shapes(module: ContinualLM, files: dict[str, dict[str, torch.Tensor]],
                                 f"the model expects {shape} (lora.rank or backbone changed?)")
     if module.gates is not None:
         gate = files.get("gate", {})
-        want = {"G1": (module.gates.hidden, module.gates.dim), "G2": (module.gates.dim, module.gates.hidden),
-                "key": (module.gates.dim,)}
-        for key, shape in want.items():
+        for key, shape in module.gates.shapes().items():
             if key not in gate or tuple(gate[key].shape) != shape:
                 raise ArtifactError(f"task {task + 1} gate.safetensors: {key} missing or not of shape {shape}")
 
@@ -120,7 +118,7 @@ class ContinualLoop:
     def __post_init__(self) -> None:
         self.kind = run_kind(self.method.run_kind)
         self.forgetting = ForgettingMetrics(len(self.task_names), self.kind, self.single_task)
-        self.observers = [ResultsWriter(self.run_dir, is_main=self.is_main), *self.observers]
+        self.observers = [ResultsWriter(self.run_dir, is_main=self.is_main, module=self.module), *self.observers]
         # True once every task finished earlier is verified and restored: only then may results.json
         # be written (a resume that fails before never replaces a finished run's results).
         self.consistent = False

@@ -12,12 +12,14 @@ output left missing (predictions.json, the task's metrics.csv row), and never re
 """
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from lightning.pytorch.loggers import Logger, WandbLogger
 
+from gainlora import cost
 from gainlora.artifacts import RunDir, atomic_write, write_json
 from gainlora.csv_logger import RunCSVLogger, logged_tasks
 from gainlora.run_kinds import run_kind
@@ -47,13 +49,16 @@ class TaskObserver:
 
 
 class ResultsWriter(TaskObserver):
-    def __init__(self, run_dir: RunDir, *, is_main: bool = True) -> None:
+    def __init__(self, run_dir: RunDir, *, is_main: bool = True, module=None) -> None:
         self.run_dir = run_dir
         self.is_main = is_main  # global rank 0 writes the run directory
+        self.module = module  # the ContinualLM, for results.json's ``cost`` (gainlora.cost); None: no cost
+        self.trainable: dict[str, int | None] = {}
 
     def on_task_end(self, end: TaskEnd) -> None:
         if not self.is_main:
             return
+        self.count_trainable(end)
         source = end.folder / PREDICTIONS
         if source.is_file():  # the run's predictions.json: those of the latest test
             atomic_write(self.run_dir.predictions, lambda tmp: shutil.copyfile(source, tmp))
@@ -64,7 +69,21 @@ class ResultsWriter(TaskObserver):
         if self.is_main:
             self.write(results)
 
+    def count_trainable(self, end: TaskEnd) -> None:
+        """The task's branch and gate are still open (they freeze when the next task opens its own);
+        a restored task's count comes from the results.json of the attempt that trained it."""
+        if self.module is None:
+            return
+        name = end.results["tasks"][end.task]
+        if not end.restored:
+            self.trainable[name] = cost.trainable_params(self.module)
+        elif self.run_dir.results.is_file():
+            earlier = json.loads(self.run_dir.results.read_text()).get("cost") or {}
+            self.trainable[name] = earlier.get("trainable_params_per_task", {}).get(name)
+
     def write(self, results: dict) -> None:
+        if self.module is not None:  # in place: the later observers and the loop's return value see it too
+            results["cost"] = cost.figures(self.module, dict(self.trainable))
         write_json(self.run_dir.results, results)
         if results["matrix"]:
             run_kind(results["run_kind"]).plot(results["matrix"], results["tasks"], self.run_dir.plots,

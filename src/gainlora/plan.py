@@ -200,7 +200,8 @@ def _plan(cfg: DictConfig, config: PretrainedConfig, kind: str, dtype: torch.dty
     inputs = {(name.rsplit(".", 1)[0], layer.stream): layer.in_features for name, layer in module.adapted.items()}
     nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
     gate_tensors = [*module.gates.parameters(), *module.gates.buffers()] if module.gates is not None else []
-    gate_memory = 3 * module.gates.dim ** 2 * 4 if module.gates is not None else 0
+    dims = module.gates.input_dims() if module.gates is not None else ()
+    gate_memory = len(dims) * max(dims, default=0) ** 2 * 4  # one square basis bound per gate parameter
     frozen = lambda block: nbytes(p for n, p in block.named_parameters() if "lora_" not in n)  # noqa: E731
     blocks = [frozen(b) for b in fsdp.blocks(module.backbone)]
     return Plan(

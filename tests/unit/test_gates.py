@@ -123,3 +123,47 @@ def test_coefficient_depends_on_the_batch_only_with_padded_mean(t5_backbone, lla
         assert difference < 1e-6
     else:
         assert difference > 1e-4
+
+
+# -- the appendix's variants: depth, width, output function ---------------------------------------------
+def by_hand_deep(p0: Tensor, layers: list[Tensor], key: Tensor, output: str) -> Tensor:
+    x = p0.double()
+    for w in layers:
+        x = torch.nn.functional.silu(x @ w.double().T)
+    cos = (x @ key.double()) / (x.norm(dim=-1) * key.double().norm())
+    return {"abs_2sigmoid": (2 * torch.sigmoid(4 * cos) - 1).abs(), "abs_cos": cos.abs(),
+            "sigmoid": torch.sigmoid(4 * cos)}[output]
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+@pytest.mark.parametrize("output", ["abs_2sigmoid", "abs_cos", "sigmoid"])
+def test_deeper_gates_and_output_functions_match_the_formula(depth: int, output: str) -> None:
+    g = torch.Generator().manual_seed(1)
+    dim, hidden = 6, 4
+    bank = GateBank(dim=dim, hidden=hidden, depth=depth, output=output)
+    assert bank.param_names == (*(f"G{i}" for i in range(1, depth + 2)), "key")
+    assert bank.input_dims() == (dim, *[hidden] * depth, dim)
+    gates = []
+    for _ in range(2):
+        p = {n: torch.randn(*shape, generator=g) for n, shape in bank.shapes().items()}
+        bank.add_gate(copy_previous=False, **p)
+        gates.append(p)
+    p0 = torch.randn(5, dim, generator=g)
+    coeffs = bank(p0)
+    for i, p in enumerate(gates):
+        want = by_hand_deep(p0, [p[n] for n in bank.layers], p["key"], output)
+        torch.testing.assert_close(coeffs[:, i].double(), want, rtol=1e-6, atol=1e-6)
+    # every layer input (p1 .. p(depth+1)) is exposed for the memories
+    assert [f.shape[-1] for f in bank.features(p0)] == [hidden] * depth + [dim]
+
+
+def test_a_deeper_gate_is_seeded_and_copied_layer_by_layer() -> None:
+    bank = GateBank(dim=6, hidden=4, depth=3)
+    bank.add_gate(copy_previous=False, generator=torch.Generator().manual_seed(0))
+    first = {k: v.detach().clone() for k, v in bank.gate(0).items()}
+    assert {k: tuple(v.shape) for k, v in first.items()} == bank.shapes()
+    bank.add_gate(copy_previous=True, generator=torch.Generator().manual_seed(1))
+    for name in bank.layers:
+        assert torch.equal(bank.gate(1)[name], first[name])
+    with pytest.raises(ValueError, match="not a gate parameter"):
+        bank.add_gate(copy_previous=False, G9=torch.zeros(1))

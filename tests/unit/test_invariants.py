@@ -194,6 +194,35 @@ def test_renorm_rows_breaks_the_exact_invariance(t5_backbone, make_trainer, repo
     assert run.after_training[1] > SILENT
 
 
+# -- the appendix's gate variants: deeper gates, another output function -------------------------------
+@pytest.mark.parametrize("options", [{"depth": 3}, {"output": "abs_cos"}, {"depth": 2, "output": "abs_cos"}],
+                         ids=["depth3", "abs_cos", "depth2_abs_cos"])
+def test_constraints_hold_for_deeper_gates_and_other_outputs(options: dict, t5_backbone, make_trainer,
+                                                             report: dict) -> None:
+    """Every layer's input has its memory and its update projected, so a_t stays 0 on old tasks
+    whatever the depth, for any output f with f(0) = 0."""
+    run = run_sequence(t5_backbone(), gainlora(**options), 2, make_trainer)
+    gates = run.module.gates
+    assert len(run.method.gate_memory) == len(gates.param_names) == gates.depth + 2
+    report[f"a_t after training ({options})"] = run.after_training[1]
+    assert run.at_init[1] < SILENT and run.after_training[1] < SILENT
+    assert run.old_unchanged == {1: True}
+    assert coefficients_on(run.module, run.dm, 1)[:, 1].mean() > 100 * SILENT  # not vacuous
+
+
+def test_deeper_gate_without_update_constraint_drifts(t5_backbone, make_trainer) -> None:
+    """The depth-3 check above can fail: unprojected updates of the inner layers move old inputs."""
+    run = run_sequence(t5_backbone(), gainlora(depth=3, update_constraint=False), 2, make_trainer)
+    assert run.at_init[1] < SILENT and run.after_training[1] > 100 * SILENT
+
+
+def test_sigmoid_output_is_not_silent_on_old_tasks(t5_backbone, make_trainer) -> None:
+    """f = sigmoid(4 cos) gives 1/2 where the constraints make cos = 0: the appendix's counter-example."""
+    run = run_sequence(t5_backbone(), gainlora(output="sigmoid"), 2, make_trainer, train_last=False)
+    old = coefficients_on(run.module, run.dm, 0)[:, 1]
+    torch.testing.assert_close(old, torch.full_like(old, 0.5), rtol=0, atol=SILENT)
+
+
 # -- what old tasks see ----------------------------------------------------------------------------------
 def test_old_branches_and_gates_are_bit_identical(constrained: Run) -> None:
     assert constrained.old_unchanged == {1: True, 2: True}

@@ -55,7 +55,8 @@ def test_reference_preset_spells_out_every_reference_value(branches: str) -> Non
         assert resolved["branches"]["threshold"] == 0.995
     method = build_method(cfg)
     assert isinstance(method, GainLoRA) and isinstance(method.branches, InfLoRA if branches == "inflora" else OLoRA)
-    assert method.gate_spec == {"hidden": 100, "pool": "padded_mean"}
+    # the reference gate: one hidden layer of 100, |2 sigmoid(4 cos) - 1|
+    assert method.gate_spec == {"hidden": 100, "depth": 1, "output": "abs_2sigmoid", "pool": "padded_mean"}
     assert method.thresholds == (0.995, 0.995, 0.995) and method.renorm_rows
     (projection,) = [c for c in method.callbacks() if isinstance(c, GateProjection)]
     assert projection.renorm_rows

@@ -2,7 +2,7 @@
 
 Sweeps: every command is the Hydra entry point on an existing experiment, every swept key and
 candidate value composes with that experiment and builds its method, and the appendix studies' keys
-(gate width, LoRA rank) reach the tensors a run saves. Logging: the logger config,
+(gate width and depth, LoRA rank) reach the tensors a run saves. Logging: the logger config,
 offline mode without a key, stable ids, and what ``log_task_end`` writes into an offline run.
 """
 from __future__ import annotations
@@ -36,7 +36,9 @@ from gainlora.wandb_logging import (
 
 ROOT = Path(__file__).resolve().parents[2]
 SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
-APPENDIX = {"gate_width": ("method.hidden", [50, 100, 200]), "lora_rank": ("lora.rank", [2, 4, 8])}
+APPENDIX = {"gate_width": ("method.hidden", [50, 100, 200]), "lora_rank": ("lora.rank", [2, 4, 8]),
+            "gate_depth": ("method.depth", [1, 3, 5]),
+            "gate_output": ("method.output", ["abs_2sigmoid", "abs_cos", "sigmoid"])}
 MACROS = {"${env}", "${interpreter}", "${args_no_hyphens}"}
 MISSING = object()
 
@@ -86,10 +88,12 @@ def test_appendix_studies_have_sweeps(scale: str, study: str) -> None:
 
 @pytest.mark.slow
 def test_appendix_keys_reach_the_saved_tensors(tmp_path: Path) -> None:
-    """Gate width and LoRA rank are read by the model: a run's saved gate and branch have those sizes."""
-    width, rank = APPENDIX["gate_width"][1][0], APPENDIX["lora_rank"][1][0]
+    """Gate width and depth and LoRA rank are read by the model: a run's saved gate and branch have
+    those sizes; the output function is recorded in its config.yaml."""
+    width, rank, depth = APPENDIX["gate_width"][1][0], APPENDIX["lora_rank"][1][0], APPENDIX["gate_depth"][1][1]
+    output = APPENDIX["gate_output"][1][1]
     cmd = [sys.executable, "-m", "gainlora.run", "experiment=demo", "backbone=tiny_t5_test",
-           f"method.hidden={width}", f"lora.rank={rank}", "benchmark.num_tasks=2", "benchmark.n_train=16",
+           f"method.hidden={width}", f"lora.rank={rank}", f"method.depth={depth}", f"method.output={output}", "benchmark.num_tasks=2", "benchmark.n_train=16",
            "benchmark.n_test=8", "trainer.max_steps=1", "trainer.enable_progress_bar=false", "run_id=appendix",
            f"paths.runs_dir={tmp_path}"]
     done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
@@ -97,7 +101,11 @@ def test_appendix_keys_reach_the_saved_tensors(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     task = min((tmp_path / "demo" / "appendix" / "tasks").iterdir())
     with safe_open(str(task / "gate.safetensors"), "pt") as gate:
-        assert gate.get_slice("G1").get_shape()[0] == width and gate.get_slice("G2").get_shape()[1] == width
+        layers = [f"G{i}" for i in range(1, depth + 2)]
+        assert sorted(gate.keys()) == sorted([*layers, "key"])
+        assert gate.get_slice("G1").get_shape()[0] == width and gate.get_slice(layers[-1]).get_shape()[1] == width
+        assert all(gate.get_slice(n).get_shape() == [width, width] for n in layers[1:-1])
+    assert yaml.safe_load((tmp_path / "demo" / "appendix" / "config.yaml").read_text())["method"]["output"] == output
     with safe_open(str(task / "branch.safetensors"), "pt") as branch:
         shapes = {name: branch.get_slice(name).get_shape() for name in branch.keys()}
     assert shapes and all(s[0] == rank for n, s in shapes.items() if n.endswith(".A"))

@@ -1,7 +1,8 @@
 """The update constraint: keep every gate parameter's change orthogonal to the old tasks' inputs.
 
 After each optimizer step, Delta = P_new - P_old is replaced by Delta - Delta M M^T for each gate
-parameter (G1 with M1, G2 with M2, the key with M3). Projecting the parameter change (not the
+parameter (G1 with M1, G2 with M2, the key with M3; a deeper gate's every layer with the memory of
+its input). Projecting the parameter change (not the
 gradient) keeps the constraint exact under stateful optimizers such as AdamW. Under DeepSpeed ZeRO
 the change is read from and written to the optimizer's fp32 master copy (docs/architecture.md).
 """
@@ -13,8 +14,6 @@ import lightning as L
 import torch
 
 from gainlora.memory import Subspace
-
-PARAMS = ("G1", "G2", "key")
 
 
 def _zero_managed(param: torch.nn.Parameter) -> bool:
@@ -58,7 +57,7 @@ class GateProjection(L.Callback):
         gates = pl_module.gates
         if gates is None or gates.G1 is None:
             return {}
-        return {name: getattr(gates, name) for name in PARAMS}
+        return {name: getattr(gates, name) for name in gates.param_names}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if any(m.rank for m in self.memories):
@@ -68,7 +67,7 @@ class GateProjection(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self._before:
             return
-        for (name, param), memory in zip(self._params(pl_module).items(), self.memories):
+        for (name, param), memory in zip(self._params(pl_module).items(), self.memories, strict=True):
             old = self._before[name]
             new = read_full(param)
             delta = (new - old).reshape(-1, memory.dim)  # the key is one row

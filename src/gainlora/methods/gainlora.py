@@ -5,7 +5,8 @@ Wraps a branch method (InfLoRA or O-LoRA) and adds, per docs/method.md:
   as key the top direction of its current-task features outside the old tasks' span;
 - the update constraint: after every optimizer step each gate parameter's change is projected off
   the old tasks' span (``GateProjection`` callback);
-- gate memories M1, M2, M3 (inputs of gate layers 1-3), grown by GPM after each task.
+- gate memories, one per gate parameter (M1, M2, M3 for the paper's gate: the inputs of G1, G2 and
+  the key; a deeper gate has one more per hidden layer), grown by GPM after each task.
 
 The reference code's behaviour is a preset, not a switch: conf/method/gainlora_*_reference.yaml.
 """
@@ -22,33 +23,36 @@ from gainlora.callbacks.gate_projection import GateProjection
 from gainlora.memory import Subspace, threshold_at
 from gainlora.methods.base import MaxBatches, Method, Needs, Stage, Threshold, subspace_tensors
 from gainlora.model.features import Features
-from gainlora.model.gates import Pool
+from gainlora.model.gates import Output, Pool
 from gainlora.model.module import ContinualLM
-
-GATE_LAYERS = ("G1", "G2", "key")  # parameter acted on by memory M1, M2, M3
 
 
 class GainLoRA(Method):
     """``branches``: the method that opens, initialises and remembers the LoRA branches.
 
+    ``hidden``, ``depth``: width and number of the gate's hidden layers (the paper: 100, 1);
+    ``output``: f in a_i = f(cos(p, k_i)) (``gainlora.model.gates``; ``sigmoid`` breaks the constraints);
     ``pool``: how p0 averages token embeddings (``padded_mean`` is the reference code's);
-    ``thresholds``: GPM eps of the gate memories M1, M2, M3; ``renorm_rows``: the reference code's
+    ``thresholds``: GPM eps of the gate memories of the first layer (input p0), of every later layer
+    (inputs p1, ..) and of the key; ``renorm_rows``: the reference code's
     row renormalisation after the projection (breaks the exact invariance); ``seed``: gate draws.
     """
 
-    def __init__(self, branches: Method, *, hidden: Annotated[int, Field(ge=1)] = 100, pool: Pool = "mean",
+    def __init__(self, branches: Method, *, hidden: Annotated[int, Field(ge=1, le=65536)] = 100,
+                 depth: Annotated[int, Field(ge=1, le=16)] = 1, output: Output = "abs_2sigmoid", pool: Pool = "mean",
                  init_constraint: bool = True, update_constraint: bool = True,
                  thresholds: tuple[Threshold, Threshold, Threshold] = (0.995, 0.99999, 0.99999),
                  renorm_rows: bool = False, max_batches: MaxBatches = 100, seed: int = 0) -> None:
         super().__init__(max_batches=max_batches)
         self.branches = branches
         self.name = f"gainlora_{branches.name}"
-        self.gate_spec = {"hidden": hidden, "pool": pool}
+        self.gate_spec = {"hidden": hidden, "depth": depth, "output": output, "pool": pool}
         self.init_constraint, self.update_constraint = init_constraint, update_constraint
         self.thresholds = tuple(float(t) for t in thresholds)
         self.renorm_rows = renorm_rows
         self.seed = seed
         self.gate_memory: list[Subspace] = []
+        self.gate_params: tuple[str, ...] = ()  # the gate's parameter names, one per memory (set up)
 
     def setup(self, model: ContinualLM, num_tasks: int) -> None:
         super().setup(model, num_tasks)
@@ -56,7 +60,8 @@ class GainLoRA(Method):
         if model.gates is None:
             raise ValueError("GainLoRA needs a model built with gates (method.gate_spec)")
         if not self.gate_memory:
-            self.gate_memory = [Subspace(model.gates.dim), Subspace(model.gates.hidden), Subspace(model.gates.dim)]
+            self.gate_memory = [Subspace(d) for d in model.gates.input_dims()]
+        self.gate_params = model.gates.param_names
 
     # -- task boundaries ----------------------------------------------------------------------
     def needs(self, stage: Stage) -> Needs:
@@ -74,20 +79,25 @@ class GainLoRA(Method):
     def init_branch(self, model: ContinualLM, task: int, feats: Features) -> None:
         self.branches.init_branch(model, task, feats)
         if self.init_constraint:
-            self._init_key(model, task, feats.gate[2])
+            self._init_key(model, task, feats.gate[-1])
 
     def _init_key(self, model: ContinualLM, task: int, cov_p2: Tensor) -> None:
         """k_t <- top direction of (C3 - M3 M3^T C3), at the previous key's norm (first: its own)."""
         gates = model.gates
         norm = (gates.frozen_keys[-1] if task > 0 and gates.num_frozen else gates.key).norm()
-        direction = self.gate_memory[2].top_directions(cov_p2, 1)[:, 0]
+        direction = self.gate_memory[-1].top_directions(cov_p2, 1)[:, 0]
         with torch.no_grad():
             gates.key.copy_(direction / direction.norm() * norm)
 
     def update_memories(self, model: ContinualLM, task: int, feats: Features) -> None:
         self.branches.update_memories(model, task, feats)
-        for memory, eps, cov in zip(self.gate_memory, self.thresholds, feats.gate):
+        for memory, eps, cov in zip(self.gate_memory, self.layer_thresholds(), feats.gate, strict=True):
             memory.update(cov, threshold_at(eps, task, self.num_tasks))
+
+    def layer_thresholds(self) -> list[float]:
+        """One eps per gate memory: the first layer's, the later layers' (shared), the key's."""
+        first, later, key = self.thresholds
+        return [first, *[later] * (len(self.gate_memory) - 2), key]
 
     # -- training-time hooks --------------------------------------------------------------------
     def regularizer(self, model: ContinualLM) -> Tensor | None:
@@ -96,16 +106,16 @@ class GainLoRA(Method):
     def callbacks(self) -> list[Callback]:
         found = self.branches.callbacks()
         if self.update_constraint:
-            found.append(GateProjection(self.gate_memory, renorm_rows=self.renorm_rows))
+            found.append(GateProjection(self.gate_memory, renorm_rows=self.renorm_rows))  # in param_names order
         return found
 
     # -- persistence --------------------------------------------------------------------------------
     def memory_tensors(self) -> dict[str, Tensor]:
-        gate = subspace_tensors("gate", dict(zip(GATE_LAYERS, self.gate_memory)))
+        gate = subspace_tensors("gate", dict(zip(self.gate_params, self.gate_memory, strict=True)))
         return {**gate, **self.branches.memory_tensors()}
 
     def load_memory_tensors(self, tensors: dict[str, Tensor]) -> None:
-        for i, layer in enumerate(GATE_LAYERS):
+        for i, layer in enumerate(self.gate_params):
             if f"gate.{layer}" in tensors:
                 basis = tensors[f"gate.{layer}"]
                 self.gate_memory[i] = Subspace(basis.shape[0], basis)

@@ -2,8 +2,8 @@
 the GPM memories.
 
 Adapted-layer inputs are read by forward pre-hooks on the ``GatedLoRALinear`` layers while the
-model runs forward over the task's batches; gate features (p0, and p1, p2 of the current gate) are
-computed directly. Under DDP/DeepSpeed rank r takes every world-th batch and the float64 sums are
+model runs forward over the task's batches; gate features (p0 and the current gate's hidden
+outputs p1 .. p(depth+1)) are computed directly. Under DDP/DeepSpeed rank r takes every world-th batch and the float64 sums are
 all-reduced, so every rank ends with the covariances of all batches.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ class Features:
     """Uncentred covariances collected over one task's training inputs."""
 
     layers: dict[str, Tensor] = field(default_factory=dict)  # adapted layer name -> (d_in x d_in)
-    gate: list[Tensor] = field(default_factory=list)  # current gate's [C(p0), C(p1), C(p2)]
+    gate: list[Tensor] = field(default_factory=list)  # current gate's [C(p0), C(p1), .., C(p(depth+1))]
 
 
 class LayerInputs:
@@ -103,14 +103,13 @@ class LayerInputs:
 @torch.no_grad()
 def collect_features(model: ContinualLM, batches: Iterable[dict], *, max_batches: int | None, layers: bool,
                      gate: bool) -> Features:
-    """Uncentred covariances of adapted-layer inputs and/or the current gate's p0, p1, p2."""
+    """Uncentred covariances of adapted-layer inputs and/or the current gate's layer inputs (p0, p1, ...)."""
     feats = Features()
     if not (layers or gate):
         return feats
     inputs = LayerInputs(model.adapted)
     gates = model.gates
-    gate_accs = [CovarianceAccumulator(d, model.device) for d in
-                 ((gates.dim, gates.hidden, gates.dim) if gate else ())]
+    gate_accs = [CovarianceAccumulator(d, model.device) for d in (gates.input_dims() if gate else ())]
     was_training = model.training
     rank, world = shard()
     model.eval()
@@ -126,8 +125,8 @@ def collect_features(model: ContinualLM, batches: Iterable[dict], *, max_batches
                 batch = model._to_device(batch)
                 if gate:
                     p0 = model.pooled_embeddings(batch["input_ids"], batch["gate_mask"])
-                    p1, p2 = gates.features(p0)
-                    for acc, x in zip(gate_accs, (p0, p1[:, -1], p2[:, -1])):
+                    # the current gate's layer inputs: p0, then p1 .. p(depth+1) (the last one the key's)
+                    for acc, x in zip(gate_accs, (p0, *(p[:, -1] for p in gates.features(p0)))):
                         acc.update(x)
                 if layers:
                     inputs.start_batch(stream_masks(batch, model.kind))

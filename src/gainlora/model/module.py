@@ -233,7 +233,7 @@ class ContinualLM(L.LightningModule):
     # -- feature collection (memories, InfLoRA, gate initialisation) ---------------------------
     def collect_features(self, batches: Iterable[dict], *, max_batches: int | None, layers: bool,
                          gate: bool) -> Features:
-        """Uncentred covariances of adapted-layer inputs and/or the current gate's p0, p1, p2
+        """Uncentred covariances of adapted-layer inputs and/or the current gate's layer inputs
         (``gainlora.model.features``)."""
         return collect_features(self, batches, max_batches=max_batches, layers=layers, gate=gate)
 
