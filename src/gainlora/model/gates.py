@@ -16,7 +16,7 @@ from torch import Tensor
 
 from gainlora.model.stacks import FrozenStack, Slot
 
-Pool = Literal["mean", "padded_mean"]
+Pool = Literal["mean", "padded_mean", "max"]
 POOLS: tuple[str, ...] = get_args(Pool)
 
 
@@ -25,8 +25,11 @@ def pool_embeddings(embeds: Tensor, mask: Tensor, mode: Pool = "mean") -> Tensor
 
     ``mean`` divides by the example's own token count, so a coefficient never depends on the
     other examples of its batch. ``padded_mean`` divides by the padded batch length, as the
-    reference code does (only for exact reproduction).
+    reference code does (only for exact reproduction). ``max`` takes each coordinate's maximum over
+    the example's own tokens (SAPT's query; its code also lets padding positions in).
     """
+    if mode == "max":
+        return embeds.masked_fill(~mask.bool().unsqueeze(-1), float("-inf")).amax(1)
     mask = mask.to(embeds.dtype).unsqueeze(-1)
     total = (embeds * mask).sum(1)
     if mode == "mean":
@@ -73,6 +76,10 @@ class GateBank(FrozenStack):
     def gate(self, i: int) -> dict[str, Tensor]:
         """G1, G2 and key of gate i (0-based), frozen or current."""
         return self.entry(i)
+
+    def entry_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of each tensor of one gate (``gate(i)``, ``add_gate`` keywords), checked on restore."""
+        return {"G1": (self.hidden, self.dim), "G2": (self.dim, self.hidden), "key": (self.dim,)}
 
     def features(self, p0: Tensor) -> tuple[Tensor, Tensor]:
         """p1 (B, n, hidden) and p2 (B, n, dim) of every gate."""
