@@ -110,7 +110,8 @@ def check_shapes(module: ContinualLM, files: dict[str, dict[str, torch.Tensor]],
             if key not in gate or tuple(gate[key].shape) != shape:
                 raise ArtifactError(f"task {task + 1} gate.safetensors: {key} missing or not of shape {shape}")
         if set(gate) != set(want):
-            raise ArtifactError(f"task {task + 1} gate.safetensors holds {sorted(gate)}, the model's gates {sorted(want)}")
+            raise ArtifactError(f"task {task + 1} gate.safetensors holds {sorted(gate)}, the model's gates "
+                                f"{sorted(want)} (a run of another method?)")
 
 
 @dataclass
