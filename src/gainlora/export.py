@@ -31,6 +31,7 @@ from torch import Tensor
 
 from gainlora.cli import error_line
 from gainlora.artifacts import RunDir, write_json, write_text, write_tensors
+from gainlora.model.task_attention import TaskAttention
 
 FORMATS = ("peft",)
 SIDECAR_VERSION = 1
@@ -137,6 +138,18 @@ def export_peft(run: str | Path, out: str | Path) -> dict:
     }
     if not gated:
         write_peft_adapter(out / "merged", module, merged_branches(module), scale)
+    elif isinstance(module.gates, TaskAttention):  # SAPT-LoRA: softmax attention over task keys
+        (keys,) = module.gates.stacked()
+        query = {f"query.{k}": v.float() for k, v in module.gates.query.state_dict().items()}
+        write_tensors(out / "gainlora" / "gates.safetensors", {"keys": keys.float(), **query})
+        sidecar["gates"] = {
+            "file": "gainlora/gates.safetensors", "order": "key i belongs to adapters' i-th task (tasks order)",
+            "pool": module.gate_pool, "tau": module.gates.tau,
+            "p0": "the input token embeddings of the prompt's tokens, their coordinate-wise maximum, in float32",
+            "formula": "q = layer_norm(silu(query.1.weight @ query.0.weight @ p0); query.3.weight, query.3.bias, "
+                       "eps 1e-5); a = softmax(keys @ q / tau)",
+            "combine": "y = W h + sum_i a_i(x) * lora_scale * B_i A_i h on every adapted layer",
+        }
     else:
         *layers, keys = (t.float() for t in module.gates.stacked())
         write_tensors(out / "gainlora" / "gates.safetensors",

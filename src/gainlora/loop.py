@@ -72,8 +72,7 @@ def restore_task(module: ContinualLM, method: Method, task: int, files: dict[str
                 layer.lora_A.copy_(init[name][0])
                 layer.lora_B.copy_(init[name][1])
     if module.gates is not None:
-        gate = files["gate"]
-        module.gates.add_gate(copy_previous=False, **{k: gate[k] for k in module.gates.param_names})
+        module.gates.add_gate(copy_previous=False, **files["gate"])
     if files.get("memory"):
         method.load_memory_tensors(files["memory"])
 
@@ -94,9 +93,13 @@ def check_shapes(module: ContinualLM, files: dict[str, dict[str, torch.Tensor]],
                                 f"the model expects {shape} (lora.rank or backbone changed?)")
     if module.gates is not None:
         gate = files.get("gate", {})
-        for key, shape in module.gates.shapes().items():
+        want = module.gates.entry_shapes()
+        for key, shape in want.items():
             if key not in gate or tuple(gate[key].shape) != shape:
                 raise ArtifactError(f"task {task + 1} gate.safetensors: {key} missing or not of shape {shape}")
+        if set(gate) != set(want):
+            raise ArtifactError(f"task {task + 1} gate.safetensors holds {sorted(gate)}, the model's gates "
+                                f"{sorted(want)} (a run of another method?)")
 
 
 @dataclass

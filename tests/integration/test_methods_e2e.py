@@ -1,7 +1,7 @@
 """Every baseline added beside GainLoRA through the entry point, in process (Hydra compose +
 ``gainlora.run.run``), on a tiny T5 and a tiny LLaMA with ``debug=cpu_tiny``; and a resume of the
-methods that carry state between tasks (EWC's Fisher, the replay buffer) giving the uninterrupted
-run's results and tensors."""
+methods that carry state between tasks (EWC's Fisher, the replay buffer, SAPT's memories) giving the uninterrupted
+run's results and tensors; for SAPT-LoRA also its stored attentions and shared query network."""
 from __future__ import annotations
 
 import json
@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from gainlora.run import CONF_DIR, run
 
-METHODS = ("ewc", "clora", "migu", "tasl", "gainlora_inclora", "gainlora_clora", "seqlora_replay", "inclora_replay")
+METHODS = ("ewc", "clora", "migu", "tasl", "gainlora_inclora", "gainlora_clora", "seqlora_replay", "inclora_replay",
+           "sapt_lora")
 SMALL = ["experiment=demo", "debug=cpu_tiny", "benchmark.n_train=16", "benchmark.n_val=4", "benchmark.n_test=4"]
 
 pytestmark = pytest.mark.slow
@@ -47,27 +48,37 @@ def test_method_runs_end_to_end(method: str, backbone: str, tmp_path: Path) -> N
         assert any(k.startswith("ewc.fisher.") for k in memory) and any(k.startswith("ewc.anchor.") for k in memory)
     if method == "tasl":
         assert any(k.startswith("tasl.importance.") for k in memory)
-    if method.endswith("_replay"):
+    if method.endswith("_replay") or method == "sapt_lora":
         assert set(k for k in memory if k.startswith("replay.")) == {"replay.task.0", "replay.task.1"}
         assert memory["replay.task.0"].dtype == torch.int64
+    if method == "sapt_lora":
+        assert memory["sapt.target.0"].tolist() == [1.0] and memory["sapt.target.1"].shape == (2,)
+        assert any(k.startswith("sapt.query.") for k in memory) and set(files[1]["gate"]) == {"key"}
     gated = method.startswith("gainlora_")
-    assert bool(files[1]["gate"]) == gated and any(k.startswith("gate.") for k in memory) == gated
+    assert bool(files[1]["gate"]) == (gated or method == "sapt_lora")
+    assert any(k.startswith("gate.") for k in memory) == gated
 
 
-@pytest.mark.parametrize("method", ["ewc", "tasl", "seqlora_replay"])
-def test_resume_after_the_first_task_is_exact(method: str, tmp_path: Path) -> None:
-    """Task 2 re-trained on a run restored from task 1's files (Fisher / buffer from memory.safetensors)
-    equals the uninterrupted run: the same scores, the same task-2 tensors."""
-    whole = run_method(method, "tiny_t5_test", tmp_path)
+# SAPT's shared query network only moves once there are two keys to attend over: stop after task 2 of 3
+RESUME_TASKS = {"ewc": 2, "tasl": 2, "seqlora_replay": 2, "sapt_lora": 3}
+
+
+@pytest.mark.parametrize("method", list(RESUME_TASKS))
+def test_resume_before_the_last_task_is_exact(method: str, tmp_path: Path) -> None:
+    """The last task re-trained on a run restored from the earlier tasks' files (Fisher / buffer /
+    SAPT's targets and query network from memory.safetensors) equals the uninterrupted run: the same
+    scores, the same last-task tensors."""
+    tasks = f"benchmark.num_tasks={RESUME_TASKS[method]}"
+    whole = run_method(method, "tiny_t5_test", tmp_path, tasks)
     uninterrupted = task_files(tmp_path, method)
     task_dirs = sorted((tmp_path / "demo" / method / "tasks").iterdir())
-    shutil.rmtree(task_dirs[1])  # as if the run had stopped after task 1
-    resumed = run_method(method, "tiny_t5_test", tmp_path, "resume=true")
+    shutil.rmtree(task_dirs[-1])  # as if the run had stopped before its last task
+    resumed = run_method(method, "tiny_t5_test", tmp_path, tasks, "resume=true")
     assert resumed["matrix"] == whole["matrix"]
     again = task_files(tmp_path, method)
-    for kind in ("branch", "memory"):
-        assert again[1][kind].keys() == uninterrupted[1][kind].keys()
-        for key, value in uninterrupted[1][kind].items():
-            assert torch.equal(again[1][kind][key], value), (kind, key)
+    for kind in ("branch", "gate", "memory"):
+        assert again[-1][kind].keys() == uninterrupted[-1][kind].keys()
+        for key, value in uninterrupted[-1][kind].items():
+            assert torch.equal(again[-1][kind][key], value), (kind, key)
     saved = json.loads((tmp_path / "demo" / method / "results.json").read_text())
     assert saved["status"] == "finished"

@@ -245,36 +245,36 @@ def test_tasl_task_end_consolidates_the_branch_and_remembers_importance(tmp_path
 # -- replay -------------------------------------------------------------------------------------------
 def test_replay_quotas_bound_and_determinism() -> None:
     replay = Replay(SeqLoRA(), per_task=5, max_size=8, seed=3)
-    replay.select(0, 100)
-    first = replay.indices[0].clone()
+    replay.buffer.select(0, 100)
+    first = replay.buffer.indices[0].clone()
     assert len(first) == 5 and len(set(first.tolist())) == 5 and first.max() < 100
-    replay.select(1, 100)
-    assert [len(v) for v in replay.indices.values()] == [4, 4]  # 8 // 2
-    replay.select(2, 30)
-    assert [len(v) for v in replay.indices.values()] == [2, 2, 2]  # 8 // 3
-    assert sum(len(v) for v in replay.indices.values()) <= 8
-    assert torch.equal(replay.indices[0], first[:2])  # trimming keeps prefixes of one permutation
+    replay.buffer.select(1, 100)
+    assert [len(v) for v in replay.buffer.indices.values()] == [4, 4]  # 8 // 2
+    replay.buffer.select(2, 30)
+    assert [len(v) for v in replay.buffer.indices.values()] == [2, 2, 2]  # 8 // 3
+    assert sum(len(v) for v in replay.buffer.indices.values()) <= 8
+    assert torch.equal(replay.buffer.indices[0], first[:2])  # trimming keeps prefixes of one permutation
     again = Replay(IncLoRA(), per_task=5, max_size=8, seed=3)
     for t, n in ((0, 100), (1, 100), (2, 30)):
-        again.select(t, n)
-    assert all(torch.equal(replay.indices[t], again.indices[t]) for t in range(3))
+        again.buffer.select(t, n)
+    assert all(torch.equal(replay.buffer.indices[t], again.buffer.indices[t]) for t in range(3))
     other = Replay(SeqLoRA(), per_task=5, max_size=8, seed=4)
-    other.select(0, 100)
-    assert not torch.equal(other.indices[0], first)
+    other.buffer.select(0, 100)
+    assert not torch.equal(other.buffer.indices[0], first)
 
 
 def test_replay_saves_and_restores_its_buffer_and_the_inner_memories(tmp_path) -> None:
     inner = EWC()
     inner.fisher["l.A"], inner.anchor["l.A"] = torch.rand(2, 3), torch.rand(2, 3)
     replay = Replay(inner, per_task=4, max_size=100)
-    replay.select(0, 50)
-    replay.select(1, 50)
+    replay.buffer.select(0, 50)
+    replay.buffer.select(1, 50)
     saved = round_trip(replay.memory_tensors(), tmp_path)
     assert saved["replay.task.0"].dtype == torch.int64
     resumed = Replay(EWC(), per_task=4, max_size=100)
     resumed.load_memory_tensors(saved)
-    assert resumed.indices.keys() == {0, 1}
-    assert all(torch.equal(resumed.indices[t], replay.indices[t]) for t in (0, 1))
+    assert resumed.buffer.indices.keys() == {0, 1}
+    assert all(torch.equal(resumed.buffer.indices[t], replay.buffer.indices[t]) for t in (0, 1))
     assert torch.equal(resumed.method.fisher["l.A"], inner.fisher["l.A"])
 
 
@@ -294,7 +294,7 @@ def test_replay_mixes_the_buffer_into_later_fits(t5_backbone, make_trainer) -> N
         seen[t] = list(trainer.train_dataloader.dataset)
         assert dm.replay == []  # cleared when the fit ends
         replay.on_task_end(module, t, dm.feature_batches)
-        kept[t] = {j: [dm.tasks[j].train[i] for i in idx.tolist()] for j, idx in replay.indices.items()}
+        kept[t] = {j: [dm.tasks[j].train[i] for i in idx.tolist()] for j, idx in replay.buffer.indices.items()}
     assert seen[0] == dm.tasks[0].train  # nothing to replay before the first task
     for t in (1, 2):
         own = dm.tasks[t].train

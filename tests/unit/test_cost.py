@@ -83,7 +83,7 @@ def test_results_count_what_each_task_trains(method, t5_backbone, make_trainer, 
     assert list(figures["trainable_params_per_task"].values()) == sizes and len(sizes) == 2
     layers = list(module.adapted.values())
     branch = sum(layer.rank * (layer.in_features + layer.out_features) for layer in layers)
-    gate = sum(torch.Size(s).numel() for s in module.gates.shapes().values()) if module.gates is not None else 0
+    gate = sum(torch.Size(s).numel() for s in module.gates.entry_shapes().values()) if module.gates is not None else 0
     if isinstance(method, GainLoRA):  # InfLoRA trains B only; the gate trains whole
         assert sizes[0] == sum(layer.rank * layer.out_features for layer in layers) + gate
     else:

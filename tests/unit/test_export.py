@@ -140,3 +140,28 @@ def test_export_gainlora_sidecar_reproduces_the_gates(tmp_path: Path) -> None:
     coeffs = torch.tanh(sidecar["gates"]["key_scale"] * cos / 2).abs()
     with torch.no_grad():
         torch.testing.assert_close(coeffs, module.gate_coefficients(batch), atol=1e-6, rtol=0)
+
+
+def test_export_sapt_sidecar_reproduces_the_attention(tmp_path: Path) -> None:
+    from gainlora.api import load_run
+    from gainlora.data.types import Example
+    from gainlora.run import run
+
+    run(compose_run(tmp_path, "sapt_lora", "sapt"))
+    run_dir, out = tmp_path / "demo" / "sapt", tmp_path / "export"
+    assert export_main([str(run_dir), str(out)]) == 0
+    sidecar = json.loads((out / "gainlora.json").read_text())
+    assert sidecar["merged"] is None and sidecar["gates"]["pool"] == "max"
+    gates = load_file(str(out / "gainlora" / "gates.safetensors"))
+    trained = load_run(run_dir)
+    module = trained.module
+    prompts = ["Definition: Name the colour.\n\nNow complete the following example -\nInput: sky\nOutput: ",
+               "Definition: Is it even?\n\nNow complete the following example -\nInput: 12\nOutput: "]
+    batch = trained.collator.eval_batch([(0, Example(p, "", ("",)), "rougeL") for p in prompts])
+    embeds = module.backbone.get_input_embeddings()(batch["input_ids"]).float()
+    p0 = embeds.masked_fill(batch["gate_mask"][..., None] == 0, float("-inf")).amax(1)  # the documented formula
+    h = F.silu(p0 @ gates["query.0.weight"].T @ gates["query.1.weight"].T)
+    q = F.layer_norm(h, h.shape[-1:], gates["query.3.weight"], gates["query.3.bias"], eps=1e-5)
+    coeffs = torch.softmax(q @ gates["keys"].T / sidecar["gates"]["tau"], dim=-1)
+    with torch.no_grad():
+        torch.testing.assert_close(coeffs, module.gate_coefficients(batch), atol=1e-6, rtol=0)

@@ -96,12 +96,13 @@ def test_pooling_modes() -> None:
     torch.testing.assert_close(mean[0], embeds[0, :2].mean(0))
     torch.testing.assert_close(padded[0], embeds[0, :2].sum(0) / 3)
     torch.testing.assert_close(mean[1], padded[1])
+    torch.testing.assert_close(pool_embeddings(embeds, mask, "max"), torch.stack([embeds[0, 1], embeds[1, 2]]))
     with pytest.raises(ValueError, match="unknown gate pool"):
-        pool_embeddings(embeds, mask, "max")
+        pool_embeddings(embeds, mask, "median")
 
 
 @pytest.mark.parametrize("kind", ["t5", "llama"])  # LLaMA eval batches are left-padded
-@pytest.mark.parametrize("pool", ["mean", "padded_mean"])
+@pytest.mark.parametrize("pool", ["mean", "padded_mean", "max"])
 def test_coefficient_depends_on_the_batch_only_with_padded_mean(t5_backbone, llama_backbone, pool: str,
                                                                 kind: str) -> None:
     """An example's coefficient, alone vs batched with a longer example (more padding)."""
@@ -119,7 +120,7 @@ def test_coefficient_depends_on_the_batch_only_with_padded_mean(t5_backbone, lla
     assert batch["gate_mask"][0].sum() < batch["gate_mask"].shape[1]  # the short example is padded
     batched = module.gate_coefficients(batch)
     difference = (batched[0] - alone[0]).abs().max().item()
-    if pool == "mean":
+    if pool in ("mean", "max"):
         assert difference < 1e-6
     else:
         assert difference > 1e-4
@@ -145,7 +146,7 @@ def test_deeper_gates_and_output_functions_match_the_formula(depth: int, output:
     assert bank.input_dims() == (dim, *[hidden] * depth, dim)
     gates = []
     for _ in range(2):
-        p = {n: torch.randn(*shape, generator=g) for n, shape in bank.shapes().items()}
+        p = {n: torch.randn(*shape, generator=g) for n, shape in bank.entry_shapes().items()}
         bank.add_gate(copy_previous=False, **p)
         gates.append(p)
     p0 = torch.randn(5, dim, generator=g)
@@ -161,7 +162,7 @@ def test_a_deeper_gate_is_seeded_and_copied_layer_by_layer() -> None:
     bank = GateBank(dim=6, hidden=4, depth=3)
     bank.add_gate(copy_previous=False, generator=torch.Generator().manual_seed(0))
     first = {k: v.detach().clone() for k, v in bank.gate(0).items()}
-    assert {k: tuple(v.shape) for k, v in first.items()} == bank.shapes()
+    assert {k: tuple(v.shape) for k, v in first.items()} == bank.entry_shapes()
     bank.add_gate(copy_previous=True, generator=torch.Generator().manual_seed(1))
     for name in bank.layers:
         assert torch.equal(bank.gate(1)[name], first[name])

@@ -20,7 +20,7 @@ from gainlora.data.collate import Collator
 from gainlora.data.datamodule import TaskStreamDataModule
 from gainlora.data.demo import make_demo_task
 from gainlora.loop import ContinualLoop
-from gainlora.methods import GainLoRA, IncLoRA, InfLoRA
+from gainlora.methods import GainLoRA, IncLoRA, InfLoRA, SAPTLoRA
 from gainlora.metrics import TaskScores
 from gainlora.model.module import ContinualLM
 from gainlora.observers import LoggerMetrics, TaskEnd, TaskObserver
@@ -160,7 +160,8 @@ def test_a_missing_done_before_a_finished_task_is_refused(t5_backbone, make_trai
         make_loop(t5_backbone(), tmp_path, make_trainer).run()
 
 
-@pytest.mark.parametrize("method", [IncLoRA, lambda: GainLoRA(InfLoRA(), hidden=16)], ids=["inclora", "gainlora"])
+@pytest.mark.parametrize("method", [IncLoRA, lambda: GainLoRA(InfLoRA(), hidden=16), lambda: SAPTLoRA(hidden=16)],
+                         ids=["inclora", "gainlora", "sapt_lora"])
 def test_resume_from_a_mid_epoch_checkpoint_is_exact(method, t5_backbone, make_trainer, tmp_path) -> None:
     """Task 2 dies at step 5, after the step-4 checkpoint (epoch 1, batch 1 of 3): the resumed
     task continues from that batch and ends exactly where the uninterrupted run did (LoRA dropout
@@ -181,6 +182,9 @@ def test_resume_from_a_mid_epoch_checkpoint_is_exact(method, t5_backbone, make_t
     reference_state, resumed_state = branch_state(reference), branch_state(resumed)
     assert reference_state.keys() == resumed_state.keys()
     assert all(torch.equal(reference_state[k], resumed_state[k]) for k in reference_state)
+    if reference.module.gates is not None:  # gates and keys; SAPT's shared query network
+        gates, again = reference.module.gates.state_dict(), resumed.module.gates.state_dict()
+        assert gates.keys() == again.keys() and all(torch.equal(gates[k], again[k]) for k in gates)
     assert not checkpoint.exists()
 
 

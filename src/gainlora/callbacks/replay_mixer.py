@@ -1,4 +1,5 @@
-"""Hands a replay buffer's examples to the datamodule for one fit (``methods.replay``)."""
+"""Hands a replay buffer's examples to the datamodule for one fit and the datamodule to the buffer's
+owner (``methods.replay``; ``methods.sapt``, which mixes nothing in and reads the buffer itself)."""
 from __future__ import annotations
 
 from typing import Protocol

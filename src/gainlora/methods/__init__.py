@@ -8,7 +8,8 @@ from gainlora.methods.migu import MIGU
 from gainlora.methods.olora import OLoRA
 from gainlora.methods.reference import MultiTask, SingleTask
 from gainlora.methods.replay import Replay
+from gainlora.methods.sapt import SAPTLoRA
 from gainlora.methods.tasl import TaSL
 
 __all__ = ["CLoRA", "EWC", "GainLoRA", "IncLoRA", "InfLoRA", "MIGU", "Method", "MultiTask", "OLoRA", "Replay",
-           "SeqLoRA", "SingleTask", "TaSL"]
+           "SAPTLoRA", "SeqLoRA", "SingleTask", "TaSL"]

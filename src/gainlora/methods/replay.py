@@ -1,5 +1,6 @@
-"""Experience replay around any continual method: a bounded buffer of earlier tasks' training
-examples, mixed into the training data of every later task.
+"""Experience replay: a bounded, seeded buffer of earlier tasks' training examples (``ReplayBuffer``,
+usable by any method), and ``Replay``, which wraps any continual method and mixes the buffer into the
+training data of every later task.
 
 - Selection: after task t, a seeded permutation of task t's training examples (seed, t); the buffer
   keeps its first ``per_task`` entries.
@@ -30,24 +31,16 @@ from gainlora.methods.base import Batches, Method
 from gainlora.model.module import ContinualLM
 
 PREFIX = "replay.task."
+Size = Annotated[int, Field(ge=1)]
 
 
-class Replay(Method):
-    def __init__(self, method: Method, *, per_task: Annotated[int, Field(ge=1)] = 50,
-                 max_size: Annotated[int, Field(ge=1)] = 200, frequency: Annotated[int, Field(ge=1)] = 4,
-                 seed: int = 0) -> None:
-        super().__init__(max_batches=method.max_batches)
-        if method.run_kind != "continual" or method.joint_training:
-            raise ValueError(f"replay applies to continual methods, not to {method.name}")
-        self.method = method
-        self.name = f"{method.name}_replay"
-        self.per_task, self.max_size, self.frequency, self.seed = per_task, max_size, frequency, seed
-        # what the loop and the model read from a method (the task hooks are delegated below)
-        self.new_branch_per_task, self.gate_spec = method.new_branch_per_task, method.gate_spec
-        self.indices: dict[int, Tensor] = {}  # task -> kept example indices into its training split
-        self.datamodule: TaskStreamDataModule | None = None  # attached by ReplayMixer at each fit
+class ReplayBuffer:
+    """Which training examples of each finished task are kept: task -> indices into its training split."""
 
-    # -- the buffer ----------------------------------------------------------------------------
+    def __init__(self, per_task: int, max_size: int, seed: int = 0) -> None:
+        self.per_task, self.max_size, self.seed = per_task, max_size, seed
+        self.indices: dict[int, Tensor] = {}
+
     def quota(self, tasks_learned: int) -> int:
         return min(self.per_task, self.max_size // max(tasks_learned, 1))
 
@@ -58,15 +51,43 @@ class Replay(Method):
         quota = self.quota(len(self.indices))
         self.indices = {j: idx[:quota].clone() for j, idx in self.indices.items()}
 
-    def buffer(self, datamodule: TaskStreamDataModule, before: int) -> list[Example]:
+    def task_examples(self, datamodule: TaskStreamDataModule, task: int) -> list[Example]:
+        return [datamodule.tasks[task].train[i] for i in self.indices[task].tolist()]
+
+    def examples(self, datamodule: TaskStreamDataModule, before: int) -> list[Example]:
         """The kept examples of tasks < ``before``, round robin over tasks."""
-        groups = [[datamodule.tasks[j].train[i] for i in self.indices[j].tolist()]
-                  for j in sorted(self.indices) if j < before]
+        groups = [self.task_examples(datamodule, j) for j in sorted(self.indices) if j < before]
         return [g[k] for k in range(max(map(len, groups), default=0)) for g in groups if k < len(g)]
+
+    # -- persistence: int64 indices in memory.safetensors ---------------------------------------
+    def tensors(self) -> dict[str, Tensor]:
+        return {f"{PREFIX}{j}": idx.to(torch.int64).contiguous() for j, idx in self.indices.items()}
+
+    def load(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Take the buffer's entries (if any); returns the other tensors."""
+        kept = {int(k[len(PREFIX):]): v.to(torch.int64) for k, v in tensors.items() if k.startswith(PREFIX)}
+        if kept:
+            self.indices = kept
+        return {k: v for k, v in tensors.items() if not k.startswith(PREFIX)}
+
+
+class Replay(Method):
+    def __init__(self, method: Method, *, per_task: Size = 50, max_size: Size = 200, frequency: Size = 4,
+                 seed: int = 0) -> None:
+        super().__init__(max_batches=method.max_batches)
+        if method.run_kind != "continual" or method.joint_training:
+            raise ValueError(f"replay applies to continual methods, not to {method.name}")
+        self.method = method
+        self.name = f"{method.name}_replay"
+        self.frequency = frequency
+        self.buffer = ReplayBuffer(per_task, max_size, seed)
+        # what the loop and the model read from a method (the task hooks are delegated below)
+        self.new_branch_per_task, self.gate_spec = method.new_branch_per_task, method.gate_spec
+        self.datamodule: TaskStreamDataModule | None = None  # attached by ReplayMixer at each fit
 
     def replay_examples(self, datamodule: TaskStreamDataModule) -> list[Example]:
         """What the fit of the datamodule's current task mixes in (empty for the first task)."""
-        buffer = self.buffer(datamodule, datamodule.task)
+        buffer = self.buffer.examples(datamodule, datamodule.task)
         if not buffer:
             return []
         count = math.ceil(len(datamodule.train_data()) / self.frequency)
@@ -84,7 +105,7 @@ class Replay(Method):
         self.method.on_task_end(model, task, batches)
         if self.datamodule is None:
             raise RuntimeError("replay: no datamodule attached (the ReplayMixer callback attaches it at fit)")
-        self.select(task, len(self.datamodule.tasks[task].train))
+        self.buffer.select(task, len(self.datamodule.tasks[task].train))
 
     def regularizer(self, model: ContinualLM) -> Tensor | None:
         return self.method.regularizer(model)
@@ -96,11 +117,7 @@ class Replay(Method):
         return self.method.branch_for_task(task)
 
     def memory_tensors(self) -> dict[str, Tensor]:
-        kept = {f"{PREFIX}{j}": idx.to(torch.int64).contiguous() for j, idx in self.indices.items()}
-        return {**self.method.memory_tensors(), **kept}
+        return {**self.method.memory_tensors(), **self.buffer.tensors()}
 
     def load_memory_tensors(self, tensors: dict[str, Tensor]) -> None:
-        kept = {int(k[len(PREFIX):]): v.to(torch.int64) for k, v in tensors.items() if k.startswith(PREFIX)}
-        if kept:
-            self.indices = kept
-        self.method.load_memory_tensors({k: v for k, v in tensors.items() if not k.startswith(PREFIX)})
+        self.method.load_memory_tensors(self.buffer.load(tensors))

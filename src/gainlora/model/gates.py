@@ -21,7 +21,7 @@ from torch import Tensor
 
 from gainlora.model.stacks import FrozenStack, Slot
 
-Pool = Literal["mean", "padded_mean"]
+Pool = Literal["mean", "padded_mean", "max"]
 POOLS: tuple[str, ...] = get_args(Pool)
 Output = Literal["abs_2sigmoid", "abs_cos", "sigmoid"]
 OUTPUTS: tuple[str, ...] = get_args(Output)
@@ -32,8 +32,11 @@ def pool_embeddings(embeds: Tensor, mask: Tensor, mode: Pool = "mean") -> Tensor
 
     ``mean`` divides by the example's own token count, so a coefficient never depends on the
     other examples of its batch. ``padded_mean`` divides by the padded batch length, as the
-    reference code does (only for exact reproduction).
+    reference code does (only for exact reproduction). ``max`` takes each coordinate's maximum over
+    the example's own tokens (SAPT's query; its code also lets padding positions in).
     """
+    if mode == "max":
+        return embeds.masked_fill(~mask.bool().unsqueeze(-1), float("-inf")).amax(1)
     mask = mask.to(embeds.dtype).unsqueeze(-1)
     total = (embeds * mask).sum(1)
     if mode == "mean":
@@ -67,8 +70,8 @@ class GateBank(FrozenStack):
         widths = [self.dim, *[self.hidden] * self.depth, self.dim]
         return {n: (widths[i + 1], widths[i]) for i, n in enumerate(self.layers)}
 
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        """Shape of every parameter of one gate (layers, then the key)."""
+    def entry_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shape of every parameter of one gate (layers, then the key), checked on restore."""
         return {**self.layer_shapes(), "key": (self.dim,)}
 
     def input_dims(self) -> tuple[int, ...]:

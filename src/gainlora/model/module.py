@@ -17,6 +17,10 @@ from gainlora.model.features import Features, collect_features
 from gainlora.model.gates import GateBank, pool_embeddings
 from gainlora.model.lora import BranchContext, GatedLoRALinear
 from gainlora.model.loss import global_token_loss
+from gainlora.model.task_attention import TaskAttention
+
+# gate_spec["kind"]: GainLoRA's per-task sigmoid gates, or SAPT's softmax attention over task keys
+GATE_KINDS = {"gainlora": GateBank, "attention": TaskAttention}
 
 
 class ContinualLM(L.LightningModule):
@@ -43,7 +47,8 @@ class ContinualLM(L.LightningModule):
             self.adapted[name] = layer
         gates = dict(gates) if gates is not None else None  # None: gate-free (every coefficient 1)
         self.gate_pool = gates.pop("pool", "mean") if gates else "mean"
-        self.gates = GateBank(backbone.d_model, **gates) if gates is not None else None
+        gate_cls = GATE_KINDS[gates.pop("kind", "gainlora")] if gates is not None else None
+        self.gates = gate_cls(backbone.d_model, **gates) if gate_cls is not None else None
         self.optimizer_factory = optimizer
         self.generation = {"max_new_tokens": 50, "num_beams": 1, **(generation or {})}
         self.task_names = list(task_names or [])
