@@ -17,12 +17,17 @@ class ImportanceTracker(L.Callback):
         self.avg_ipt: dict[str, Tensor] = {}
         self.avg_unc: dict[str, Tensor] = {}
 
+    @staticmethod
+    def sensitivity(param: Tensor, grad: Tensor) -> Tensor:
+        """First-order estimate of the loss change from removing each element: |theta * grad|."""
+        return (param * grad).abs()
+
     @torch.no_grad()
     def update(self, params: dict[str, Tensor]) -> None:
         for key, param in params.items():
             if param.grad is None:
                 continue
-            ipt = (param * param.grad).abs().float()
+            ipt = self.sensitivity(param, param.grad).float()
             if key not in self.avg_ipt:
                 self.avg_ipt[key], self.avg_unc[key] = torch.zeros_like(ipt), torch.zeros_like(ipt)
             self.avg_ipt[key].mul_(self.beta1).add_((1 - self.beta1) * ipt)

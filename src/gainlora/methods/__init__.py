@@ -1,9 +1,11 @@
 """Continual-learning methods: one class each, composed by Hydra from ``conf/method``."""
 from gainlora.methods.base import IncLoRA, Method, SeqLoRA
 from gainlora.methods.clora import CLoRA
+from gainlora.methods.epi import EPI
 from gainlora.methods.ewc import EWC
 from gainlora.methods.gainlora import GainLoRA
 from gainlora.methods.inflora import InfLoRA
+from gainlora.methods.kiflora import KIFLoRA
 from gainlora.methods.migu import MIGU
 from gainlora.methods.olora import OLoRA
 from gainlora.methods.reference import MultiTask, SingleTask
@@ -11,5 +13,5 @@ from gainlora.methods.replay import Replay
 from gainlora.methods.sapt import SAPTLoRA
 from gainlora.methods.tasl import TaSL
 
-__all__ = ["CLoRA", "EWC", "GainLoRA", "IncLoRA", "InfLoRA", "MIGU", "Method", "MultiTask", "OLoRA", "Replay",
-           "SAPTLoRA", "SeqLoRA", "SingleTask", "TaSL"]
+__all__ = ["CLoRA", "EPI", "EWC", "GainLoRA", "IncLoRA", "InfLoRA", "KIFLoRA", "MIGU", "Method", "MultiTask",
+           "OLoRA", "Replay", "SAPTLoRA", "SeqLoRA", "SingleTask", "TaSL"]

@@ -90,7 +90,12 @@ class ContinualLM(L.LightningModule):
             embeds = self.backbone.get_input_embeddings()(input_ids)
         return pool_embeddings(embeds.float(), gate_mask, self.gate_pool)
 
+    # A method's non-learned routing in place of gates (EPI): batch -> (batch x branches) coefficients.
+    router: Callable[[dict], Tensor | None] | None = None
+
     def gate_coefficients(self, batch: dict) -> Tensor | None:
+        if self.router is not None:
+            return self.router(batch)
         if self.gates is None or self.gates.num_gates == 0:
             return None
         return self.gates(self.pooled_embeddings(batch["input_ids"], batch["gate_mask"]))
