@@ -45,6 +45,8 @@ def gate_flops_per_example(module: ContinualLM) -> int:
     gates = module.gates
     if gates is None or gates.num_gates == 0:
         return 0
+    if not hasattr(gates, "layer_shapes"):  # SAPT's attention: one shared query network (d->h->d), a dot per key
+        return 2 * 2 * gates.dim * gates.hidden + 2 * gates.num_gates * gates.dim
     per_gate = sum(2 * out * inp for out, inp in gates.layer_shapes().values())
     return gates.num_gates * per_gate
 

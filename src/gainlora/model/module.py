@@ -184,7 +184,7 @@ class ContinualLM(L.LightningModule):
             out = self.backbone.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                          do_sample=False, pad_token_id=self.tokenizer.pad_token_id,
                                          eos_token_id=self.tokenizer.eos_token_id, **kwargs,
-                                         synced_gpus=distributed() and zero3_partitioned(self.backbone))
+                                         synced_gpus=distributed() and (zero3_partitioned(self.backbone) or fsdp.is_sharded(self)))
         if self.kind == "causal":  # left-padded prompts: the answer starts after the prompt
             out = out[:, batch["input_ids"].shape[1]:]
         lengths = (out != self.tokenizer.pad_token_id).sum(1).tolist()
