@@ -36,6 +36,16 @@ def shard() -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
+def rank_share(batches, max_batches: int | None):
+    """This rank's batches among the first ``max_batches`` (every world-th, by position)."""
+    rank, world = shard()
+    for i, batch in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        if i % world == rank:
+            yield batch
+
+
 def zero3_partitioned(module: torch.nn.Module) -> bool:
     """Are ``module``'s parameters partitioned by a live ZeRO-3 engine? Its every forward is then
     a collective (each rank gathers the others' shards), so ranks must run as many forwards."""

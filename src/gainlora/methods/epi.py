@@ -21,7 +21,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from gainlora.dist import shard
+from gainlora.dist import rank_share, shard
 from gainlora.methods.base import Batches, IncLoRA, MaxBatches
 from gainlora.model.module import ContinualLM
 
@@ -126,18 +126,15 @@ class EPI(IncLoRA):
     def task_features(self, model: ContinualLM, batches: Batches) -> tuple[Tensor, list]:
         """Pooled frozen features and class keys of (at most ``max_batches``) training batches, in
         eval mode as the reference; under DDP each rank takes every world-th batch, then all gather."""
-        rank, world = shard()
+        _, world = shard()
         feats, keys = [], []
         was_training = model.training
         model.eval()
         try:
-            for i, batch in enumerate(batches()):
-                if self.max_batches is not None and i >= self.max_batches:
-                    break
-                if i % world == rank:
-                    batch = model._to_device(batch)
-                    feats.append(frozen_features(model, batch))
-                    keys.extend(class_keys(batch["labels"]))
+            for batch in rank_share(batches(), self.max_batches):
+                batch = model._to_device(batch)
+                feats.append(frozen_features(model, batch))
+                keys.extend(class_keys(batch["labels"]))
         finally:
             model.train(was_training)
         local = (torch.cat(feats) if feats else torch.zeros(0, 0, dtype=torch.float64), keys)

@@ -16,6 +16,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
+from gainlora.dist import rank_share
 from gainlora.memory import distributed
 from gainlora.methods.base import Batches, SeqLoRA
 from gainlora.model.module import ContinualLM
@@ -57,16 +58,11 @@ class EWC(SeqLoRA):
         hooks untouched. Under DDP each rank takes every world-th batch and the sums are reduced."""
         params = branch_parameters(model)
         sums = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
-        rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed() else (0, 1)
         count = torch.zeros((), dtype=torch.float64, device=model.device)
         was_training = model.training
         model.eval()
         try:
-            for i, batch in enumerate(batches()):
-                if self.max_batches is not None and i >= self.max_batches:
-                    break
-                if i % world != rank:
-                    continue
+            for batch in rank_share(batches(), self.max_batches):
                 loss = model(model._to_device(batch))
                 for (key, _), grad in zip(params.items(), torch.autograd.grad(loss, list(params.values()))):
                     sums[key] += grad.float() ** 2
