@@ -124,7 +124,7 @@ def test_new_gate_key_stays_orthogonal_to_old_task_span(runs, method: str) -> No
         assert (memory.T @ key).norm() / key.norm() < 1e-5
 
 
-def test_blocks_are_resharded_after_every_kind_of_forward(tiny_t5_path: Path) -> None:
+def test_blocks_are_resharded_after_every_kind_of_forward(tiny_t5_path: Path, tmp_path: Path) -> None:
     """After a training step, feature collection (odd batch count: one rank pads) and generation of
     unequal lengths, every block holds only its shard again: the memory of a sharded backbone, not
     of a replicated one. Made a block its own FSDP root, collection and generation leave every
@@ -133,8 +133,8 @@ def test_blocks_are_resharded_after_every_kind_of_forward(tiny_t5_path: Path) ->
         [str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     port = str(29500 + os.getpid() % 500)
     done = subprocess.run([sys.executable, str(ROOT / "tests" / "support" / "fsdp_residency.py"), str(tiny_t5_path),
-                           port], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    ranks = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+                           port, str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    ranks = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
     assert done.returncode == 0 and len(ranks) == 2, done.stdout[-2000:] + done.stderr[-3000:]
     assert all(all(v for k, v in r.items() if k not in ("rank", "blocks")) for r in ranks), ranks
 

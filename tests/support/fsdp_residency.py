@@ -1,12 +1,13 @@
 """Test-only: what FSDP keeps whole, on two CPU processes over gloo.
 
-    python fsdp_residency.py BACKBONE PORT
+    python fsdp_residency.py BACKBONE PORT OUT_DIR
 
 Shards a ContinualLM on the tiny T5 as gainlora.fsdp.shard does for a run, then checks that every
 block is sharded again (its parameters DTensors, half of them on each rank) after each kind of
 forward a run makes: a training step with its backward, feature collection over an odd number of
-batches (one rank pads), greedy generation of unequal lengths. Prints one JSON line per rank;
-exits non-zero on a failed check. Run as a script, never inside pytest.
+batches (one rank pads), greedy generation of unequal lengths. Each rank writes OUT_DIR/rank<r>.json
+(its own file: two ranks printing to one stdout can interleave on a line); exits non-zero on a
+failed check. Run as a script, never inside pytest.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def blocks_sharded(module) -> bool:
                if "lora_" not in n)
 
 
-def main(rank: int, backbone: str, port: str) -> None:
+def main(rank: int, backbone: str, port: str, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -62,11 +63,12 @@ def main(rank: int, backbone: str, port: str) -> None:
     # ranks generate for different sources (different lengths): synced_gpus keeps them in step
     out = module.generate(batch(["a b c" if rank else "d"], ["x"]), max_new_tokens=3 + 5 * rank)
     checks["sharded_after_generation"] = blocks_sharded(module) and len(out) == 1
-    print(json.dumps({"rank": rank, "blocks": units, **checks}), flush=True)
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"rank": rank, "blocks": units, **checks}, f)
     dist.destroy_process_group()
     if not all(checks.values()):
         sys.exit(1)
 
 
 if __name__ == "__main__":
-    mp.spawn(main, args=(sys.argv[1], sys.argv[2]), nprocs=2)
+    mp.spawn(main, args=(sys.argv[1], sys.argv[2], sys.argv[3]), nprocs=2)
