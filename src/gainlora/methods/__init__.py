@@ -4,11 +4,13 @@ from gainlora.methods.clora import CLoRA
 from gainlora.methods.ewc import EWC
 from gainlora.methods.gainlora import GainLoRA
 from gainlora.methods.inflora import InfLoRA
+from gainlora.methods.l2p import L2P
+from gainlora.methods.lfpt5 import LFPT5
 from gainlora.methods.migu import MIGU
 from gainlora.methods.olora import OLoRA
 from gainlora.methods.reference import MultiTask, SingleTask
 from gainlora.methods.replay import Replay
 from gainlora.methods.tasl import TaSL
 
-__all__ = ["CLoRA", "EWC", "GainLoRA", "IncLoRA", "InfLoRA", "MIGU", "Method", "MultiTask", "OLoRA", "Replay",
-           "SeqLoRA", "SingleTask", "TaSL"]
+__all__ = ["CLoRA", "EWC", "GainLoRA", "IncLoRA", "InfLoRA", "L2P", "LFPT5", "MIGU", "Method", "MultiTask", "OLoRA",
+           "Replay", "SeqLoRA", "SingleTask", "TaSL"]
