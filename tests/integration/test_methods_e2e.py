@@ -1,7 +1,7 @@
 """Every baseline added beside GainLoRA through the entry point, in process (Hydra compose +
 ``gainlora.run.run``), on a tiny T5 and a tiny LLaMA with ``debug=cpu_tiny``; and a resume of the
-methods that carry state between tasks (EWC's Fisher, the replay buffer) giving the uninterrupted
-run's results and tensors."""
+methods that carry state between tasks (EWC's Fisher, the replay buffer, the prompts of L2P and
+LFPT5) giving the uninterrupted run's results and tensors."""
 from __future__ import annotations
 
 import json
@@ -15,7 +15,10 @@ from safetensors.torch import load_file
 
 from gainlora.run import CONF_DIR, run
 
-METHODS = ("ewc", "clora", "migu", "tasl", "gainlora_inclora", "gainlora_clora", "seqlora_replay", "inclora_replay")
+METHODS = ("ewc", "clora", "migu", "tasl", "gainlora_inclora", "gainlora_clora", "seqlora_replay", "inclora_replay",
+           "l2p", "lfpt5")
+# cheap settings for the prompt methods (LFPT5 samples pseudo-samples before task 2)
+EXTRA = {"lfpt5": ("method.prompt_length=10", "method.pseudo_per_task=3", "method.generation_tokens=8")}
 SMALL = ["experiment=demo", "debug=cpu_tiny", "benchmark.n_train=16", "benchmark.n_val=4", "benchmark.n_test=4"]
 
 pytestmark = pytest.mark.slow
@@ -24,7 +27,8 @@ pytestmark = pytest.mark.slow
 def run_method(method: str, backbone: str, runs: Path, *extra: str) -> dict:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[*SMALL, f"backbone={backbone}", f"method={method}",
-                                           f"paths.runs_dir={runs}", f"run_id={method}", *extra])
+                                           f"paths.runs_dir={runs}", f"run_id={method}", *EXTRA.get(method, ()),
+                                           *extra])
     return run(cfg)
 
 
@@ -50,11 +54,15 @@ def test_method_runs_end_to_end(method: str, backbone: str, tmp_path: Path) -> N
     if method.endswith("_replay"):
         assert set(k for k in memory if k.startswith("replay.")) == {"replay.task.0", "replay.task.1"}
         assert memory["replay.task.0"].dtype == torch.int64
+    if method in ("l2p", "lfpt5"):  # prompt methods: no branch file, the prompts are the memory
+        assert files[1]["branch"] == {} and files[0]["branch"] == {}
+        assert set(memory) == ({"l2p.prompts", "l2p.keys"} if method == "l2p" else {"lfpt5.prompt"})
+        assert not torch.equal(files[0]["memory"][next(iter(memory))], memory[next(iter(memory))])  # task 2 trained
     gated = method.startswith("gainlora_")
     assert bool(files[1]["gate"]) == gated and any(k.startswith("gate.") for k in memory) == gated
 
 
-@pytest.mark.parametrize("method", ["ewc", "tasl", "seqlora_replay"])
+@pytest.mark.parametrize("method", ["ewc", "tasl", "seqlora_replay", "l2p", "lfpt5"])
 def test_resume_after_the_first_task_is_exact(method: str, tmp_path: Path) -> None:
     """Task 2 re-trained on a run restored from task 1's files (Fisher / buffer from memory.safetensors)
     equals the uninterrupted run: the same scores, the same task-2 tensors."""
