@@ -199,3 +199,30 @@ def test_export_says_a_prompt_method_has_no_branches(tmp_path: Path, capsys) -> 
     assert export_main([str(tmp_path / "demo" / "x"), str(tmp_path / "out")]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: run=") and "no PEFT LoRA adapter" in errors[0]
+
+
+def test_pseudo_samples_reach_the_fit_and_are_cleared_after(t5_backbone, make_trainer, monkeypatch) -> None:
+    import lightning as L
+
+    module = ContinualLM(t5_backbone())
+    method = LFPT5(prompt_length=4)
+    method.setup(module, 3)
+    datamodule = TaskStreamDataModule(demo_stream(), Collator(module.tokenizer, module.kind), batch_size=4)
+    monkeypatch.setattr(method, "generate_texts", lambda model, dm, task: [f"p{task} __ans__ w{task}"] * 2)
+    sizes, regs = [], []
+
+    class Record(L.Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            sizes.append(len(trainer.train_dataloader.dataset))
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            regs.append(method.regularizer(pl_module))
+
+    datamodule.set_task(2)
+    module.start_task(2, lambda: method.regularizer(module))
+    method.on_task_start(module, 2, datamodule.feature_batches)
+    make_trainer(max_steps=1, callbacks=[*method.callbacks(), Record()]).fit(module, datamodule=datamodule)
+    assert sizes == [6 + 4]  # the task's 6 examples and 2 pseudo-samples of each earlier task
+    assert [pseudo_task(e) for e in method.pseudo] == [0, 0, 1, 1]
+    assert datamodule.replay == []  # tests and the next task see the task's own data
+    assert regs[0] is not None and regs[0] > 0
