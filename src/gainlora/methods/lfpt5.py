@@ -24,6 +24,7 @@ resumed run (task boundary or in-task checkpoint) regenerates exactly the same o
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Annotated
 
 import lightning as L
@@ -39,6 +40,7 @@ from gainlora.methods.base import Method
 from gainlora.model.module import ContinualLM
 from gainlora.model.prompts import TaskPrompt, vocabulary_init
 
+log = logging.getLogger("gainlora")
 PREFIX = "lfpt5"
 ANSWER = "__ans__"
 
@@ -158,7 +160,10 @@ class LFPT5(Method):
                                                max_target_length=base.max_source_length + base.max_target_length)
         self.pseudo = []
         for j in range(self.task):
-            self.pseudo += parse_pseudo(self.generate_texts(model, datamodule, j), j, datamodule.tasks[j].name)
+            found = parse_pseudo(self.generate_texts(model, datamodule, j), j, datamodule.tasks[j].name)
+            log.info("lfpt5: %d of %d sampled texts of task %s are pseudo-samples (have %s)", len(found),
+                     self.pseudo_per_task, datamodule.tasks[j].name, ANSWER)
+            self.pseudo += found
         own = datamodule.tasks[self.task].train
         names = [t.name for t in datamodule.tasks]
         self.lm = [lm_example(names[self.task], e) for e in own]
