@@ -34,6 +34,10 @@ from gainlora.artifacts import RunDir, write_json, write_text, write_tensors
 from gainlora.model.task_attention import TaskAttention
 
 FORMATS = ("peft",)
+
+
+class NotExportable(ValueError):
+    """The run's method has nothing in the requested format (a prompt method has no LoRA branch)."""
 SIDECAR_VERSION = 1
 
 
@@ -118,6 +122,10 @@ def export_peft(run: str | Path, out: str | Path) -> dict:
 
     trained = load_run(run)
     module, method = trained.module, trained.method
+    if not method.has_branches:
+        raise NotExportable(f"method {method.name} learns soft prompts, not LoRA branches: there is no PEFT LoRA "
+                            "adapter to export; its prompts are in tasks/*/memory.safetensors and "
+                            "gainlora.load_run(run) generates with them")
     run_dir, out = RunDir(run), Path(out)
     scale = _scale(module)
     adapters = {}
@@ -213,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         return error_line(f"out={out}: exists and is not an empty folder")
     try:
         sidecar = export_peft(run, out)
-    except FileNotFoundError as err:  # load_run: no finished task
+    except (FileNotFoundError, NotExportable) as err:  # load_run: no finished task; a prompt method
         return error_line(f"run={run}: {err}")
     print(f"{len(sidecar['adapters'])} task adapter(s){' + merged' if sidecar['merged'] else ' + gate sidecar'} "
           f"in {out}")

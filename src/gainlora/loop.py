@@ -50,9 +50,9 @@ def fits(method: Method, names: list[str]) -> list[tuple[int, str]]:
 # -- artifacts of one task ----------------------------------------------------------------------------
 def task_tensors(module: ContinualLM, method: Method, task: int) -> dict[str, dict[str, torch.Tensor]]:
     """What task ``task`` added: its branch (every layer), its gate, and the memories after it."""
-    index = method.branch_for_task(task)
     branch = {}
-    for name, layer in module.adapted.items():
+    index = method.branch_for_task(task) if method.has_branches else None  # prompt methods: no branch
+    for name, layer in module.adapted.items() if index is not None else ():
         A, B = layer.branch(index)
         branch[f"{name}.A"], branch[f"{name}.B"] = A.detach().float(), B.detach().float()
     gate = {k: v.detach().float() for k, v in module.gates.gate(task).items()} if module.gates is not None else {}
@@ -61,7 +61,10 @@ def task_tensors(module: ContinualLM, method: Method, task: int) -> dict[str, di
 
 def restore_task(module: ContinualLM, method: Method, task: int, files: dict[str, dict[str, torch.Tensor]]) -> None:
     """Re-open task ``task``'s branch and gate exactly as they were saved."""
-    check_shapes(module, files, task)
+    check_shapes(module, files, task, branches=method.has_branches)
+    if not method.has_branches:  # a prompt method: everything it learned is in its memory tensors
+        method.load_memory_tensors(files.get("memory", {}))
+        return
     branch = files["branch"]
     init = {name: (branch[f"{name}.A"], branch[f"{name}.B"]) for name in module.adapted}
     if method.new_branch_per_task or module.num_branches == 0:
@@ -77,9 +80,10 @@ def restore_task(module: ContinualLM, method: Method, task: int, files: dict[str
         method.load_memory_tensors(files["memory"])
 
 
-def check_shapes(module: ContinualLM, files: dict[str, dict[str, torch.Tensor]], task: int) -> None:
+def check_shapes(module: ContinualLM, files: dict[str, dict[str, torch.Tensor]], task: int,
+                 branches: bool = True) -> None:
     expected = {}
-    for name, layer in module.adapted.items():
+    for name, layer in module.adapted.items() if branches else ():
         expected[f"{name}.A"] = (layer.rank, layer.in_features)
         expected[f"{name}.B"] = (layer.out_features, layer.rank)
     branch = files.get("branch", {})

@@ -123,7 +123,17 @@ def bind_method(key: str, spec: Any) -> Bound:
     for name, value in spec.items():
         if isinstance(value, dict) and "_target_" in value:
             raise refuse(f"{key}.{name}", value.get("_target_"), f"{cls.__name__}.{name} takes a plain value")
-    return Bound(cls, {**bind(key, cls, spec, skip=tuple(nested)), **nested}, label)
+    kwargs = {**bind(key, cls, spec, skip=tuple(nested)), **nested}
+    # constraints between arguments (L2P: top_n <= pool_size): (argument, accepted) or None
+    problem = cls.argument_problem({**_defaults(cls), **kwargs})
+    if problem is not None:
+        name, accepted = problem
+        raise refuse(f"{key}.{name}", kwargs.get(name, _defaults(cls).get(name)), accepted)
+    return Bound(cls, kwargs, label)
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    return {n: p.default for n, p in inspect.signature(cls).parameters.items() if p.default is not p.empty}
 
 
 def _hints(obj: Any) -> dict[str, Any]:

@@ -1,6 +1,5 @@
-"""EPI's and KIF-LoRA's defining mechanisms on known tensors, and both through the entry point on a
-tiny T5 and a tiny LLaMA (``debug=cpu_tiny``), with a resume after the first task giving the
-uninterrupted run's results and tensors.
+"""EPI's and KIF-LoRA's defining mechanisms on known tensors (their runs end to end on both backbone
+families, and their exact resume, are in tests/integration/test_methods_e2e.py).
 
 EPI: class statistics, Mahalanobis task identification, one-hot routing (only the chosen branch
 contributes; the task being learned trains its branch alone), features of the frozen backbone.
@@ -10,12 +9,10 @@ from __future__ import annotations
 
 import functools
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -26,7 +23,6 @@ from gainlora.methods.epi import class_statistics, frozen_features
 from gainlora.methods.kiflora import SecondOrderImportance, normalise_units, unit_scores
 from gainlora.model.lora import BranchContext, GatedLoRALinear
 from gainlora.model.module import ContinualLM
-from gainlora.run import CONF_DIR, run
 
 
 def round_trip(tensors: dict, tmp_path: Path) -> dict:
@@ -204,39 +200,3 @@ def test_kif_orthogonality_term() -> None:
     assert reg.item() == pytest.approx(0.1 * (3 + math.sqrt(3)) / 2)
     assert KIFLoRA(lambda_orth=0.0).regularizer(model) is None
     assert normalise_units({"x": torch.tensor([2.0, 2.0])})["x"].tolist() == [0.0, 0.0]
-
-
-# -- end to end through the entry point ---------------------------------------------------------------
-SMALL = ["experiment=demo", "debug=cpu_tiny", "benchmark.n_train=16", "benchmark.n_val=4", "benchmark.n_test=4"]
-
-
-def run_method(method: str, backbone: str, runs: Path, *extra: str) -> dict:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[*SMALL, f"backbone={backbone}", f"method={method}",
-                                           f"paths.runs_dir={runs}", f"run_id={method}", *extra])
-    return run(cfg)
-
-
-def task_files(runs: Path, method: str) -> list[dict[str, dict[str, torch.Tensor]]]:
-    tasks = sorted(p for p in (runs / "demo" / method / "tasks").iterdir() if (p / "DONE").is_file())
-    return [{kind: load_file(str(t / f"{kind}.safetensors")) for kind in ("branch", "memory")} for t in tasks]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("method,prefix", [("epi", "epi.means."), ("kiflora", "kif.importance.")])
-def test_runs_on_llama_and_resumes_exactly_on_t5(method: str, prefix: str, tmp_path: Path) -> None:
-    llama = run_method(method, "tiny_llama", tmp_path / "llama")
-    assert llama["status"] == "finished" and all(v is not None for v in llama["matrix"][1])
-    assert any(k.startswith(prefix) for k in task_files(tmp_path / "llama", method)[1]["memory"])
-    whole = run_method(method, "tiny_t5_test", tmp_path)
-    uninterrupted = task_files(tmp_path, method)
-    if method == "epi":
-        assert set(uninterrupted[1]["memory"]) == {"epi.means.0", "epi.means.1", "epi.cov_sum"}
-    shutil.rmtree(sorted((tmp_path / "demo" / method / "tasks").iterdir())[1])  # stopped after task 1
-    resumed = run_method(method, "tiny_t5_test", tmp_path, "resume=true")
-    assert resumed["status"] == "finished" and resumed["matrix"] == whole["matrix"]
-    again = task_files(tmp_path, method)
-    for kind in ("branch", "memory"):
-        assert again[1][kind].keys() == uninterrupted[1][kind].keys()
-        for key, value in uninterrupted[1][kind].items():
-            assert torch.equal(again[1][kind][key], value), (kind, key)

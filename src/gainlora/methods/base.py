@@ -49,10 +49,19 @@ class Method:
     # means and which metrics apply (gainlora.run_kinds).
     joint_training = False
     run_kind = "continual"
+    # False for prompt methods (L2P, LFPT5): no LoRA branch is opened; what they learn is in their
+    # memory tensors, and the task folders hold no branch.safetensors.
+    has_branches = True
 
     def __init__(self, max_batches: MaxBatches = 100) -> None:
         self.max_batches = max_batches
         self.num_tasks = 0
+
+    @classmethod
+    def argument_problem(cls, arguments: dict) -> tuple[str, str] | None:
+        """A constraint between constructor arguments that one annotation cannot state, checked with
+        the config: (argument, what is accepted) when violated, else None."""
+        return None
 
     def setup(self, model: ContinualLM, num_tasks: int) -> None:
         self.num_tasks = num_tasks

@@ -42,7 +42,11 @@ def global_token_loss(model: nn.Module, batch: dict, kind: str) -> Tensor:
     The backbone runs without labels so that it computes no loss of its own; a seq2seq model gets
     the decoder inputs it would have built from them.
     """
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    inputs = {"attention_mask": batch["attention_mask"]}
+    if batch.get("inputs_embeds") is not None:  # soft prompts inserted (ContinualLM.prompted_inputs)
+        inputs["inputs_embeds"] = batch["inputs_embeds"]
+    else:
+        inputs["input_ids"] = batch["input_ids"]
     if kind == "seq2seq":
         inputs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
     logits = model(**inputs).logits

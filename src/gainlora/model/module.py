@@ -17,6 +17,7 @@ from gainlora.model.features import Features, collect_features
 from gainlora.model.gates import GateBank, pool_embeddings
 from gainlora.model.lora import BranchContext, GatedLoRALinear
 from gainlora.model.loss import global_token_loss
+from gainlora.model.prompts import Prompter, insert_prompts
 from gainlora.model.task_attention import TaskAttention
 
 # gate_spec["kind"]: GainLoRA's per-task sigmoid gates, or SAPT's softmax attention over task keys
@@ -55,6 +56,7 @@ class ContinualLM(L.LightningModule):
         self.current_task = -1
         self.scores = TaskScores(max(len(self.task_names), 1))
         self.predictions: list[dict] = []  # every prediction of the last test, for predictions.json
+        self.prompter: Prompter | None = None  # soft prompts (L2P, LFPT5), attached by the method
 
     def start_task(self, task: int, regularizer: Callable[[], Tensor | None] | None = None) -> None:
         """Called by the loop when task ``task`` begins: the task whose scores count, and the
@@ -105,15 +107,30 @@ class ContinualLM(L.LightningModule):
         computed once here from the batch's source; outside it every coefficient is 1."""
         return self.context.gating(self.gate_coefficients(batch))
 
+    # -- soft prompts --------------------------------------------------------------------------
+    def prompted_inputs(self, batch: dict) -> dict:
+        """The backbone's inputs for the batch: ``input_ids`` and ``attention_mask`` (and ``labels``),
+        or, with a prompter, ``inputs_embeds`` with the prompts inserted (``gainlora.model.prompts``)."""
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if "labels" in batch:
+            inputs["labels"] = batch["labels"]
+        if self.prompter is None:
+            return inputs
+        prompts = self.prompter.prompts(self, batch)
+        embeds = self.backbone.get_input_embeddings()(batch["input_ids"])
+        extras = {"labels": (batch["labels"], -100)} if "labels" in batch and self.kind == "causal" else {}
+        embeds, mask, extra = insert_prompts(embeds, batch["attention_mask"], prompts, extras)
+        return {**inputs, **extra, "input_ids": None, "inputs_embeds": embeds, "attention_mask": mask}
+
     # -- training ----------------------------------------------------------------------------
     def forward(self, batch: dict) -> Tensor:
         """Teacher-forced loss of a training batch (answer tokens only): its token mean, or with
         ``global_tokens`` its share of the global batch's token mean."""
         with self.gated(batch):
+            inputs = self.prompted_inputs(batch)
             if "global_tokens" in batch:  # several devices or accumulation steps: gainlora.model.loss
-                return global_token_loss(self.backbone, batch, self.kind)
-            out = self.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                labels=batch["labels"])
+                return global_token_loss(self.backbone, {**batch, **inputs}, self.kind)
+            out = self.backbone(**inputs)
         return out.loss
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -179,13 +196,13 @@ class ContinualLM(L.LightningModule):
     def _generate(self, batch: dict, **overrides) -> tuple[list[str], list[int]]:
         """The answers and their lengths in generated tokens. generate() stops once every row of the
         batch has ended (length-sorted evaluation batches make that early)."""
-        kwargs = {**self.generation, **overrides}
+        kwargs = {"do_sample": False, **self.generation, **overrides}
         with self.gated(batch):
-            out = self.backbone.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                         do_sample=False, pad_token_id=self.tokenizer.pad_token_id,
+            inputs = {k: v for k, v in self.prompted_inputs(batch).items() if v is not None}
+            out = self.backbone.generate(**inputs, pad_token_id=self.tokenizer.pad_token_id,
                                          eos_token_id=self.tokenizer.eos_token_id, **kwargs,
                                          synced_gpus=distributed() and (zero3_partitioned(self.backbone) or fsdp.is_sharded(self)))
-        if self.kind == "causal":  # left-padded prompts: the answer starts after the prompt
+        if self.kind == "causal" and "input_ids" in inputs:  # from inputs_embeds only new tokens come back
             out = out[:, batch["input_ids"].shape[1]:]
         lengths = (out != self.tokenizer.pad_token_id).sum(1).tolist()
         return [s.strip() for s in self.tokenizer.batch_decode(out, skip_special_tokens=True)], lengths
