@@ -21,11 +21,11 @@ list: ## the named experiments (EXP=...) and the methods (ARGS="method=...")
 	@echo "methods: make run ARGS=\"method=<name>\""
 	@for f in conf/method/*.yaml; do printf "  %-31s %s\n" "$$(basename $$f .yaml)" "$$(grep -m1 '^# ' $$f | cut -c3-88)"; done
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	# The constraint keeps every install path, build environments included, on torch==2.13.0.
-	PIP_CONSTRAINT=$(CURDIR)/constraints.txt DS_BUILD_OPS=0 $(VENV)/bin/pip install -q -e ".[dev,deepspeed]"
+	PIP_CONSTRAINT=$(CURDIR)/constraints.txt DS_BUILD_OPS=0 $(VENV)/bin/pip install -q -e ".[dev,deepspeed,hf]"
 	touch $(STAMP)
 
 setup: $(STAMP) ## create the virtualenv and install the pinned dependencies
