@@ -21,7 +21,7 @@ list: ## the named experiments (EXP=...) and the methods (ARGS="method=...")
 	@echo "methods: make run ARGS=\"method=<name>\""
 	@for f in conf/method/*.yaml; do printf "  %-31s %s\n" "$$(basename $$f .yaml)" "$$(grep -m1 '^# ' $$f | cut -c3-88)"; done
 
-$(STAMP): pyproject.toml constraints.txt Makefile
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	# The constraint keeps every install path, build environments included, on torch==2.13.0.
