@@ -41,14 +41,8 @@ def flops_per_token(module: ContinualLM) -> dict[str, int]:
 
 
 def gate_flops_per_example(module: ContinualLM) -> int:
-    """Forward matmul FLOPs of every gate's MLP for one example (zero without gates)."""
-    gates = module.gates
-    if gates is None or gates.num_gates == 0:
-        return 0
-    if not hasattr(gates, "layer_shapes"):  # SAPT's attention: one shared query network (d->h->d), a dot per key
-        return 2 * 2 * gates.dim * gates.hidden + 2 * gates.num_gates * gates.dim
-    per_gate = sum(2 * out * inp for out, inp in gates.layer_shapes().values())
-    return gates.num_gates * per_gate
+    """Forward matmul FLOPs of the gates for one example (zero without gates); each gate kind counts its own."""
+    return module.gates.flops_per_example() if module.gates is not None else 0
 
 
 def figures(module: ContinualLM, trainable_per_task: dict[str, int | None]) -> dict:

@@ -29,12 +29,14 @@ def measured(module: ContinualLM, batch: dict) -> int:
     return counter.get_total_flops()
 
 
+@pytest.mark.parametrize("gate_kind", ["gainlora", "attention"])
 @pytest.mark.parametrize("kind", ["t5", "llama"])
-def test_analytic_flops_equal_flop_counter(kind: str, t5_backbone, llama_backbone) -> None:
+def test_analytic_flops_equal_flop_counter(kind: str, gate_kind: str, t5_backbone, llama_backbone) -> None:
     backbone = (t5_backbone if kind == "t5" else llama_backbone)()
     collator = Collator(backbone.tokenizer, backbone.kind, 128, 8)
     batch = collator.train_batch(make_demo_task("demo_colour", n_train=5, n_val=0, n_test=0).train)
-    module = ContinualLM(backbone, rank=4, gates={"hidden": 12, "depth": 2})
+    spec = {"hidden": 12, "depth": 2} if gate_kind == "gainlora" else {"kind": "attention", "hidden": 12}
+    module = ContinualLM(backbone, rank=4, gates=spec)
     plain = measured(module, batch)  # no branch, no gate: the frozen backbone alone
     assert cost.flops_per_token(module) == {s: 0 for s in cost.flops_per_token(module)}
     for _ in range(3):
@@ -51,7 +53,8 @@ def test_analytic_flops_equal_flop_counter(kind: str, t5_backbone, llama_backbon
     layer = next(iter(module.adapted.values()))
     assert layer.num_branches == 3
     d = module.gates.dim
-    assert cost.gate_flops_per_example(module) == 3 * 2 * (d * 12 + 12 * 12 + 12 * d)
+    assert cost.gate_flops_per_example(module) == (3 * 2 * (d * 12 + 12 * 12 + 12 * d) if gate_kind == "gainlora"
+                                                   else 2 * (d * 12 + 12 * d) + 3 * 2 * d)
 
 
 class OptimizerSize(L.Callback):

@@ -78,6 +78,10 @@ class GateBank(FrozenStack):
         """Dimension of each parameter's input space, i.e. of its memory (param_names order)."""
         return tuple(shape[1] for shape in self.layer_shapes().values()) + (self.dim,)
 
+    def flops_per_example(self) -> int:
+        """Forward matmul FLOPs of every gate's MLP for one example (gainlora.cost)."""
+        return self.num_gates * sum(2 * out * inp for out, inp in self.layer_shapes().values())
+
     @property
     def num_gates(self) -> int:
         return self.num_entries

@@ -55,6 +55,11 @@ class TaskAttention(FrozenStack):
     def entry_shapes(self) -> dict[str, tuple[int, ...]]:
         return {"key": (self.dim,)}
 
+    def flops_per_example(self) -> int:
+        """Forward matmul FLOPs for one example (gainlora.cost): the shared query network
+        (d -> h -> d) once, then a dot with each task's key."""
+        return 2 * 2 * self.dim * self.hidden + 2 * self.num_gates * self.dim
+
     def scores(self, p0: Tensor) -> Tensor:
         """Logits s (B, n) before the softmax (the reflection loss's log-softmax reads them)."""
         (keys,) = self.stacked()
