@@ -110,28 +110,33 @@ def test_export_cli_inclora_run_round_trips(tmp_path: Path, capsys) -> None:
                    f"error: out={out}: exists and is not an empty folder"]
 
 
-@pytest.mark.slow
-def test_export_gainlora_sidecar_reproduces_the_gates(tmp_path: Path) -> None:
+def exported_sidecar(tmp_path: Path, method: str) -> tuple[dict, dict, ContinualLM, dict, torch.Tensor]:
+    """Train and export a two-task demo run; its sidecar JSON and gate tensors, the trained module, a
+    batch of two prompts and their input embeddings (what the documented formulas start from)."""
     from gainlora.api import load_run
+    from gainlora.data.types import Example
     from gainlora.run import run
 
-    run(compose_run(tmp_path, "gainlora_inflora", "gain"))
-    run_dir, out = tmp_path / "demo" / "gain", tmp_path / "export"
+    run(compose_run(tmp_path, method, "run"))
+    run_dir, out = tmp_path / "demo" / "run", tmp_path / "export"
     assert export_main([str(run_dir), str(out)]) == 0
     sidecar = json.loads((out / "gainlora.json").read_text())
     assert sidecar["merged"] is None and not (out / "merged").exists()
     assert set(sidecar["adapters"]) == {"demo_colour", "demo_parity"}
     gates = load_file(str(out / "gainlora" / "gates.safetensors"))
-    assert gates["G1"].shape[0] == 2 and (out / "gainlora" / "memories.safetensors").is_file()
-    # The documented formula, applied to the sidecar, gives the model's coefficients.
     trained = load_run(run_dir)
-    module = trained.module
     prompts = ["Definition: Name the colour.\n\nNow complete the following example -\nInput: sky\nOutput: ",
                "Definition: Is it even?\n\nNow complete the following example -\nInput: 12\nOutput: "]
-    from gainlora.data.types import Example
-
     batch = trained.collator.eval_batch([(0, Example(p, "", ("",)), "rougeL") for p in prompts])
-    embeds = module.backbone.get_input_embeddings()(batch["input_ids"]).float()
+    embeds = trained.module.backbone.get_input_embeddings()(batch["input_ids"]).float()
+    return sidecar, gates, trained.module, batch, embeds
+
+
+@pytest.mark.slow
+def test_export_gainlora_sidecar_reproduces_the_gates(tmp_path: Path) -> None:
+    sidecar, gates, module, batch, embeds = exported_sidecar(tmp_path, "gainlora_inflora")
+    assert gates["G1"].shape[0] == 2 and (tmp_path / "export" / "gainlora" / "memories.safetensors").is_file()
+    # The documented formula, applied to the sidecar, gives the model's coefficients.
     mask = batch["gate_mask"].float()[..., None]
     p0 = (embeds * mask).sum(1) / mask.sum(1)
     p1 = F.silu(torch.einsum("bd,nhd->bnh", p0, gates["G1"]))
@@ -142,23 +147,10 @@ def test_export_gainlora_sidecar_reproduces_the_gates(tmp_path: Path) -> None:
         torch.testing.assert_close(coeffs, module.gate_coefficients(batch), atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_export_sapt_sidecar_reproduces_the_attention(tmp_path: Path) -> None:
-    from gainlora.api import load_run
-    from gainlora.data.types import Example
-    from gainlora.run import run
-
-    run(compose_run(tmp_path, "sapt_lora", "sapt"))
-    run_dir, out = tmp_path / "demo" / "sapt", tmp_path / "export"
-    assert export_main([str(run_dir), str(out)]) == 0
-    sidecar = json.loads((out / "gainlora.json").read_text())
-    assert sidecar["merged"] is None and sidecar["gates"]["pool"] == "max"
-    gates = load_file(str(out / "gainlora" / "gates.safetensors"))
-    trained = load_run(run_dir)
-    module = trained.module
-    prompts = ["Definition: Name the colour.\n\nNow complete the following example -\nInput: sky\nOutput: ",
-               "Definition: Is it even?\n\nNow complete the following example -\nInput: 12\nOutput: "]
-    batch = trained.collator.eval_batch([(0, Example(p, "", ("",)), "rougeL") for p in prompts])
-    embeds = module.backbone.get_input_embeddings()(batch["input_ids"]).float()
+    sidecar, gates, module, batch, embeds = exported_sidecar(tmp_path, "sapt_lora")
+    assert sidecar["gates"]["pool"] == "max"
     p0 = embeds.masked_fill(batch["gate_mask"][..., None] == 0, float("-inf")).amax(1)  # the documented formula
     h = F.silu(p0 @ gates["query.0.weight"].T @ gates["query.1.weight"].T)
     q = F.layer_norm(h, h.shape[-1:], gates["query.3.weight"], gates["query.3.bias"], eps=1e-5)
