@@ -72,9 +72,16 @@ def test_l2p_selects_by_the_frozen_query_and_adds_the_pull_term(t5_backbone) -> 
     assert L2P(lam=0.0).regularizer(module) is None
 
 
-def test_top_n_above_the_pool_is_refused_with_the_config() -> None:
-    with pytest.raises(ConfigError, match=r"method.top_n=11: at most pool_size \(10\)"):
-        bind_method("method", {"_target_": "gainlora.methods.l2p.L2P", "top_n": 11})
+@pytest.mark.parametrize("target, values, message", [
+    ("l2p.L2P", {"top_n": 11}, r"method.top_n=11: at most pool_size \(10\)"),
+    ("l2p.L2P", {"top_n": 10, "prompt_length": 100}, r"method.top_n=10: top_n x prompt_length at most 512"),
+    ("l2p.L2P", {"pool_size": 5000}, r"method.pool_size=5000: should be less than or equal to 1024"),
+    ("lfpt5.LFPT5", {"prompt_length": 100000}, r"method.prompt_length=100000: should be less than or equal to 512"),
+])
+def test_prompt_sizes_are_refused_with_the_config(target: str, values: dict, message: str) -> None:
+    """Sizes past these bounds died allocating tens of GB (prompt_length=100000 on a tiny LLaMA)."""
+    with pytest.raises(ConfigError, match=message):
+        bind_method("method", {"_target_": f"gainlora.methods.{target}", **values})
 
 
 def generation_scores(module: ContinualLM, batch: dict) -> torch.Tensor:

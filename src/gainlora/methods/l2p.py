@@ -32,8 +32,9 @@ class L2P(Method):
     new_branch_per_task = False
     has_branches = False
 
-    def __init__(self, pool_size: Annotated[int, Field(ge=1)] = 10, prompt_length: Annotated[int, Field(ge=1)] = 5,
-                 top_n: Annotated[int, Field(ge=1)] = 5, lam: Annotated[float, Field(ge=0)] = 0.1,
+    # bounds: prompts are input positions and pool memory; past them a run dies allocating, not learning
+    def __init__(self, pool_size: Annotated[int, Field(ge=1, le=1024)] = 10,
+                 prompt_length: Annotated[int, Field(ge=1, le=512)] = 5, top_n: Annotated[int, Field(ge=1)] = 5, lam: Annotated[float, Field(ge=0)] = 0.1,
                  seed: int = 0) -> None:
         super().__init__(max_batches=None)
         self.pool_size, self.prompt_length, self.top_n, self.lam, self.seed = pool_size, prompt_length, top_n, lam, seed
@@ -43,6 +44,9 @@ class L2P(Method):
     def argument_problem(cls, arguments: dict) -> tuple[str, str] | None:
         if arguments["top_n"] > arguments["pool_size"]:
             return "top_n", f"at most pool_size ({arguments['pool_size']}): the prompts selected from the pool"
+        if arguments["top_n"] * arguments["prompt_length"] > 512:
+            return "top_n", (f"top_n x prompt_length at most 512 prompt positions in front of the input (here "
+                             f"{arguments['top_n']} x {arguments['prompt_length']})")
         return None
 
     def setup(self, model: ContinualLM, num_tasks: int) -> None:

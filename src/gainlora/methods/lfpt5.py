@@ -93,11 +93,11 @@ class LFPT5(Method):
     new_branch_per_task = False
     has_branches = False
 
-    def __init__(self, prompt_length: Annotated[int, Field(ge=1)] = 100,
+    def __init__(self, prompt_length: Annotated[int, Field(ge=1, le=512)] = 100,  # input positions
                  lm_lambda: Annotated[float, Field(ge=0)] = 0.25,
                  kl_weight: Annotated[float, Field(ge=0)] = 0.0526316,  # 0.05 / (1 - 0.05)
                  pseudo_per_task: Annotated[int, Field(ge=0)] = 50,
-                 generation_tokens: Annotated[int, Field(ge=1)] = 64,
+                 generation_tokens: Annotated[int, Field(ge=1, le=1024)] = 64,
                  top_k: Annotated[int, Field(ge=1)] = 64, seed: int = 0) -> None:
         super().__init__(max_batches=None)
         self.prompt_length, self.lm_lambda, self.kl_weight = prompt_length, lm_lambda, kl_weight
