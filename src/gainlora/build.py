@@ -27,7 +27,7 @@ from gainlora.data.tasks import load_stream
 from gainlora.data.types import TaskData
 from gainlora.dist import continual_strategy
 from gainlora.methods.base import Method
-from gainlora.model.backbone import load_backbone
+from gainlora.model.backbone import adapted_layers, load_backbone
 from gainlora.model.checkpointing import enable_gradient_checkpointing
 from gainlora.model.module import ContinualLM
 from gainlora.progress import quiet_lightning
@@ -85,6 +85,15 @@ def derive_batching(cfg: DictConfig) -> None:
 
 
 # -- model and data ------------------------------------------------------------------------------------------
+def check_rank(rank: int, backbone) -> None:
+    """A LoRA factor wider than the projection it adapts has no meaning (InfLoRA's init fails on it):
+    refuse it once the backbone's shapes are known, before any module or file is made."""
+    widths = {min(linear.in_features, linear.out_features)
+              for linear, _ in adapted_layers(backbone.model, backbone.kind).values()}
+    if widths and rank > min(widths):
+        raise refuse("lora.rank", rank, f"at most {min(widths)}, the narrowest adapted projection of this backbone")
+
+
 def build_model(cfg: DictConfig, task_names: list[str]) -> tuple[ContinualLM, Method, Collator]:
     """The module (backbone + branch/gate registry), the method and the collator for a config."""
     method = build_method(cfg)
@@ -95,6 +104,7 @@ def build_model(cfg: DictConfig, task_names: list[str]) -> tuple[ContinualLM, Me
                              tiny_overrides=OmegaConf.to_container(overrides) if overrides else None,
                              text_corpus=OmegaConf.to_container(corpus, resolve=True) if corpus else None,
                              attn_implementation=cfg.backbone.get("attn_implementation"))
+    check_rank(cfg.lora.rank, backbone)
     module = ContinualLM(
         backbone, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, gates=method.gate_spec,
         optimizer=functools.partial(optimizer.cls, **optimizer.kwargs), task_names=task_names,

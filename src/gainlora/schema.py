@@ -31,6 +31,7 @@ __all__ = ["ConfigError", "RunConfig", "check_name", "validate_config"]
 
 # -- the sections ----------------------------------------------------------------------------------------
 PosInt = Annotated[int, Field(gt=0)]
+Length = Annotated[int, Field(gt=0, le=131072)]  # tokens: past any model's context, a run only hangs or dies allocating
 NonNegInt = Annotated[int, Field(ge=0)]
 
 
@@ -77,9 +78,9 @@ class Backbone(Section):
     tiny: str | None
     tiny_overrides: dict[str, Any] | None = None
     dtype: Literal["float32", "bfloat16", "float16"]
-    max_source_length: PosInt
-    max_target_length: PosInt
-    max_new_tokens: PosInt
+    max_source_length: Length
+    max_target_length: Length
+    max_new_tokens: Length
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
     gradient_checkpointing: bool = False
     text_corpus: dict[str, Any] | None = None  # tiny presets: pre-train on this benchmark text (model.pretrain)
