@@ -9,6 +9,8 @@ time because the machine may be shared: with one thread it counts this process's
 
 Runs against any checkout of the package (``PYTHONPATH=<checkout>/src``) to compare versions:
     OMP_NUM_THREADS=1 python bench/fifteen_tasks.py --out /tmp/fifteen.json
+``--runs-dir DIR`` keeps the run directory (every task's predictions.json), so two versions'
+predictions can be compared file by file (docs/benchmarks.md, "15 tasks: evaluation").
 """
 from __future__ import annotations
 
