@@ -9,6 +9,8 @@ time because the machine may be shared: with one thread it counts this process's
 
 Runs against any checkout of the package (``PYTHONPATH=<checkout>/src``) to compare versions:
     OMP_NUM_THREADS=1 python bench/fifteen_tasks.py --out /tmp/fifteen.json
+``--runs-dir DIR`` keeps the run directory (every task's predictions.json), so two versions'
+predictions can be compared file by file (docs/benchmarks.md, "15 tasks: evaluation").
 """
 from __future__ import annotations
 
@@ -167,10 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="JSON with every task's figures and the summary")
     p.add_argument("--baseline", default=None, help="an earlier --out JSON to compare evaluation time with")
     p.add_argument("--label", default="this checkout", help="what was measured (recorded in the JSON)")
+    p.add_argument("--runs-dir", default=None,
+                   help="keep the run here (each task's predictions.json, to compare versions); default: a temp dir")
     p.add_argument("overrides", nargs="*", help="more config overrides, e.g. benchmark.data_dir=...")
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    with tempfile.TemporaryDirectory(prefix="gainlora-fifteen-") as runs:
+    with contextlib.ExitStack() as stack:
+        runs = args.runs_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="gainlora-fifteen-"))
         result = run(runs, args.overrides)
     result["summary"] = summarize(result)
     result["label"] = args.label

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from gainlora.data.collate import Collator
 from gainlora.data.datamodule import TaskStreamDataModule
 from gainlora.data.demo import make_demo_task
 from gainlora.metrics import TaskScores, score
+from gainlora.model.lora import BranchContext, GatedLoRALinear
 from test_invariants import TASKS, gated_model
 
 N_TEST = 5
@@ -87,3 +89,31 @@ def test_schedule_puts_longest_expected_answers_first(t5_backbone) -> None:
     assert [(it.task, it.index) for it in schedule[:2]] == [(1, 3), (0, 2)]
     keys = [(dm.answer_hints[("test", it.task)][it.index], len(it.ids)) for it in schedule]
     assert keys == sorted(keys, reverse=True)
+
+
+def test_generation_product_is_the_training_product_bit_for_bit() -> None:
+    """Generation runs the branches' sum in place (``keep_z=False``): the same bits as the training
+    path's autograd Function, which keeps z = h A^T ungated for its backward; inputs, stacks and gates
+    are left as they were, so a second call (the next decoding step) gives the same again."""
+    torch.manual_seed(0)
+    context = BranchContext()
+    # s = 3, not a power of two: a product summed in another order would round differently
+    layer = GatedLoRALinear(nn.Linear(16, 12), rank=2, alpha=6.0, context=context, stream="encoder")
+    for _ in range(3):
+        layer.add_branch(B=torch.randn(12, 2))
+    coeffs = torch.rand(4, 3)
+    h = torch.randn(4, 7, 16)
+    kept = (h.clone(), coeffs.clone(), *(t.clone() for t in layer.stacked()))
+    with context.gating(coeffs):
+        with torch.no_grad():
+            generated = layer(h)
+            again = layer(h)
+        trained = layer(h.clone().requires_grad_())  # GatedLoRAFunction: the current branch trains
+        trained.sum().backward()
+        grad_function = layer.lora_B.grad.clone()
+        layer.lora_B.grad = None
+        layer._forward_autograd(h, layer._expanded_gates(coeffs, h, 3)).sum().backward()  # plain autograd
+    assert torch.equal(generated, trained.detach()) and torch.equal(generated, again)
+    assert torch.allclose(grad_function, layer.lora_B.grad, atol=1e-5)  # its z was not gated in place
+    for before, after in zip(kept, (h, coeffs, *layer.stacked())):
+        assert torch.equal(before, after)

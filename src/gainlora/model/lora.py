@@ -67,14 +67,23 @@ class BranchContext:
 
 
 def _fused_forward(h: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, gates: Tensor | None,
-                   scale: float) -> tuple[Tensor, Tensor]:
-    """(y, z) with y = h W^T + b + s ((h A^T) * g) B^T, z = h A^T (rows flattened)."""
+                   scale: float, keep_z: bool = True) -> tuple[Tensor, Tensor | None]:
+    """(y, z) with y = h W^T + b + s ((h A^T) * g) B^T, z = h A^T (rows flattened; None unless ``keep_z``).
+
+    The sum (and without ``keep_z`` the gating) is done in place: an encoder batch's (T, d)
+    temporaries are megabytes, and each fresh one is page faults plus a copy. The same products in
+    the same order, so the same bits (tests/unit/test_fast_eval.py)."""
     lead = h.shape[:-1]
     x = h.reshape(-1, h.shape[-1])
     z = x @ A.T  # (T, n r)
-    zg = z if gates is None else (z.view(*lead, -1) * gates).view(z.shape)
-    y = torch.addmm(F.linear(x, weight, bias), zg, B.T, alpha=scale)  # scale and sum folded into the product
-    return y.view(*lead, -1), z
+    if gates is None:
+        zg = z
+    elif keep_z:  # the backward reads the ungated z
+        zg = (z.view(*lead, -1) * gates).view(z.shape)
+    else:
+        zg = z.view(*lead, -1).mul_(gates).view(z.shape)
+    y = F.linear(x, weight, bias).addmm_(zg, B.T, alpha=scale)  # scale and sum folded into the product
+    return y.view(*lead, -1), (z if keep_z else None)
 
 
 class GatedLoRAFunction(torch.autograd.Function):
@@ -203,7 +212,8 @@ class GatedLoRALinear(FrozenStack):
         trainable = any(t is not None and t.requires_grad for t in (h, gates, self.lora_A, self.lora_B))
         if not (torch.is_grad_enabled() and trainable):  # generation, feature collection
             A, B = self._inference_stacks(dtype)
-            return _fused_forward(h.to(dtype), cast(self.weight), cast(self.bias), A, B, cast(gates), self.scale)[0]
+            return _fused_forward(h.to(dtype), cast(self.weight), cast(self.bias), A, B, cast(gates), self.scale,
+                                  keep_z=False)[0]
         return GatedLoRAFunction.apply(h.to(dtype), cast(self.weight), cast(self.bias), cast(self.frozen_A),
                                        cast(self.lora_A), cast(self.frozen_B), cast(self.lora_B), cast(gates),
                                        self.scale)
