@@ -46,6 +46,13 @@ def rank_share(batches, max_batches: int | None):
             yield batch
 
 
+def last_micro_batch(trainer) -> bool:
+    """Does the current micro-batch's backward end an optimizer step? Lightning's own rule, which
+    under DeepSpeed is also the engine's boundary (both count micro-batches over the whole fit).
+    True when a callback is driven without a Trainer (unit tests)."""
+    return trainer is None or not trainer.fit_loop.epoch_loop._should_accumulate()
+
+
 def zero3_partitioned(module: torch.nn.Module) -> bool:
     """Are ``module``'s parameters partitioned by a live ZeRO-3 engine? Its every forward is then
     a collective (each rank gathers the others' shards), so ranks must run as many forwards."""

@@ -308,32 +308,44 @@ def test_zero3_runs_every_method(every_method_zero3, method: str) -> None:
     assert last and any(not torch.equal(v, before.get(k, torch.zeros_like(v))) for k, v in last.items())
 
 
-# -- MIGU under DeepSpeed: the mask applied by gradient hooks, before ZeRO reduces and partitions ----
-MIGU_BASE = ["experiment=demo", "benchmark.num_tasks=2", "benchmark.n_train=32", "benchmark.n_val=0",
+# -- methods that read gradients, under DeepSpeed: MIGU's mask, TaSL's and KIF-LoRA's importance --------
+# ZeRO-2/3 move gradients into partitioned buffers (``.grad`` stays empty), so these methods read each
+# whole gradient through a hook on its Parameter while autograd computes it (callbacks/magnitude_mask.py,
+# callbacks/importance.py). Two accumulated micro-batches per step: MIGU holds the first back until
+# the step's mask is known, the importance sums them.
+GRAD_BASE = ["experiment=demo", "benchmark.num_tasks=2", "benchmark.n_train=32", "benchmark.n_val=0",
              "benchmark.n_test=3", "backbone.max_new_tokens=4", "trainer.max_steps=4", "data.global_batch_size=16",
              "data.batch_size=8", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "trainer.devices=1"]
-MIGU_RUNS = {"seqlora": ["method=seqlora"], "migu": ["method=migu"],
-             "migu_zero2": ["method=migu", "strategy=deepspeed_stage_2", Z3[1]],
-             "migu_zero3": ["method=migu", *Z3[:3]]}
+GRAD_METHODS = ("migu", "tasl", "kiflora")
+STAGES = {"plain": [], "zero2": ["strategy=deepspeed_stage_2", Z3[1]], "zero3": Z3[:3]}
 
 
 @pytest.fixture(scope="module")
-def migu_runs(tmp_path_factory) -> dict[str, Path]:
+def gradient_runs(tmp_path_factory) -> dict[str, Path]:
     pytest.importorskip("deepspeed")
-    outcome = run_many(tmp_path_factory.mktemp("migu"), {k: [*MIGU_BASE, *v] for k, v in MIGU_RUNS.items()})
+    spec = {f"{m}-{stage}": [*GRAD_BASE, f"method={m}", *extra] for m in GRAD_METHODS for stage, extra in STAGES.items()}
+    spec["seqlora-plain"] = [*GRAD_BASE, "method=seqlora"]
+    outcome = run_many(tmp_path_factory.mktemp("gradients"), spec)
     assert all("results" in o for o in outcome.values()), outcome
     return {k: Path(o["results"]).parent for k, o in outcome.items()}
 
 
-@pytest.mark.parametrize("name", ["migu_zero2", "migu_zero3"])
-def test_migu_under_deepspeed_trains_the_tensors_of_a_plain_run(migu_runs, name: str) -> None:
-    """Two accumulated micro-batches per step (the hooks hold the first back until the step's mask
-    is known): ZeRO-2 and ZeRO-3 give the plain run's branch after each task (task 2 is masked).
-    The mask matters: SeqLoRA (no mask) ends task 2 far from MIGU, so an unmasked DeepSpeed run
-    would fail here (measured: the old after-backward mask left ZeRO's gradients unmasked)."""
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+@pytest.mark.parametrize("method", GRAD_METHODS)
+def test_gradient_reading_methods_under_deepspeed_match_the_plain_run(gradient_runs, method: str, stage: str) -> None:
+    """ZeRO-2 and ZeRO-3 (one process, every tensor partitioned) train the plain run's branch and
+    keep its memories (TaSL's and KIF-LoRA's importances, from which task 2's consolidation is
+    made). Reading ``.grad`` instead, the importances under ZeRO were all zero and MIGU's mask was
+    never applied (measured before the hooks)."""
+    plain, sharded = gradient_runs[f"{method}-plain"], gradient_runs[f"{method}-{stage}"]
     for task in TASKS:
-        ref, got = tensors(migu_runs["migu"], task, "branch"), tensors(migu_runs[name], task, "branch")
-        assert max(relative(got[k], ref[k]) for k in ref) <= TIGHT, task
-    unmasked = tensors(migu_runs["seqlora"], TASKS[1], "branch")
-    ref = tensors(migu_runs["migu"], TASKS[1], "branch")
-    assert max(relative(unmasked[k], ref[k]) for k in ref) > 0.05
+        for kind in ("branch", "memory") if method != "migu" else ("branch",):  # MIGU keeps no memory
+            ref, got = tensors(plain, task, kind), tensors(sharded, task, kind)
+            assert got.keys() == ref.keys() and ref, (task, kind)
+            assert max(relative(got[k], ref[k]) for k in ref) <= TIGHT, (task, kind)
+    if method != "migu":
+        memory = tensors(sharded, TASKS[1], "memory")
+        assert any(v.abs().sum() > 0 for k, v in memory.items() if ".importance." in k)  # min-max normalised
+    else:  # the mask matters: SeqLoRA (no mask) ends task 2 far from MIGU
+        unmasked, ref = tensors(gradient_runs["seqlora-plain"], TASKS[1], "branch"), tensors(plain, TASKS[1], "branch")
+        assert max(relative(unmasked[k], ref[k]) for k in ref) > 0.05

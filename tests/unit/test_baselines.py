@@ -233,9 +233,12 @@ def test_migu_masks_from_the_second_task_on() -> None:
 def test_tasl_importance_is_the_smoothed_sensitivity_times_its_uncertainty() -> None:
     p = torch.tensor([2.0], requires_grad=True)
     tracker = ImportanceTracker(0.5, 0.5, lambda module: {"p": p})
-    for grad in (1.0, 3.0):  # I = |p g| = 2, then 6
-        p.grad = torch.tensor([grad])
-        tracker.on_before_optimizer_step(None, None, None)
+    tracker.on_train_start(None, None)
+    for grad in (1.0, 3.0):  # I = |p g| = 2, then 6: each step's gradient, read by the tracker's hook
+        (p * grad).sum().backward()
+        p.grad = None
+        tracker.on_after_backward(None, None)
+    tracker.on_train_end(None, None)
     # I_bar: 0.5 * 2 = 1, then 0.5 * 1 + 0.5 * 6 = 3.5; U_bar: 0.5 |2 - 1| = 0.5, then 0.25 + 0.5 |6 - 3.5| = 1.5
     assert tracker.scores({"p": p, "q": p}) == {"p": pytest.approx(3.5 * 1.5), "q": 0.0}
     restored = ImportanceTracker(0.5, 0.5, tracker.params)

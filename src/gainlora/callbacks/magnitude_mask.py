@@ -25,19 +25,13 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from gainlora.dist import distributed
+from gainlora.dist import distributed, last_micro_batch
 from gainlora.model.lora import GatedLoRALinear
 
 
 def magnitude_mask(magnitudes: Tensor, quantile: float) -> Tensor:
     """1.0 for units strictly above the ``quantile`` of ``magnitudes`` (1-d), else 0.0."""
     return (magnitudes > torch.quantile(magnitudes.float(), quantile)).to(magnitudes.dtype)
-
-
-def last_micro_batch(trainer) -> bool:
-    """Does this micro-batch's backward end an optimizer step? Lightning's own rule (also DeepSpeed's
-    boundary: both count micro-batches over the whole fit); always, when driven without a Trainer."""
-    return trainer is None or not trainer.fit_loop.epoch_loop._should_accumulate()
 
 
 class MagnitudeMask(L.Callback):
