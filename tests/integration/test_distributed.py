@@ -29,6 +29,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
+from run_many import launch as run_many  # noqa: E402  (tests/support: scripts and their launchers)
+
 ROOT = Path(__file__).resolve().parents[2]
 N_TEST = 25  # odd per-task counts: the evaluation shards need padding rows
 BASE = ["experiment=demo", "benchmark.num_tasks=2", "benchmark.n_train=128", "benchmark.n_val=8",
@@ -258,20 +261,6 @@ def test_accumulation_under_deepspeed_matches_one_process(tmp_path: Path, tiny_t
     sharded = train_sharded(tmp_path, tiny_t5_path, strategy, 2, 2, 2, "sgd")
     assert single_weights_sgd.keys() == sharded.keys()
     assert max(relative(sharded[k].double(), single_weights_sgd[k].double()) for k in sharded) <= 1e-5
-
-
-def run_many(root: Path, spec: dict[str, list[str]]) -> dict[str, dict]:
-    """Several one-process runs in one subprocess (tests/support/run_many.py): the imports and
-    DeepSpeed's start-up are paid once. Returns each run's outcome (its results.json or its error)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "DS_ACCELERATOR": "cpu", "GAINLORA_TRUSTED_MODULES": "cpu_deepspeed",
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "support"), os.environ.get("PYTHONPATH", "")])}
-    (root / "spec.json").write_text(json.dumps({k: [*v, f"paths.runs_dir={root}"] for k, v in spec.items()}))
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "support" / "run_many.py"), str(root / "spec.json"),
-                           str(root / "out.json")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    (root / "run_many.log").write_text(done.stdout + "\n--- stderr ---\n" + done.stderr)
-    assert done.returncode == 0 and (root / "out.json").is_file(), done.stdout[-3000:] + done.stderr[-3000:]
-    return json.loads((root / "out.json").read_text())
 
 
 # -- every method under one-process ZeRO-3: two tasks, every tensor partitioned ----------------------
