@@ -1,4 +1,5 @@
-"""Two CPU processes, DDP and DeepSpeed ZeRO-2, against the same run in one process.
+"""Two CPU processes, DDP and DeepSpeed ZeRO-2/3, against the same run in one process; every method
+under two ZeRO-3 processes; the methods that read gradients under DeepSpeed against a plain run.
 
 Each run launches the entry point in a subprocess (a multi-process strategy must never start inside
 pytest: rank 1 would re-run pytest). DeepSpeed goes through the test-only shim in tests/support,
@@ -314,7 +315,8 @@ STAGES = {"plain": [], "zero2": ["strategy=deepspeed_stage_2", Z3[1]], "zero3": 
 @pytest.fixture(scope="module")
 def gradient_runs(tmp_path_factory) -> dict[str, Path]:
     pytest.importorskip("deepspeed")
-    spec = {f"{m}-{stage}": [*GRAD_BASE, f"method={m}", *extra] for m in GRAD_METHODS for stage, extra in STAGES.items()}
+    spec = {f"{m}-{stage}": [*GRAD_BASE, f"method={m}", *extra]
+            for m in GRAD_METHODS for stage, extra in STAGES.items()}
     spec["seqlora-plain"] = [*GRAD_BASE, "method=seqlora"]
     outcome = run_many(tmp_path_factory.mktemp("gradients"), spec)
     assert all("results" in o for o in outcome.values()), outcome

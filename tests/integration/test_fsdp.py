@@ -17,6 +17,7 @@ a residual covariance that the demo's few answer tokens leave rank-deficient, so
 them, in a DDP run just as here (measured: single vs DDP differ by 100% there too).
 
 Each run is a subprocess of the entry point (a multi-process strategy must not start inside pytest).
+Every preset of conf/method also runs two tasks on two FSDP ranks, all in one launch.
 """
 from __future__ import annotations
 
