@@ -36,14 +36,30 @@ def shard() -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
-def rank_share(batches, max_batches: int | None):
-    """This rank's batches among the first ``max_batches`` (every world-th, by position)."""
+def rank_share(batches, max_batches: int | None, pad=None):
+    """This rank's batches among the first ``max_batches`` (every world-th, by position).
+
+    ``pad(batch)``, if given, is called with the first batch by a rank that drew one batch fewer
+    than the first ranks: under FSDP every forward (and backward) through the sharded blocks is a
+    collective, so every rank must run as many (without it the longer ranks hang). It must record
+    nothing; elsewhere it costs one wasted batch on those ranks."""
     rank, world = shard()
+    seen, first = 0, None
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
+        seen, first = i + 1, batch if first is None else first
         if i % world == rank:
             yield batch
+    if pad is not None and world > 1 and seen % world and rank >= seen % world:
+        pad(first)
+
+
+def last_micro_batch(trainer) -> bool:
+    """Does the current micro-batch's backward end an optimizer step? Lightning's own rule, which
+    under DeepSpeed is also the engine's boundary (both count micro-batches over the whole fit).
+    True when a callback is driven without a Trainer (unit tests)."""
+    return trainer is None or not trainer.fit_loop.epoch_loop._should_accumulate()
 
 
 def zero3_partitioned(module: torch.nn.Module) -> bool:

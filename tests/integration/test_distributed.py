@@ -1,4 +1,5 @@
-"""Two CPU processes, DDP and DeepSpeed ZeRO-2, against the same run in one process.
+"""Two CPU processes, DDP and DeepSpeed ZeRO-2/3, against the same run in one process; every method
+under two ZeRO-3 processes; the methods that read gradients under DeepSpeed against a plain run.
 
 Each run launches the entry point in a subprocess (a multi-process strategy must never start inside
 pytest: rank 1 would re-run pytest). DeepSpeed goes through the test-only shim in tests/support,
@@ -28,6 +29,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
+from run_many import launch as run_many  # noqa: E402  (tests/support: scripts and their launchers)
 
 ROOT = Path(__file__).resolve().parents[2]
 N_TEST = 25  # odd per-task counts: the evaluation shards need padding rows
@@ -260,16 +264,81 @@ def test_accumulation_under_deepspeed_matches_one_process(tmp_path: Path, tiny_t
     assert max(relative(sharded[k].double(), single_weights_sgd[k].double()) for k in sharded) <= 1e-5
 
 
-@pytest.mark.parametrize("method", ["olora", "ewc", "clora", "tasl", "inclora_replay"])
-def test_zero3_runs_the_other_methods(tmp_path: Path, method: str) -> None:
-    """Two tasks in one ZeRO-3 process, every tensor partitioned: the loss-term methods (O-LoRA, EWC,
-    C-LoRA read the trainable tensors in training_step), TaSL and replay reach task 2 and train it.
-    GainLoRA (InfLoRA) and IncLoRA are covered above; MIGU stops under DeepSpeed by design."""
+# -- every method under ZeRO-3 on two processes, every tensor partitioned: one launch runs them all --
+METHODS = sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml"))
+NOT_UNDER_ZERO3: dict[str, str] = {}  # method: why it cannot run (none at present)
+# 20 examples, per-device batch 4: 5 batches at each task boundary, so the ranks draw unequal shares
+EVERY_Z3 = ["experiment=demo", "benchmark.num_tasks=2", "benchmark.n_train=20", "benchmark.n_val=0",
+            "benchmark.n_test=3", "backbone.max_new_tokens=4", "trainer.max_steps=2", "data.global_batch_size=8",
+            "trainer.enable_progress_bar=false", *Z3[:-1], "data.batch_size=4"]
+
+
+@pytest.fixture(scope="module")
+def every_method_zero3(tmp_path_factory) -> dict[str, dict]:
     pytest.importorskip("deepspeed")
-    run = launch(tmp_path, method, ["experiment=demo", "benchmark.num_tasks=2", "benchmark.n_train=32",
-                                    "benchmark.n_val=0", "benchmark.n_test=5", "trainer.max_steps=3",
-                                    "data.global_batch_size=8", f"method={method}", *Z3[:3],
-                                    "trainer.accelerator=cpu", "trainer.devices=1", "data.batch_size=8"])
-    assert results(run)["status"] == "finished" and len(results(run)["matrix"]) == 2
-    last = task_dirs(run)[-1]
-    assert any(v.abs().max() > 0 for k, v in tensors(run, last, "branch").items() if k.endswith(".B"))
+    root = tmp_path_factory.mktemp("every-method")
+    return run_many(root, {m: [*EVERY_Z3, f"method={m}"] for m in METHODS if m not in NOT_UNDER_ZERO3})
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in NOT_UNDER_ZERO3])
+def test_zero3_runs_every_method(every_method_zero3, method: str) -> None:
+    """Every preset of conf/method reaches task 2 on two ZeRO-3 processes with every tensor
+    partitioned (the handover between Trainers, loss terms read in training_step, feature
+    collection, the gate projection, replay, the gradient hooks) and trains it: the last fit
+    changed its branch."""
+    outcome = every_method_zero3[method]
+    assert "error" not in outcome, outcome
+    run = Path(outcome["results"]).parent
+    result = results(run)
+    assert result["status"] == "finished" and result["derived"]["world_size"] == 2
+    assert len(result["matrix"]) == (1 if method == "multi_task" else 2)
+    tasks = task_dirs(run)
+    assert len(tasks) == (1 if method == "multi_task" else 2)
+    last = {k: v for k, v in tensors(run, tasks[-1], "branch").items() if k.endswith(".B")}
+    before = {k: v for k, v in tensors(run, tasks[0], "branch").items() if k.endswith(".B")} \
+        if len(tasks) > 1 else {k: torch.zeros_like(v) for k, v in last.items()}
+    assert last and any(not torch.equal(v, before.get(k, torch.zeros_like(v))) for k, v in last.items())
+
+
+# -- methods that read gradients, under DeepSpeed: MIGU's mask, TaSL's and KIF-LoRA's importance --------
+# ZeRO-2/3 move gradients into partitioned buffers (``.grad`` stays empty), so these methods read each
+# whole gradient through a hook on its Parameter while autograd computes it (callbacks/magnitude_mask.py,
+# callbacks/importance.py). Two accumulated micro-batches per step: MIGU holds the first back until
+# the step's mask is known, the importance sums them.
+GRAD_BASE = ["experiment=demo", "benchmark.num_tasks=2", "benchmark.n_train=32", "benchmark.n_val=0",
+             "benchmark.n_test=3", "backbone.max_new_tokens=4", "trainer.max_steps=4", "data.global_batch_size=16",
+             "data.batch_size=8", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "trainer.devices=1"]
+GRAD_METHODS = ("migu", "tasl", "kiflora")
+STAGES = {"plain": [], "zero2": ["strategy=deepspeed_stage_2", Z3[1]], "zero3": Z3[:3]}
+
+
+@pytest.fixture(scope="module")
+def gradient_runs(tmp_path_factory) -> dict[str, Path]:
+    pytest.importorskip("deepspeed")
+    spec = {f"{m}-{stage}": [*GRAD_BASE, f"method={m}", *extra]
+            for m in GRAD_METHODS for stage, extra in STAGES.items()}
+    spec["seqlora-plain"] = [*GRAD_BASE, "method=seqlora"]
+    outcome = run_many(tmp_path_factory.mktemp("gradients"), spec)
+    assert all("results" in o for o in outcome.values()), outcome
+    return {k: Path(o["results"]).parent for k, o in outcome.items()}
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+@pytest.mark.parametrize("method", GRAD_METHODS)
+def test_gradient_reading_methods_under_deepspeed_match_the_plain_run(gradient_runs, method: str, stage: str) -> None:
+    """ZeRO-2 and ZeRO-3 (one process, every tensor partitioned) train the plain run's branch and
+    keep its memories (TaSL's and KIF-LoRA's importances, from which task 2's consolidation is
+    made). Reading ``.grad`` instead, the importances under ZeRO were all zero and MIGU's mask was
+    never applied (measured before the hooks)."""
+    plain, sharded = gradient_runs[f"{method}-plain"], gradient_runs[f"{method}-{stage}"]
+    for task in TASKS:
+        for kind in ("branch", "memory") if method != "migu" else ("branch",):  # MIGU keeps no memory
+            ref, got = tensors(plain, task, kind), tensors(sharded, task, kind)
+            assert got.keys() == ref.keys() and ref, (task, kind)
+            assert max(relative(got[k], ref[k]) for k in ref) <= TIGHT, (task, kind)
+    if method != "migu":
+        memory = tensors(sharded, TASKS[1], "memory")
+        assert any(v.abs().sum() > 0 for k, v in memory.items() if ".importance." in k)  # min-max normalised
+    else:  # the mask matters: SeqLoRA (no mask) ends task 2 far from MIGU
+        unmasked, ref = tensors(gradient_runs["seqlora-plain"], TASKS[1], "branch"), tensors(plain, TASKS[1], "branch")
+        assert max(relative(unmasked[k], ref[k]) for k in ref) > 0.05

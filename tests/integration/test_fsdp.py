@@ -17,6 +17,7 @@ a residual covariance that the demo's few answer tokens leave rank-deficient, so
 them, in a DDP run just as here (measured: single vs DDP differ by 100% there too).
 
 Each run is a subprocess of the entry point (a multi-process strategy must not start inside pytest).
+Every preset of conf/method also runs two tasks on two FSDP ranks, all in one launch.
 """
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
+from run_many import launch as run_many  # noqa: E402  (tests/support: scripts and their launchers)
 
 ROOT = Path(__file__).resolve().parents[2]
 N_TEST = 9  # odd: the evaluation shards need padding rows
@@ -157,3 +161,34 @@ def test_accumulated_steps_on_two_ranks_give_the_one_process_weights(tmp_path: P
     sharded = train_sharded(tmp_path, tiny_t5_path, "fsdp", 2, 2, 2)
     assert single.keys() == sharded.keys()
     assert worst({k: v.double() for k, v in sharded.items()}, {k: v.double() for k, v in single.items()}) <= 1e-5
+
+
+# -- every method, two processes: one launch runs them all (tests/support/run_many.py) ----------------
+ALL_METHODS = sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml"))
+NOT_UNDER_FSDP: dict[str, str] = {}  # method: why it cannot run (none at present)
+# 20 examples, per-device batch 4: 5 batches at each task boundary, so rank 1 draws one fewer and must
+# pad its collective forwards (feature collection, EWC's Fisher, EPI's statistics hung without it)
+EVERY = ["experiment=demo", "benchmark.num_tasks=2", "benchmark.n_train=20", "benchmark.n_val=0", "benchmark.n_test=3",
+         "backbone.max_new_tokens=4", "trainer.max_steps=2", "data.global_batch_size=8", "data.batch_size=4",
+         "trainer.enable_progress_bar=false", "strategy=fsdp", "trainer.accelerator=cpu", "trainer.devices=2"]
+
+
+@pytest.fixture(scope="module")
+def every_method(tmp_path_factory) -> dict[str, dict]:
+    root = tmp_path_factory.mktemp("every-method")
+    return run_many(root, {m: [*EVERY, f"method={m}"] for m in ALL_METHODS if m not in NOT_UNDER_FSDP})
+
+
+@pytest.mark.parametrize("method", [m for m in ALL_METHODS if m not in NOT_UNDER_FSDP])
+def test_fsdp_runs_every_method_on_two_processes(every_method, method: str) -> None:
+    """Every preset of conf/method: two tasks on two FSDP ranks, and the last fit changed its branch."""
+    outcome = every_method[method]
+    assert "error" not in outcome, outcome
+    run = Path(outcome["results"]).parent
+    result = results(run)
+    assert result["status"] == "finished" and result["derived"]["world_size"] == 2
+    tasks = sorted(p.name for p in (run / "tasks").iterdir())
+    assert len(tasks) == len(result["matrix"]) == (1 if method == "multi_task" else 2)
+    last = {k: v for k, v in tensors(run, tasks[-1], "branch").items() if k.endswith(".B")}
+    before = {k: v for k, v in tensors(run, tasks[0], "branch").items() if k.endswith(".B")} if len(tasks) > 1 else {}
+    assert last and any(not torch.equal(v, before.get(k, torch.zeros_like(v))) for k, v in last.items())

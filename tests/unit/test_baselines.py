@@ -6,6 +6,8 @@ from __future__ import annotations
 import functools
 import math
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -161,26 +163,63 @@ def test_migu_masks_gradient_rows_by_output_magnitude(combined: bool) -> None:
     with torch.no_grad():
         lyr.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]]))
     lyr.add_branch(torch.eye(2), torch.full((3, 2), 0.1))
+    h = torch.tensor([[[1.0, 3.0], [-2.0, 1.0]]])  # one sequence of two tokens
+    weights = torch.tensor([1.0, -2.0, 3.0])
+    (lyr(h) * weights).sum().backward()  # without the mask
+    grad_A, grad_B = lyr.lora_A.grad.clone(), lyr.lora_B.grad.clone()
+    assert (grad_A != 0).all() and (grad_B != 0).all()
+    lyr.lora_A.grad = lyr.lora_B.grad = None
     callback = MagnitudeMask(0.5, combined=combined)
     model = Adapted(l=lyr)
     callback.on_train_start(None, model)
-    h = torch.tensor([[[1.0, 3.0], [-2.0, 1.0]]])  # one sequence of two tokens
-    y = lyr(h)
-    (y * torch.tensor([1.0, -2.0, 3.0])).sum().backward()
-    grad_A, grad_B = lyr.lora_A.grad.clone(), lyr.lora_B.grad.clone()
-    assert (grad_A != 0).all() and (grad_B != 0).all()
+    loss = (lyr(h) * weights).sum()
+    callback.on_before_backward(None, model, loss)  # the step's masks, before its backward
+    loss.backward()  # the gradient hooks apply them
+    callback.on_after_backward(None, model)
     # A's units: sum |A h| = [1 + 2, 3 + 1] = [3, 4] -> above the median 3.5: unit 1 only
     # B's units, combined: sum |y| with y = W h + 0.05 (h1 + h2) per token:
     #   token 1: [1.2, 6.2, 4.2], token 2: [-2.05, 1.95, -1.05] -> [3.25, 8.15, 5.25] -> unit 1 only
     # B's units, branch only: sum |0.05 (h1 + h2)| = 0.2 + 0.05 for every unit -> none above
-    callback.on_before_optimizer_step(None, model, None)
     assert torch.equal(lyr.lora_A.grad, grad_A * torch.tensor([[0.0], [1.0]]))
     keep_B = torch.tensor([[0.0], [1.0], [0.0]]) if combined else torch.zeros(3, 1)
     assert torch.equal(lyr.lora_B.grad, grad_B * keep_B)
     assert callback.sums == {}  # reset after every optimizer step
     callback.on_train_end(None, model)
-    lyr(h)
-    assert callback.sums == {}  # hooks removed
+    lyr.lora_A.grad = None
+    (lyr(h) * weights).sum().backward()
+    assert callback.sums == {} and torch.equal(lyr.lora_A.grad, grad_A)  # hooks removed
+
+
+def test_migu_masks_the_accumulated_gradient_by_the_step_magnitudes() -> None:
+    """Two micro-batches per step: the first one's gradient is held back (zero reaches .grad, so no
+    reduction or ZeRO partition sees it unmasked) and released with the second's, both masked by
+    the magnitudes of the whole step: the mask of the accumulated gradient."""
+    lyr = layer(2, 3, rank=2)
+    lyr.add_branch(torch.tensor([[1.0, -1.0], [0.5, 2.0]]), torch.full((3, 2), 0.1))
+    hs = [torch.tensor([[[1.0, 3.0]]]), torch.tensor([[[-4.0, 0.5]]])]
+    weights = torch.tensor([1.0, -2.0, 3.0])
+    for h in hs:  # unmasked accumulated gradient
+        (lyr(h) * weights).sum().backward()
+    grad_A, grad_B = lyr.lora_A.grad.clone(), lyr.lora_B.grad.clone()
+    lyr.lora_A.grad = lyr.lora_B.grad = None
+    z = torch.cat([h.reshape(-1, 2) for h in hs]) @ lyr.lora_A.detach().T
+    y = torch.cat([lyr(h).detach().reshape(-1, 3) for h in hs])
+    keep_A, keep_B = magnitude_mask(z.abs().sum(0), 0.5), magnitude_mask(y.abs().sum(0), 0.5)
+    callback, model = MagnitudeMask(0.5), Adapted(l=lyr)
+    callback.on_train_start(None, model)
+    for accumulating, h in zip((True, False), hs):
+        trainer = SimpleNamespace(fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(
+            _should_accumulate=lambda accumulating=accumulating: accumulating)))
+        loss = (lyr(h) * weights).sum()
+        callback.on_before_backward(trainer, model, loss)
+        loss.backward()
+        callback.on_after_backward(trainer, model)
+        if accumulating:
+            assert not lyr.lora_A.grad.any() and not lyr.lora_B.grad.any()
+    assert 0 < keep_A.sum() < 2 and 0 < keep_B.sum() < 3  # the mask drops some units, keeps some
+    assert torch.allclose(lyr.lora_A.grad, grad_A * keep_A[:, None])
+    assert torch.allclose(lyr.lora_B.grad, grad_B * keep_B[:, None])
+    callback.on_train_end(None, model)
 
 
 def test_migu_masks_from_the_second_task_on() -> None:
@@ -194,9 +233,12 @@ def test_migu_masks_from_the_second_task_on() -> None:
 def test_tasl_importance_is_the_smoothed_sensitivity_times_its_uncertainty() -> None:
     p = torch.tensor([2.0], requires_grad=True)
     tracker = ImportanceTracker(0.5, 0.5, lambda module: {"p": p})
-    for grad in (1.0, 3.0):  # I = |p g| = 2, then 6
-        p.grad = torch.tensor([grad])
-        tracker.on_before_optimizer_step(None, None, None)
+    tracker.on_train_start(None, None)
+    for grad in (1.0, 3.0):  # I = |p g| = 2, then 6: each step's gradient, read by the tracker's hook
+        (p * grad).sum().backward()
+        p.grad = None
+        tracker.on_after_backward(None, None)
+    tracker.on_train_end(None, None)
     # I_bar: 0.5 * 2 = 1, then 0.5 * 1 + 0.5 * 6 = 3.5; U_bar: 0.5 |2 - 1| = 0.5, then 0.25 + 0.5 |6 - 3.5| = 1.5
     assert tracker.scores({"p": p, "q": p}) == {"p": pytest.approx(3.5 * 1.5), "q": 0.0}
     restored = ImportanceTracker(0.5, 0.5, tracker.params)

@@ -118,9 +118,11 @@ def test_epi_routes_one_branch_per_example_and_reads_the_frozen_backbone(family,
 def test_kif_sensitivity_is_second_order() -> None:
     p = torch.tensor([2.0], requires_grad=True)
     tracker = SecondOrderImportance(0.5, 0.5, lambda module: {"p": p})
+    tracker.on_train_start(None, None)
     for grad in (1.0, 3.0):  # theta g = 2, 6 -> I = |2 - 2| = 0, |6 - 18| = 12
-        p.grad = torch.tensor([grad])
-        tracker.on_before_optimizer_step(None, None, None)
+        (p * grad).sum().backward()
+        tracker.on_after_backward(None, None)
+    tracker.on_train_end(None, None)
     # I_bar: 0, then 6; U_bar: 0, then 0.5 |12 - 6| = 3
     assert tracker.avg_ipt["p"].item() == 6.0 and tracker.avg_unc["p"].item() == 3.0
 

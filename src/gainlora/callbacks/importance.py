@@ -1,6 +1,13 @@
 """Per-element importance of the branch being trained, as TaSL (and AdaLoRA before it) estimates it:
-after every backward, sensitivity I = |theta * grad|, smoothed I_bar <- b1 I_bar + (1 - b1) I, and
-its uncertainty U_bar <- b2 U_bar + (1 - b2) |I - I_bar|; a matrix's importance is mean(I_bar U_bar)."""
+once per optimizer step, sensitivity I = |theta * grad|, smoothed I_bar <- b1 I_bar + (1 - b1) I, and
+its uncertainty U_bar <- b2 U_bar + (1 - b2) |I - I_bar|; a matrix's importance is mean(I_bar U_bar).
+
+``grad`` is the step's whole gradient (its micro-batches summed, averaged over the ranks as DDP
+does), read by a hook on each tracked Parameter (``Tensor.register_hook``) while autograd computes
+it: DeepSpeed ZeRO-2/3 move gradients into partitioned buffers and leave ``.grad`` empty, and
+under FSDP the replicated gradients are averaged only before the optimizer step. ``theta`` is
+taken in the same hook, where a ZeRO-3 partitioned Parameter is still gathered.
+"""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -9,6 +16,8 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from gainlora.dist import distributed, last_micro_batch
+
 
 class ImportanceTracker(L.Callback):
     def __init__(self, beta1: float, beta2: float, params: Callable[[L.LightningModule], dict[str, Tensor]]) -> None:
@@ -16,6 +25,8 @@ class ImportanceTracker(L.Callback):
         self.params = params  # the tracked tensors of a module, by name
         self.avg_ipt: dict[str, Tensor] = {}
         self.avg_unc: dict[str, Tensor] = {}
+        self._step: dict[str, tuple[Tensor, Tensor]] = {}  # key -> (theta, gradient so far) of this step
+        self._handles: list = []
 
     @staticmethod
     def sensitivity(param: Tensor, grad: Tensor) -> Tensor:
@@ -23,18 +34,44 @@ class ImportanceTracker(L.Callback):
         return (param * grad).abs()
 
     @torch.no_grad()
-    def update(self, params: dict[str, Tensor]) -> None:
-        for key, param in params.items():
-            if param.grad is None:
-                continue
-            ipt = self.sensitivity(param, param.grad).float()
+    def update(self, found: dict[str, tuple[Tensor, Tensor]]) -> None:
+        """One step's (theta, gradient) per tracked tensor."""
+        for key, (param, grad) in found.items():
+            ipt = self.sensitivity(param.float(), grad.float())
             if key not in self.avg_ipt:
                 self.avg_ipt[key], self.avg_unc[key] = torch.zeros_like(ipt), torch.zeros_like(ipt)
             self.avg_ipt[key].mul_(self.beta1).add_((1 - self.beta1) * ipt)
             self.avg_unc[key].mul_(self.beta2).add_((1 - self.beta2) * (ipt - self.avg_ipt[key]).abs())
 
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        self.update(self.params(pl_module))
+    @torch.no_grad()
+    def _record(self, key: str, param: Tensor, grad: Tensor) -> None:
+        held = self._step.get(key)
+        self._step[key] = (param.detach().clone(), grad.detach().float() + (0 if held is None else held[1]))
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        for key, param in self.params(pl_module).items():
+            if param is not None and param.requires_grad:
+                hook = lambda grad, key=key, param=param: self._record(key, param, grad)  # noqa: E731
+                self._handles.append(param.register_hook(hook))
+
+    @torch.no_grad()
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if not last_micro_batch(trainer):
+            return
+        step, self._step = self._step, {}
+        keys = sorted(step)  # every rank's backward reached the same tensors
+        if distributed() and keys:
+            flat = torch.cat([step[k][1].reshape(-1) for k in keys])
+            torch.distributed.all_reduce(flat)
+            flat /= torch.distributed.get_world_size()
+            grads = flat.split([step[k][1].numel() for k in keys])
+            step = {k: (step[k][0], g.view_as(step[k][1])) for k, g in zip(keys, grads)}
+        self.update(step)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._step = [], {}
 
     # In-task checkpoints keep the averages, so a task resumed mid-way ranks its units as if uninterrupted.
     def state_dict(self) -> dict:

@@ -131,7 +131,8 @@ class EPI(IncLoRA):
         was_training = model.training
         model.eval()
         try:
-            for batch in rank_share(batches(), self.max_batches):
+            pad = lambda b: frozen_features(model, model._to_device(b))  # noqa: E731
+            for batch in rank_share(batches(), self.max_batches, pad=pad):
                 batch = model._to_device(batch)
                 feats.append(frozen_features(model, batch))
                 keys.extend(class_keys(batch["labels"]))

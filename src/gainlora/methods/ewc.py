@@ -62,7 +62,8 @@ class EWC(SeqLoRA):
         was_training = model.training
         model.eval()
         try:
-            for batch in rank_share(batches(), self.max_batches):
+            pad = lambda b: torch.autograd.grad(model(model._to_device(b)), list(params.values()))  # noqa: E731
+            for batch in rank_share(batches(), self.max_batches, pad=pad):
                 loss = model(model._to_device(batch))
                 for (key, _), grad in zip(params.items(), torch.autograd.grad(loss, list(params.values()))):
                     sums[key] += grad.float() ** 2
