@@ -130,6 +130,10 @@ def shard(module: ContinualLM, mesh) -> tuple[int, int, int]:
     outside = {p for p in module.backbone.parameters() if not isinstance(p, DTensor)}
     fully_shard(module.backbone, mesh=mesh, ignored_params=keep | outside)
     register_fsdp_forward_method(module.backbone, "generate")  # generate() enters through the root too
+    # Some forwards enter a block without the root (L2P's frozen query calls the encoder first thing
+    # in a step): a block reached first would make itself a root. FSDP2 initialises the root lazily
+    # on its first forward and has no public call for it, hence the private one.
+    module.backbone._get_fsdp_state()._lazy_init()
     # transformers' generate() then runs synced_gpus: ranks keep forwarding until all have finished
     module.backbone._is_fsdp_managed_module = True
     sharded = [p for b in units for p in b.parameters() if isinstance(p, DTensor)]

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
-from run_many import launch as run_many  # noqa: E402  (tests/support: scripts and their launchers)
+from run_many import TRAINED, launch as run_many  # noqa: E402  (tests/support: scripts and their launchers)
 
 ROOT = Path(__file__).resolve().parents[2]
 N_TEST = 25  # odd per-task counts: the evaluation shards need padding rows
@@ -294,9 +294,9 @@ def test_zero3_runs_every_method(every_method_zero3, method: str) -> None:
     assert len(result["matrix"]) == (1 if method == "multi_task" else 2)
     tasks = task_dirs(run)
     assert len(tasks) == (1 if method == "multi_task" else 2)
-    last = {k: v for k, v in tensors(run, tasks[-1], "branch").items() if k.endswith(".B")}
-    before = {k: v for k, v in tensors(run, tasks[0], "branch").items() if k.endswith(".B")} \
-        if len(tasks) > 1 else {k: torch.zeros_like(v) for k, v in last.items()}
+    kind, key = TRAINED.get(method, ("branch", ".B"))  # prompt methods keep their prompts in memory
+    last = {k: v for k, v in tensors(run, tasks[-1], kind).items() if k.endswith(key)}
+    before = {k: v for k, v in tensors(run, tasks[0], kind).items() if k.endswith(key)} if len(tasks) > 1 else {}
     assert last and any(not torch.equal(v, before.get(k, torch.zeros_like(v))) for k, v in last.items())
 
 

@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
-from run_many import launch as run_many  # noqa: E402  (tests/support: scripts and their launchers)
+from run_many import TRAINED, launch as run_many  # noqa: E402  (tests/support: scripts and their launchers)
 
 ROOT = Path(__file__).resolve().parents[2]
 N_TEST = 9  # odd: the evaluation shards need padding rows
@@ -189,6 +189,7 @@ def test_fsdp_runs_every_method_on_two_processes(every_method, method: str) -> N
     assert result["status"] == "finished" and result["derived"]["world_size"] == 2
     tasks = sorted(p.name for p in (run / "tasks").iterdir())
     assert len(tasks) == len(result["matrix"]) == (1 if method == "multi_task" else 2)
-    last = {k: v for k, v in tensors(run, tasks[-1], "branch").items() if k.endswith(".B")}
-    before = {k: v for k, v in tensors(run, tasks[0], "branch").items() if k.endswith(".B")} if len(tasks) > 1 else {}
+    kind, key = TRAINED.get(method, ("branch", ".B"))  # prompt methods keep their prompts in memory
+    last = {k: v for k, v in tensors(run, tasks[-1], kind).items() if k.endswith(key)}
+    before = {k: v for k, v in tensors(run, tasks[0], kind).items() if k.endswith(key)} if len(tasks) > 1 else {}
     assert last and any(not torch.equal(v, before.get(k, torch.zeros_like(v))) for k, v in last.items())

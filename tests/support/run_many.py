@@ -20,6 +20,8 @@ import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# what a run's last task trained, by method: (artifact, key suffix); LoRA methods: ("branch", ".B")
+TRAINED = {"l2p": ("memory", "l2p.prompts"), "lfpt5": ("memory", "lfpt5.prompt")}  # prompts, no branch file
 
 
 def launch(root: Path, spec: dict[str, list[str]]) -> dict[str, dict]:
