@@ -131,6 +131,9 @@ class Benchmark(Section):
     max_eval_per_task: PosInt | None = None
     val_size: Annotated[float, Field(ge=0, lt=1)] | None = None  # superni / long readers
     selection: Literal["carved", "paper"] = "carved"
+    # superni / long readers: task -> the one file its train, val and test are carved from (benchmarks.load_task)
+    carve: dict[str, Literal["train", "test"]] | None = None
+    carve_test_size: Annotated[float, Field(gt=0, lt=1)] | None = None  # that file's share kept for test
 
     def available(self) -> list[str]:
         if self.tasks is not None:
@@ -150,6 +153,10 @@ class Benchmark(Section):
         if twice:
             raise ValueError(f"benchmark.{'tasks' if self.tasks else 'order'}: each task at most once "
                              f"({twice[0]} appears twice)")
+        for task in self.carve or {}:
+            if self.reader not in ("superni", "long") or task not in available or self.selection != "carved":
+                raise ValueError(f"benchmark.carve.{task}: a task of the stream ({', '.join(available)}) of the "
+                                 "superni or long reader, with benchmark.selection=carved")
         ignored = ("data_dir", "val_size") if self.reader == "demo" else ("n_train", "n_val", "n_test")
         for key in ignored:
             if getattr(self, key) is not None:

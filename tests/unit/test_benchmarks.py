@@ -382,3 +382,59 @@ def test_task_dir_layout(tmp_path: Path) -> None:
     assert task_dir(tmp_path, "superni", "t") == tmp_path / "SuperNI" / "t"
     with pytest.raises(DataError, match="invalid task name"):
         task_dir(tmp_path, "long", "../cb")
+
+
+# ------------------------------------------------------------------------------------- carving one file
+
+
+def test_carve_splits_one_file_into_disjoint_parts(tree: Path) -> None:
+    """A task carved from test.json alone (dbpedia in the shared copy has no train.json)."""
+    (tree / "Long_Sequence" / LONG_TASK / "train.json").unlink()
+    body = {"Definition": ["Pick.\n"], "Instances": [{"input": f"x{i}", "output": "yes"} for i in range(40)]}
+    _write(tree / "Long_Sequence" / LONG_TASK / "test.json", body)
+    validate_tasks(tree, "long", [LONG_TASK], carve={LONG_TASK: "test"})
+    task = load_task(tree, "long", LONG_TASK, carve_from="test")
+    ids = [[ex.id for ex in part] for part in (task.train, task.val, task.test)]
+    assert [len(part) for part in ids] == [27, 3, 10]  # 25% test, then 10% of the rest for validation
+    assert sorted(sum(ids, [])) == sorted(f"{LONG_TASK}-{i}" for i in range(40))  # disjoint, nothing lost
+    assert any("carved from test.json alone" in note for note in task.notes)
+    # The test part depends on the task alone: another seed validates on other instances, tests on the same.
+    other = load_task(tree, "long", LONG_TASK, carve_from="test", seed=5)
+    assert [ex.id for ex in other.test] == ids[2] and [ex.id for ex in other.val] != ids[1]
+    assert len(load_task(tree, "long", LONG_TASK, carve_from="test", carve_test_size=0.5).test) == 20
+    with pytest.raises(DataError, match="demo/train.json is missing"):  # without carve it needs train.json
+        validate_tasks(tree, "long", [LONG_TASK])
+
+
+@pytest.mark.parametrize(
+    ("carve", "selection", "fragment"),
+    [
+        ({LONG_TASK: "dev"}, "carved", f"benchmark.carve.{LONG_TASK}=dev: one of train, test"),
+        ({"other": "test"}, "carved", "benchmark.carve.other=test: other is not in the task stream"),
+        ({LONG_TASK: "test"}, "paper", "needs benchmark.selection=carved"),
+    ],
+)
+def test_bad_carve_is_one_clear_line(tree: Path, carve: dict, selection: str, fragment: str) -> None:
+    with pytest.raises(DataError) as raised:
+        validate_tasks(tree, "long", [LONG_TASK], selection=selection, carve=carve)
+    assert fragment in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_carve_needs_three_instances_and_a_fraction(tree: Path) -> None:
+    _write(tree / "Long_Sequence" / LONG_TASK / "train.json",
+           {"Definition": [], "Instances": [{"input": "x", "output": "y"}] * 2})
+    with pytest.raises(DataError, match="train.json: needs at least 3 instances to carve train, validation"):
+        validate_tasks(tree, "long", [LONG_TASK], carve={LONG_TASK: "train"})
+    with pytest.raises(DataError, match=r"carve_test_size=1.0: a fraction in \(0, 1\)"):
+        load_task(tree, "long", LONG_TASK, carve_from="test", carve_test_size=1.0)
+
+
+def test_stream_config_passes_carve_to_the_reader(tree: Path) -> None:
+    from gainlora.data.tasks import load_stream
+
+    cfg = {"reader": "long", "data_dir": str(tree), "tasks": [LONG_TASK], "carve": {LONG_TASK: "train"},
+           "carve_test_size": 0.5}
+    (task,) = load_stream(cfg, seed=0)
+    assert (len(task.train) + len(task.val), len(task.test)) == (2, 2)  # from train.json's 4, not test.json
+    assert all(ex.source.startswith("x") for ex in task.test)
+    assert any("carved from train.json" in note for note in task.notes)

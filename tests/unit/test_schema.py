@@ -65,6 +65,10 @@ REFUSED = {
     "benchmark.n_train=0": "benchmark.n_train=0: should be greater than 0",
     "+benchmark.val_size=0.2": "benchmark.val_size=0.2: the demo reader does not read it",
     "benchmark.selection=best": "benchmark.selection=best: should be 'carved' or 'paper'",
+    "+benchmark.carve={demo_colour:test}": "benchmark.carve.demo_colour=test: a task of the stream (demo_colour, "
+                                           "demo_parity, demo_continent, demo_sentiment) of the superni or long reader",
+    "+benchmark.carve={demo_colour:dev}": "benchmark.carve.demo_colour=dev: should be 'train' or 'test'",
+    "+benchmark.carve_test_size=1.5": "benchmark.carve_test_size=1.5: should be less than 1",
     "trainer.max_steps=0": "trainer.max_steps=0: a positive limit",
     "trainer.max_steps=-1": "trainer.max_steps=-1: a positive limit when trainer.max_epochs is unlimited",
     "trainer.max_epochs=0": "trainer.max_epochs=0: a positive limit",

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,22 +32,15 @@ DATA_ENV = "GAINLORA_DATA"
 # The upstream files of 4 MiB or more, absent from the shared copy (README, "What is missing").
 KNOWN_MISSING = frozenset(
     f"Long_Sequence/{name}"
-    for name in (
-        "dbpedia/train.json",
-        "yahoo/train.json",
-        "yahoo/dev.json",
-        "yahoo/test.json",
-        "yelp/dev.json",
-        "yelp/test.json",
-        "imdb/dev.json",
-        "imdb/test.json",
-        "multirc/dev.json",
-        "multirc/test.json",
-    )
+    for name in ("dbpedia/train.json", "yahoo/train.json", "yahoo/dev.json", "yahoo/test.json", "yelp/dev.json",
+                 "yelp/test.json", "imdb/dev.json", "imdb/test.json", "multirc/dev.json", "multirc/test.json")
 )
 
 # Files each selection mode reads. Upstream dev.json is byte-identical to test.json.
 _SPLIT_FILES = {"carved": ("train", "test"), "paper": ("train", "dev", "test")}
+# Files a task may be carved from alone (load_task's carve_from), e.g. dbpedia without train.json.
+CARVE_FILES = ("train", "test")
+CARVE_TEST_SIZE = 0.25
 
 PAPER_SELECTION_NOTE = (
     "selection=paper: the validation split is dev.json, which is identical to test.json upstream, "
@@ -248,9 +241,11 @@ def validate_tasks(
     tasks: Sequence[str],
     *,
     selection: str = "carved",
+    carve: Mapping[str, str] | None = None,
 ) -> None:
     """Check every file that :func:`load_task` will read for ``tasks``; raise :class:`DataError` on the first fault.
 
+    ``carve`` maps a task to the one file it is carved from (see :func:`load_task`).
     Parsed files are cached, so the later ``load_task`` calls do not parse them again.
     """
     key = _benchmark_key(benchmark)
@@ -260,12 +255,26 @@ def validate_tasks(
         raise DataError(f"tasks must be a list of task names, got the string {tasks!r}")
     if not tasks:
         raise DataError(f"no tasks given for benchmark {benchmark!r}")
+    carve = dict(carve or {})
+    for task, source in carve.items():
+        _check_carve(task, source, tasks, selection)
     for task in tasks:
-        for split in splits:
-            parsed = _read_split(root, key, task, split)
-            if split == "train" and selection == "carved" and len(parsed.instances) < 2:
-                path = task_dir(root, key, task) / "train.json"
-                raise DataError(f"{path}: needs at least 2 instances to carve a validation split")
+        carved = task in carve
+        for split in (carve[task],) if carved else splits:
+            need = 3 if carved else 2 if split == "train" and selection == "carved" else 1
+            if len(_read_split(root, key, task, split).instances) < need:
+                parts = "train, validation and test splits" if carved else "a validation split"
+                path = task_dir(root, key, task) / f"{split}.json"
+                raise DataError(f"{path}: needs at least {need} instances to carve {parts}")
+
+
+def _check_carve(task: str, source: str, tasks: Sequence[str], selection: str) -> None:
+    if source not in CARVE_FILES:
+        raise DataError(f"benchmark.carve.{task}={source}: one of {', '.join(CARVE_FILES)} (the file to carve from)")
+    if task not in tasks:
+        raise DataError(f"benchmark.carve.{task}={source}: {task} is not in the task stream ({', '.join(tasks)})")
+    if selection != "carved":
+        raise DataError(f"benchmark.carve.{task}={source}: needs benchmark.selection=carved")
 
 
 def load_task(
@@ -278,11 +287,16 @@ def load_task(
     max_eval: int | None = None,
     val_size: float | int = 0.1,
     selection: str = "carved",
+    carve_from: str | None = None,
+    carve_test_size: float = CARVE_TEST_SIZE,
 ) -> TaskData:
     """Load one task as rendered prompts.
 
     ``selection="carved"``: val is a seeded random part of train.json (``val_size`` a fraction or a count,
     at least 1), test is test.json. ``selection="paper"``: val is dev.json, i.e. the test set, as upstream.
+    ``carve_from="train"|"test"``: only that file is read; a ``carve_test_size`` share of it becomes test,
+    chosen by a shuffle keyed on the task alone (every seed tests on the same instances), and train and
+    val are carved from the rest as above. The parts are disjoint by construction.
     ``max_train`` subsamples train after carving; ``max_eval`` keeps a seeded subset of val and of test.
     Every random choice is keyed on (seed, task, ...), so it does not depend on other tasks or on call order.
     Subsets keep the file order.
@@ -293,9 +307,18 @@ def load_task(
     for name, cap in (("max_train", max_train), ("max_eval", max_eval)):
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
             raise DataError(f"{name} must be a positive integer or None, got {cap!r}")
-    raw = {split: _read_split(root, key, task, split) for split in splits}
-    examples = {split: _render(raw[split], _FORMATS[key], task, seed, split) for split in splits}
     notes: list[str] = []
+    if carve_from is not None:
+        _check_carve(task, carve_from, [task], selection)
+        if not isinstance(carve_test_size, float) or not 0.0 < carve_test_size < 1.0:
+            raise DataError(f"benchmark.carve_test_size={carve_test_size!r}: a fraction in (0, 1)")
+        whole = _render(_read_split(root, key, task, carve_from), _FORMATS[key], task, seed, carve_from)
+        rest, test = _carve(whole, carve_test_size, random.Random(f"{task}:{carve_from}:test-carve"), task)
+        examples = {"train": rest, "test": test}
+        notes.append(f"{task}: train, validation and test carved from {carve_from}.json alone")
+    else:
+        raw = {split: _read_split(root, key, task, split) for split in splits}
+        examples = {split: _render(raw[split], _FORMATS[key], task, seed, split) for split in splits}
 
     if selection == "carved":
         train, val = _carve(examples["train"], val_size, random.Random(f"{seed}:{task}:carve"), task)

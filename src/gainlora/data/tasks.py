@@ -62,11 +62,12 @@ def load_stream(cfg: Mapping, seed: int) -> list[TaskData]:
         return [make_demo_task(name, seed=seed, **sizes) for name in tasks]
     from gainlora.data.benchmarks import load_task, validate_tasks
 
-    root, selection = data_dir(cfg), cfg.get("selection", "carved")
-    validate_tasks(root, reader, tasks, selection=selection)
+    root, selection, carve = data_dir(cfg), cfg.get("selection", "carved"), dict(cfg.get("carve") or {})
+    validate_tasks(root, reader, tasks, selection=selection, carve=carve)
+    test_size = {} if cfg.get("carve_test_size") is None else {"carve_test_size": cfg.get("carve_test_size")}
     return [load_task(root, reader, name, seed=seed, max_train=cfg.get("max_train_per_task"),
                       max_eval=cfg.get("max_eval_per_task"), val_size=cfg.get("val_size", 0.1),
-                      selection=selection) for name in tasks]
+                      selection=selection, carve_from=carve.get(name), **test_size) for name in tasks]
 
 
 def _capped(size: int, cap: int | None) -> int:

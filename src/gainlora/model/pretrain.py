@@ -6,7 +6,7 @@ dimensions cannot tell "great" from "awful". Two label-free steps on the *inputs
 benchmark's train.json files (never a label, never a dev/test file) fix that on a CPU: token
 embeddings initialised from the corpus's document co-occurrence (LSA: a truncated SVD of the
 TF-IDF document x token matrix, seconds), then a short T5 span-corruption pre-training of the
-whole model (README, "A real-data example on a CPU").
+whole model (README, "Real data on a CPU").
 
 ``build_text_backbone("t5-text", corpus)`` returns a directory that ``from_pretrained`` loads, like
 ``gainlora.model.tiny.build_tiny_backbone``, and is cached the same way (same lock, same atomic
