@@ -32,21 +32,14 @@ from gainlora.model.checkpointing import enable_gradient_checkpointing
 from gainlora.model.module import ContinualLM
 from gainlora.progress import quiet_lightning
 from gainlora.report import ReportError, single_task_scores
-from gainlora.targets import Bound, ConfigError, bind_logger, bind_method, bind_optimizer, bind_strategy, refuse
+from gainlora.targets import (Bound, ConfigError, bind_logger, bind_method, bind_optimizer, bind_strategy, make,
+                              refuse)
 
 log = logging.getLogger("gainlora")
 
 
 def plain(node) -> dict:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-
-
-def make(bound: Bound):
-    """Instantiate a bound class; nested bound arguments first (GainLoRA's branch method)."""
-    obj = bound.cls(**{k: make(v) if isinstance(v, Bound) else v for k, v in bound.kwargs.items()})
-    if bound.label:
-        obj.name = bound.label
-    return obj
 
 
 def build_method(cfg: DictConfig) -> Method:

@@ -24,7 +24,7 @@ from gainlora.data.tasks import load_stream, stream_metric
 from gainlora.data.types import DataError
 from gainlora.loop import ArtifactError, ContinualLoop, StopFlag, TaskInterrupted
 from gainlora.observers import logger_observers
-from gainlora.rundir import claim_run_dir, is_main_process
+from gainlora.rundir import claim_run_dir, is_main_process, record_inputs
 from gainlora.schema import ConfigError, validate_config
 from gainlora.summary import run_summary
 
@@ -36,6 +36,7 @@ def run(cfg: DictConfig) -> dict:
     derive_batching(cfg)
     check_trainer(cfg)
     tasks = load_stream(cfg.benchmark, seed=cfg.seed)
+    record_inputs(cfg, tasks)  # a resume refuses other data or code
     single_task = single_task_reference(cfg, [t.name for t in tasks])
     check_backbone_source(cfg.backbone)
     with claim_run_dir(cfg) as run_dir:  # created, locked and checked: the first write

@@ -10,6 +10,7 @@ with a line naming the holder. Worker ranks join the directory rank 0 chose (``G
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import socket
@@ -22,7 +23,9 @@ from filelock import FileLock, Timeout
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from gainlora import __version__
 from gainlora.artifacts import RunDir, write_json
+from gainlora.data.types import TaskData
 from gainlora.schema import ConfigError, refuse, validate_config
 
 RUN_ID_ENV = "GAINLORA_RUN_ID"
@@ -30,6 +33,22 @@ LOCK, HOLDER = ".lock", ".lock.json"
 # Keys that may differ between an interrupted run and its resumption.
 RESUMABLE_KEYS = {"resume", "run_id", "paths", "logger", "trainer.enable_progress_bar", "derived", "checkpoint",
                   "backbone.gradient_checkpointing"}  # memory only: the same loss and gradients
+
+
+def record_inputs(cfg: DictConfig, tasks: list[TaskData]) -> None:
+    """Put what the config alone does not pin down in ``derived`` (saved in config.yaml): a sha256 of
+    each task's examples (a custom task's files can change under the same path) and the code version,
+    which a resume must find unchanged (:func:`check_existing`)."""
+    with open_dict(cfg):
+        cfg.derived.data_sha256 = {task.name: task_digest(task) for task in tasks}
+        cfg.derived.code_version = __version__
+
+
+def task_digest(task: TaskData) -> str:
+    digest = hashlib.sha256(task.metric.encode())
+    for split in (task.train, task.val, task.test):
+        digest.update(json.dumps([[e.source, e.target, list(e.references), e.id] for e in split]).encode())
+    return digest.hexdigest()
 
 
 def is_main_process() -> bool:
@@ -181,3 +200,11 @@ def check_existing(cfg: DictConfig, run_dir: RunDir) -> None:
     if diffs:
         raise ConfigError(f"resume: {run_dir.config} was made with another config; differing keys: "
                           + "; ".join(diffs[:5]))
+    before, now = saved.get("derived") or {}, cfg.get("derived") or {}
+    if before.get("code_version") not in (None, now.get("code_version")):
+        raise refuse("resume", True, f"the gainlora version that made {root} ({before.code_version}); this is "
+                     f"{now.get('code_version')}: start a new run")
+    for task, digest in (before.get("data_sha256") or {}).items():
+        if digest != (now.get("data_sha256") or {}).get(task, digest):
+            raise refuse("resume", True, f"the data {root} was trained on; task {task}'s examples changed since "
+                         f"(sha256 {digest[:12]} -> {now.data_sha256[task][:12]}): restore them or start a new run")

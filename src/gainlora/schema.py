@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from gainlora import fsdp
 from gainlora.data.tasks import READERS
-from gainlora.targets import (STRICT, ConfigError, bind_logger, bind_method, bind_optimizer, bind_strategy,
+from gainlora.targets import (STRICT, ConfigError, bind_logger, bind_optimizer, bind_strategy, check_method,
                               check_name, from_pydantic, refuse)
 
 __all__ = ["ConfigError", "RunConfig", "check_name", "validate_config"]
@@ -237,7 +237,7 @@ def validate_config(cfg: DictConfig, *, machine: bool = True) -> RunConfig:
     check_name("exp_name", valid.exp_name)
     if valid.run_id is not None:
         check_name("run_id", valid.run_id)
-    bind_method("method", data["method"])
+    check_method("method", data["method"])
     bind_optimizer(data["optimizer"])
     bind_strategy(data["strategy"])
     fsdp.check(data["strategy"], data["trainer"])
