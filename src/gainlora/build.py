@@ -92,6 +92,10 @@ def build_model(cfg: DictConfig, task_names: list[str]) -> tuple[ContinualLM, Me
         backbone, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, gates=method.gate_spec,
         optimizer=functools.partial(optimizer.cls, **optimizer.kwargs), task_names=task_names,
         generation={"max_new_tokens": cfg.backbone.max_new_tokens, "num_beams": cfg.generation.num_beams})
+    smallest = min(min(layer.in_features, layer.out_features) for layer in module.adapted.values())
+    if cfg.lora.rank > smallest:  # known only once the backbone is loaded; before the run dir is written
+        raise refuse("lora.rank", cfg.lora.rank, f"at most {smallest} for this backbone (the smallest min(inputs, "
+                     "outputs) of its adapted layers): a larger rank adds nothing and may not fit in memory")
     if cfg.backbone.get("gradient_checkpointing"):
         enable_gradient_checkpointing(module.backbone, module.context)
     collator = Collator(backbone.tokenizer, backbone.kind, cfg.backbone.max_source_length,

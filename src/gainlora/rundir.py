@@ -153,7 +153,7 @@ def claim_run_dir(cfg: DictConfig) -> Iterator[RunDir]:
     root = run_dir.root
     if cfg.resume and not run_dir.config.is_file():
         raise refuse("run_id", root.name, f"resume=true needs an existing run; {root} holds none")
-    created = not root.exists()
+    created = [p for p in (root, *root.parents) if not p.exists()]  # the run dir and any new parents
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -176,7 +176,8 @@ def claim_run_dir(cfg: DictConfig) -> Iterator[RunDir]:
         if created and not run_dir.config.exists():  # nothing of a run was written: leave no trace
             with contextlib.suppress(OSError):
                 (root / LOCK).unlink()
-                root.rmdir()
+                for folder in created:
+                    folder.rmdir()
 
 
 def check_existing(cfg: DictConfig, run_dir: RunDir) -> None:

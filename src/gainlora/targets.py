@@ -262,7 +262,7 @@ def from_pydantic(err: ValidationError, data: Any, prefix: str = "", model: type
     if model is not None and path and "null" not in wanted and _accepts_null(model, data, path):
         wanted.append("null")
     value = node if path else first["input"]
-    verb = "should be " if not wanted[0].startswith("have ") else "should "
+    verb = "should " if wanted[0].startswith(("have ", "match ")) else "should be "
     accepted = " or ".join(wanted)
     return ConfigError(f"{key}={show(value)}: {verb}" + (accepted.replace(" or null", " or be null")
                                                          if verb == "should " else accepted))
