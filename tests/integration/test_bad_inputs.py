@@ -228,7 +228,7 @@ def test_load_run_and_resume_run_nothing_a_config_names(target, tmp_path):
     import gainlora
 
     root, marker = crafted_run(tmp_path, target)
-    with pytest.raises(ValueError, match=rf"^method._target_={re.escape(target)}: not one of the project's methods"):
+    with pytest.raises(ValueError, match=rf"config.yaml: method._target_={re.escape(target)}: not one of the project.s methods"):
         gainlora.load_run(root)
     with pytest.raises(ValueError, match=rf"config.yaml: method._target_={re.escape(target)}: not one of"):
         run(config(tmp_path, *DEMO, "run_id=crafted", "resume=true"))
