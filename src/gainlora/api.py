@@ -22,6 +22,7 @@ from gainlora.data.types import Example
 from gainlora.loop import fits, restore_task
 from gainlora.methods.base import Method
 from gainlora.model.module import ContinualLM
+from gainlora.rundir import check_trained_method
 from gainlora.schema import ConfigError, validate_config
 
 
@@ -80,6 +81,7 @@ def load_run(path: str | Path) -> TrainedModel:
     except ConfigError as err:
         raise ConfigError(f"{run_dir.config}: {err}") from None
     module, method, collator = build_model(cfg, names)
+    check_trained_method(run_dir, method.name)
     method.setup(module, len(names))
     learned = []
     for t, name in fits(method, names):  # a multi-task run has a single, joint fit

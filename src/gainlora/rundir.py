@@ -27,6 +27,7 @@ from gainlora import __version__
 from gainlora.artifacts import RunDir, write_json
 from gainlora.data.types import TaskData
 from gainlora.schema import ConfigError, refuse, validate_config
+from gainlora.targets import bind_method, make
 
 RUN_ID_ENV = "GAINLORA_RUN_ID"
 LOCK, HOLDER = ".lock", ".lock.json"
@@ -180,6 +181,18 @@ def claim_run_dir(cfg: DictConfig) -> Iterator[RunDir]:
                     folder.rmdir()
 
 
+def check_trained_method(run_dir: RunDir, method: str) -> None:
+    """The method a config builds must be the one results.json says trained the saved tasks (an
+    edited config.yaml would otherwise load one method's branches into another)."""
+    try:
+        trained = json.loads(run_dir.results.read_text()).get("method")
+    except (OSError, ValueError, AttributeError):
+        return  # no results yet (killed in its first task): nothing was trained to mismatch
+    if trained is not None and trained != method:
+        raise ConfigError(f"{run_dir.config}: its method builds {method}, but {run_dir.results} says the run "
+                          f"trained {trained}; restore the config the run was made with")
+
+
 def check_existing(cfg: DictConfig, run_dir: RunDir) -> None:
     root = run_dir.root
     if not run_dir.config.is_file():
@@ -194,9 +207,10 @@ def check_existing(cfg: DictConfig, run_dir: RunDir) -> None:
     except Exception as err:
         raise ConfigError(f"{run_dir.config}: not a readable config ({type(err).__name__})") from None
     try:
-        validate_config(saved, machine=False)  # a saved config naming foreign code is refused here
+        method = validate_config(saved, machine=False).method  # a saved config naming foreign code is refused here
     except ConfigError as err:
         raise ConfigError(f"{run_dir.config}: {err}") from None
+    check_trained_method(run_dir, make(bind_method("method", method)).name)
     diffs = config_differences(saved, cfg)
     if diffs:
         raise ConfigError(f"resume: {run_dir.config} was made with another config; differing keys: "

@@ -281,3 +281,34 @@ def test_a_bad_override_is_one_line_and_exit_2(args, fragment, monkeypatch, caps
         gainlora.run.cli()
     err = capsys.readouterr().err
     assert stopped.value.code == 2 and err.startswith(fragment) and err.count("\n") == 1, err
+
+
+# -- a run directory whose config.yaml was edited to another method -----------------------------------------
+def test_a_config_edited_to_another_method_is_refused(tmp_path, t5_backbone):
+    """results.json names the method that trained the tasks: a config.yaml building another one is
+    refused by load_run and by resume, and a gate file under a gate-free method is an error."""
+    import functools
+
+    import gainlora
+    from gainlora.loop import check_shapes
+    from gainlora.model.module import ContinualLM
+    from omegaconf import OmegaConf
+
+    root = tmp_path / "runs" / "demo" / "edited"
+    root.mkdir(parents=True)
+    cfg = config(tmp_path, *DEMO, "run_id=edited", "method=seqlora")
+    cfg.paths.run_dir = str(root)
+    (root / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (root / "results.json").write_text(json.dumps({"tasks": ["demo_colour"], "method": "gainlora_inflora",
+                                                   "status": "interrupted"}))
+    with pytest.raises(ValueError, match=r"config.yaml: its method builds seqlora, but .*results.json says the run "
+                                         r"trained gainlora_inflora"):
+        gainlora.load_run(root)
+    with pytest.raises(ValueError, match=r"config.yaml: its method builds seqlora, but"):
+        run(config(tmp_path, *DEMO, "run_id=edited", "method=seqlora", "resume=true"))
+    module = ContinualLM(t5_backbone(), rank=2, optimizer=functools.partial(torch.optim.AdamW, lr=1e-3))
+    branch = {f"{name}.{part}": torch.zeros(shape) for name, layer in module.adapted.items()
+              for part, shape in (("A", (2, layer.in_features)), ("B", (layer.out_features, 2)))}
+    check_shapes(module, {"branch": branch, "gate": {}}, 0)
+    with pytest.raises(ValueError, match=r"task 1 gate.safetensors: a gate, but this config's method has none"):
+        check_shapes(module, {"branch": branch, "gate": {"G1": torch.zeros(3, 3)}}, 0)
