@@ -32,6 +32,7 @@ ARGPARSE_MESSAGES = (
     (r"argument (\S+?)(?:/\S+)?: invalid choice: '(.*)' \(choose from (.*)\)", r"\1=\2: expected one of \3"),
     (r"argument (\S+?)(?:/\S+)?: invalid (\w+) value: '(.*)'", r"\1=\3: a valid \2"),
     (r"argument (\S+?)(?:/\S+)?: expected one argument", r"\1: needs a value"),
+    (r"argument (\S+?)(?:/\S+)?: not allowed with argument (.*)", r"\1: not allowed with \2"),
     (r"argument (\S+?)(?:/\S+)?: (.*)", r"\1=\2"),  # a type's ArgumentTypeError: "value: accepted"
     (r"the following arguments are required: (.*)", r"\1: required; see {prog} --help"),
     (r"unrecognized arguments: (.*)", r"\1: unknown arguments; see {prog} --help"),
