@@ -312,3 +312,19 @@ def test_a_config_edited_to_another_method_is_refused(tmp_path, t5_backbone):
     check_shapes(module, {"branch": branch, "gate": {}}, 0)
     with pytest.raises(ValueError, match=r"task 1 gate.safetensors: a gate, but this config's method has none"):
         check_shapes(module, {"branch": branch, "gate": {"G1": torch.zeros(3, 3)}}, 0)
+
+
+@pytest.mark.parametrize("args, line", [
+    (["-m", "lora.rank=4,0"], "error: lora.rank=0: should be greater than 0 (sweep job 2 of 2)"),
+    (["lora.rank=4,0", "-m"], "error: lora.rank=0: should be greater than 0 (sweep job 2 of 2)"),  # flag last
+    (["-m", "lora.rnak=2,4"], "error: lora.rnak=2: unknown key (a typo?); to add a new key use +lora.rnak=2"),
+    (["-m", "seed=0,1", "method.depth=1,0"], "error: method.depth=0: should be greater than or equal to 1 "
+                                              "(sweep job 2 of 4)"),
+])
+def test_a_sweep_with_one_bad_job_fails_before_any_job_runs(args, line, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(sys, "argv", ["gainlora.run", *TINY, f"paths.runs_dir={tmp_path / 'runs'}", *args])
+    monkeypatch.setattr(gainlora.run, "main", lambda: pytest.fail("a job was launched"))
+    with pytest.raises(SystemExit) as stopped:
+        gainlora.run.cli()
+    assert stopped.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [line]
+    assert not (tmp_path / "runs").exists()
