@@ -328,3 +328,14 @@ def test_a_sweep_with_one_bad_job_fails_before_any_job_runs(args, line, tmp_path
         gainlora.run.cli()
     assert stopped.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [line]
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_restored_task_survives_an_unreadable_results_json(tmp_path) -> None:
+    """results.json is rewritten from the verified tasks on resume: garbage in it costs one count."""
+    from gainlora.artifacts import RunDir
+    from gainlora.observers import ResultsWriter, TaskEnd
+
+    (tmp_path / "results.json").write_text("{bad")
+    writer = ResultsWriter(RunDir(tmp_path), module=object())
+    writer.count_trainable(TaskEnd(0, tmp_path / "tasks" / "01-a", {"tasks": ["a"]}, restored=True))
+    assert writer.trainable == {"a": None}
