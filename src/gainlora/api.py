@@ -15,14 +15,15 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from gainlora.artifacts import RunDir
+from gainlora.artifacts import ArtifactError, RunDir
 from gainlora.build import build_model
 from gainlora.data.collate import Collator
 from gainlora.data.types import Example
 from gainlora.loop import fits, restore_task
 from gainlora.methods.base import Method
 from gainlora.model.module import ContinualLM
-from gainlora.schema import validate_config
+from gainlora.rundir import check_trained_method
+from gainlora.schema import ConfigError, validate_config
 
 
 @dataclass
@@ -46,19 +47,41 @@ class TrainedModel:
         return answers
 
 
+def read_run(path: str | Path) -> tuple[RunDir, DictConfig, list[str]]:
+    """A run directory's folder, config.yaml and task names, read as data; ``ArtifactError`` names
+    the file that is missing or not what a run writes (``FileNotFoundError`` when there is no run)."""
+    path = Path(path)
+    run_dir = RunDir(path.parent if path.is_file() else path)
+    if not run_dir.config.is_file() or not run_dir.results.is_file():
+        raise FileNotFoundError(f"{run_dir.root}: not a run directory (needs config.yaml and results.json)")
+    try:
+        cfg = OmegaConf.load(run_dir.config)
+    except Exception as err:  # yaml's and OmegaConf's own errors: the file is not a readable config
+        raise ArtifactError(f"{run_dir.config}: not a readable config ({str(err).splitlines()[0]})") from None
+    if not isinstance(cfg, DictConfig):
+        raise ArtifactError(f"{run_dir.config}: not a run config (a mapping of sections)")
+    try:
+        names = json.loads(run_dir.results.read_text()).get("tasks")
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        names = None
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        raise ArtifactError(f"{run_dir.results}: not a run's results (no list of task names under 'tasks')")
+    return run_dir, cfg, names
+
+
 def load_run(path: str | Path) -> TrainedModel:
     """``path``: a run directory, or the results.json (any file in it) that a run prints last.
 
-    Raises ``gainlora.schema.ConfigError`` (a ValueError) naming the key when config.yaml is not a
-    valid run config, e.g. one whose ``_target_`` is not one of the project's classes."""
-    path = Path(path)
-    run_dir = RunDir(path.parent if path.is_file() else path)
-    if not run_dir.config.is_file():
-        raise FileNotFoundError(f"{run_dir.config}: not a run directory (no config.yaml)")
-    cfg = OmegaConf.load(run_dir.config)
-    validate_config(cfg, machine=False)  # inference does not need the accelerator it trained on
-    names = json.loads(run_dir.results.read_text())["tasks"]
+    Raises ``gainlora.schema.ConfigError`` (a ValueError) naming config.yaml and the key when it is
+    not a valid run config, e.g. one whose ``_target_`` is not one of the project's classes;
+    ``gainlora.artifacts.ArtifactError`` naming a file that is unreadable, altered or does not fit."""
+    run_dir, cfg, names = read_run(path)
+    try:
+        validate_config(cfg, machine=False)  # inference does not need the accelerator it trained on
+    except ConfigError as err:
+        raise ConfigError(f"{run_dir.config}: {err}") from None
     module, method, collator = build_model(cfg, names)
+    check_trained_method(run_dir, method.name)
     method.setup(module, len(names))
     learned = []
     for t, name in fits(method, names):  # a multi-task run has a single, joint fit

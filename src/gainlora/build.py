@@ -32,21 +32,14 @@ from gainlora.model.checkpointing import enable_gradient_checkpointing
 from gainlora.model.module import ContinualLM
 from gainlora.progress import quiet_lightning
 from gainlora.report import ReportError, single_task_scores
-from gainlora.targets import Bound, ConfigError, bind_logger, bind_method, bind_optimizer, bind_strategy, refuse
+from gainlora.targets import (Bound, ConfigError, bind_logger, bind_method, bind_optimizer, bind_strategy, make,
+                              refuse)
 
 log = logging.getLogger("gainlora")
 
 
 def plain(node) -> dict:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-
-
-def make(bound: Bound):
-    """Instantiate a bound class; nested bound arguments first (GainLoRA's branch method)."""
-    obj = bound.cls(**{k: make(v) if isinstance(v, Bound) else v for k, v in bound.kwargs.items()})
-    if bound.label:
-        obj.name = bound.label
-    return obj
 
 
 def build_method(cfg: DictConfig) -> Method:
@@ -86,12 +79,13 @@ def derive_batching(cfg: DictConfig) -> None:
 
 # -- model and data ------------------------------------------------------------------------------------------
 def check_rank(rank: int, backbone) -> None:
-    """A LoRA factor wider than the projection it adapts has no meaning (InfLoRA's init fails on it):
-    refuse it once the backbone's shapes are known, before any module or file is made."""
+    """A LoRA factor wider than the projection it adapts adds nothing (InfLoRA's init fails on it, a huge
+    one dies allocating): refuse it once the backbone's shapes are known, before any module or file is made."""
     widths = {min(linear.in_features, linear.out_features)
               for linear, _ in adapted_layers(backbone.model, backbone.kind).values()}
     if widths and rank > min(widths):
-        raise refuse("lora.rank", rank, f"at most {min(widths)}, the narrowest adapted projection of this backbone")
+        raise refuse("lora.rank", rank, f"at most {min(widths)} for this backbone (the smallest min(inputs, "
+                     "outputs) of its adapted layers)")
 
 
 def build_model(cfg: DictConfig, task_names: list[str]) -> tuple[ContinualLM, Method, Collator]:

@@ -2,9 +2,13 @@
 from Hydra's override parsing (before ``run.main`` runs) to a full disk."""
 from __future__ import annotations
 
+import argparse
 import errno
+import math
 import os
+import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import NoReturn
 
@@ -21,6 +25,63 @@ def error_line(message: str) -> int:
 
 def fail(message: str) -> NoReturn:
     sys.exit(error_line(message))
+
+
+# argparse's messages -> ``key=value: what is accepted`` ({prog}: the command, for --help)
+ARGPARSE_MESSAGES = (
+    (r"argument (\S+?)(?:/\S+)?: invalid choice: '(.*)' \(choose from (.*)\)", r"\1=\2: expected one of \3"),
+    (r"argument (\S+?)(?:/\S+)?: invalid (\w+) value: '(.*)'", r"\1=\3: a valid \2"),
+    (r"argument (\S+?)(?:/\S+)?: expected one argument", r"\1: needs a value"),
+    (r"argument (\S+?)(?:/\S+)?: not allowed with argument (.*)", r"\1: not allowed with \2"),
+    (r"argument (\S+?)(?:/\S+)?: (.*)", r"\1=\2"),  # a type's ArgumentTypeError: "value: accepted"
+    (r"the following arguments are required: (.*)", r"\1: required; see {prog} --help"),
+    (r"unrecognized arguments: (.*)", r"\1: unknown arguments; see {prog} --help"),
+)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes (a missing argument, ``--batch-size abc``) are one ``error:`` line and
+    exit code 2, without the usage block (``--help`` still prints it)."""
+
+    def error(self, message: str) -> NoReturn:
+        for pattern, form in ARGPARSE_MESSAGES:
+            if re.fullmatch(pattern, message):
+                message = re.sub(pattern, form.replace("{prog}", self.prog), message).replace("'", "")
+                break
+        fail(message)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    if not re.fullmatch(r"\s*\+?\d+\s*", text) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text}: a positive integer")
+    return int(text)
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text}: a positive number")
+    return value
+
+
+def writable_file(path: Path) -> str | None:
+    """Why ``path`` cannot be written as a file (checked before hours of work would be lost), or None."""
+    if path.is_dir():
+        return "a directory; give a file path"
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is None or not parent.is_dir():
+        return f"{parent} is not a directory"
+    try:  # a real write: access() says yes to root even on a read-only mount
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as err:
+        return f"{parent} cannot be written ({err.strerror})"
+    return None
 
 
 def disk_full(err: BaseException) -> BaseException | None:

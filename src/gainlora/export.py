@@ -14,6 +14,7 @@ Writes, under OUT:
   ``gainlora.json``, which says how to combine the per-task adapters: per input,
   ``y = W h + sum_i a_i(x) (alpha / r) B_i A_i h`` with ``a_i`` from the gates (formula in the JSON).
   PEFT has no per-input weighting of adapters, so a gated model is these files, not one adapter.
+  EPI (a routed method: one task's adapter per input) gets the task adapters only, no merged one.
 - ``README.md``: what the folder holds.
 
 Phi-3 fuses q, k and v into one ``qkv_proj``: its q and v branches become one LoRA on ``qkv_proj``
@@ -21,17 +22,16 @@ of rank 2r whose B is zero on the k rows, the same function.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from gainlora.cli import error_line
-from gainlora.artifacts import RunDir, write_json, write_text, write_tensors
+from gainlora.artifacts import ArtifactError, write_json, write_text, write_tensors
+from gainlora.cli import ArgumentParser, error_line, writable_file
 from gainlora.model.task_attention import TaskAttention
+from gainlora.targets import ConfigError
 
 FORMATS = ("peft",)
 
@@ -117,19 +117,20 @@ def merged_branches(module) -> dict[str, tuple[Tensor, Tensor]]:
 
 def export_peft(run: str | Path, out: str | Path) -> dict:
     """Write the run's adapters under ``out`` (see the module docstring); returns the sidecar dict."""
-    from gainlora.api import load_run
+    from gainlora.api import load_run, read_run
     from gainlora.loop import fits
 
+    run_dir, _, names = read_run(run)
     trained = load_run(run)
     module, method = trained.module, trained.method
     if not method.has_branches:
         raise NotExportable(f"method {method.name} learns soft prompts, not LoRA branches: there is no PEFT LoRA "
                             "adapter to export; its prompts are in tasks/*/memory.safetensors and "
                             "gainlora.load_run(run) generates with them")
-    run_dir, out = RunDir(run), Path(out)
+    out = Path(out)
     scale = _scale(module)
     adapters = {}
-    for t, name in fits(method, json.loads(run_dir.results.read_text())["tasks"]):
+    for t, name in fits(method, names):
         if not run_dir.is_done(t, name):
             break
         files, _ = run_dir.load_task(t, name)
@@ -137,14 +138,18 @@ def export_peft(run: str | Path, out: str | Path) -> dict:
         folder = run_dir.task_dir(t, name).name
         write_peft_adapter(out / "tasks" / folder, module, branch, scale)
         adapters[name] = f"tasks/{folder}"
-    gated = module.gates is not None
+    gated, routed = module.gates is not None, module.router is not None
     sidecar = {
         "format": "gainlora-peft-export", "version": SIDECAR_VERSION, "method": method.name,
         "run_kind": method.run_kind, "tasks": list(trained.tasks), "adapters": adapters,
         "base_model": str(module.backbone.name_or_path), "lora_scale": scale,
-        "merged": None if gated else "merged",
+        "merged": None if gated or routed else "merged",
     }
-    if not gated:
+    if routed:  # EPI: one task's branch per input, chosen from statistics PEFT has no place for
+        sidecar["routing"] = ("each input uses the one adapter of the task its frozen-backbone features are "
+                              "nearest to (Mahalanobis); the sum of the adapters is not this model, so no merged "
+                              "adapter; the task statistics are not exported (gainlora.load_run routes)")
+    elif not gated:
         write_peft_adapter(out / "merged", module, merged_branches(module), scale)
     elif isinstance(module.gates, TaskAttention):  # SAPT-LoRA: softmax attention over task keys
         (keys,) = module.gates.stacked()
@@ -198,6 +203,8 @@ def _readme(sidecar: dict) -> str:
              "loadable with `peft.PeftModel.from_pretrained(base_model, folder)`.", ""]
     if sidecar["merged"]:
         lines += ["`merged/` is the model as it answers: every branch summed (gate-free method), one adapter.", ""]
+    elif "routing" in sidecar:
+        lines += [f"The method routes: {sidecar['routing']}.", ""]
     else:
         lines += ["The method gates its branches per input, which PEFT cannot express: combine the task adapters "
                   "with the coefficients that `gainlora/gates.safetensors` gives, as `gainlora.json` describes "
@@ -206,25 +213,26 @@ def _readme(sidecar: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gainlora.export", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m gainlora.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="a run directory (runs/<experiment>/<run_id>)")
     parser.add_argument("out", help="output folder (must not exist or be empty)")
-    parser.add_argument("--format", default="peft", help=f"one of {', '.join(FORMATS)}")
+    parser.add_argument("--format", choices=FORMATS, default="peft")
     args = parser.parse_args(argv)
-    if args.format not in FORMATS:
-        return error_line(f"--format={args.format}: expected one of {', '.join(FORMATS)}")
-    run = Path(args.run)
-    if not (run / "config.yaml").is_file() or not (run / "results.json").is_file():
-        return error_line(f"run={run}: not a run directory (needs config.yaml and results.json)")
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         return error_line(f"out={out}: exists and is not an empty folder")
+    unwritable = writable_file(out / "gainlora.json")
+    if unwritable:
+        return error_line(f"out={out}: {unwritable}")
     try:
-        sidecar = export_peft(run, out)
-    except (FileNotFoundError, NotExportable) as err:  # load_run: no finished task; a prompt method
-        return error_line(f"run={run}: {err}")
-    print(f"{len(sidecar['adapters'])} task adapter(s){' + merged' if sidecar['merged'] else ' + gate sidecar'} "
-          f"in {out}")
+        sidecar = export_peft(args.run, out)
+    except NotExportable as err:  # a prompt method
+        return error_line(f"run={args.run}: {err}")
+    except (ConfigError, ArtifactError, FileNotFoundError) as err:  # each names its file
+        return error_line(str(err))
+    extra = " + merged" if sidecar["merged"] else " (routed: no merged adapter)" if "routing" in sidecar else \
+        " + gate sidecar"
+    print(f"{len(sidecar['adapters'])} task adapter(s){extra} in {out}")
     return 0
 
 

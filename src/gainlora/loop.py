@@ -95,6 +95,9 @@ def check_shapes(module: ContinualLM, files: dict[str, dict[str, torch.Tensor]],
         if tuple(branch[key].shape) != shape:
             raise ArtifactError(f"task {task + 1} branch.safetensors: {key} has shape {tuple(branch[key].shape)}, "
                                 f"the model expects {shape} (lora.rank or backbone changed?)")
+    if module.gates is None and files.get("gate"):
+        raise ArtifactError(f"task {task + 1} gate.safetensors: a gate, but this config's method has none "
+                            "(a run of another method?)")
     if module.gates is not None:
         gate = files.get("gate", {})
         want = module.gates.entry_shapes()

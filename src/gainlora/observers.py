@@ -78,7 +78,10 @@ class ResultsWriter(TaskObserver):
         if not end.restored:
             self.trainable[name] = cost.trainable_params(self.module)
         elif self.run_dir.results.is_file():
-            earlier = json.loads(self.run_dir.results.read_text()).get("cost") or {}
+            try:  # rewritten from the verified tasks below; an unreadable one only loses this count
+                earlier = json.loads(self.run_dir.results.read_text()).get("cost") or {}
+            except (ValueError, AttributeError):
+                earlier = {}
             self.trainable[name] = earlier.get("trainable_params_per_task", {}).get(name)
 
     def write(self, results: dict) -> None:

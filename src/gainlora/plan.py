@@ -11,7 +11,6 @@ tests/unit/test_plan.py checks the training figure against measured peaks of tin
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
 import warnings
@@ -251,21 +250,21 @@ def main(argv: list[str] | None = None) -> None:
     from hydra import compose, initialize_config_dir
 
     from gainlora.build import world_size
+    from gainlora.cli import ArgumentParser, check_overrides, fail, positive_float
     from gainlora.run import CONF_DIR
+    from gainlora.schema import ConfigError, validate_config
 
-    parser = argparse.ArgumentParser(prog="python -m gainlora.plan", description=__doc__.split("\n")[0])
-    parser.add_argument("--card-gb", type=float, default=24.0, help="memory of one device (GiB)")
+    parser = ArgumentParser(prog="python -m gainlora.plan", description=__doc__.split("\n")[0])
+    parser.add_argument("--card-gb", type=positive_float, default=24.0, help="memory of one device (GiB)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for gainlora.run")
     args = parser.parse_args(argv)
-    if args.card_gb <= 0:
-        print(f"error: --card-gb={args.card_gb}: a positive number of GiB", file=sys.stderr)
-        sys.exit(2)
+    check_overrides(CONF_DIR, args.overrides)  # a typo'd key or group option: one line, as gainlora.run
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=args.overrides)
     try:
-        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            cfg = compose("config", overrides=args.overrides)
-    except Exception as err:  # Hydra's override and missing-group errors
-        print(f"error: {' '.join(args.overrides)}: {str(err).splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)
+        validate_config(cfg, machine=False)  # the run's own schema; the planner sizes other machines
+    except ConfigError as err:
+        fail(str(err))
     devices = cfg.trainer.get("devices", 1)
     world = world_size(cfg.trainer) if devices not in ("auto", -1) else 1
     try:

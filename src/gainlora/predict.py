@@ -11,7 +11,6 @@ at the end. Every line is checked before anything is generated: a bad one stops 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -23,12 +22,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from gainlora.cli import error_line
-from gainlora.artifacts import write_text
+from gainlora.artifacts import ArtifactError, write_text
+from gainlora.cli import ArgumentParser, error_line, positive_int, writable_file
 from gainlora.data.benchmarks import long_sequence_prompt, superni_prompt
 from gainlora.data.custom import jsonl_rows
 from gainlora.data.demo import render_prompt
 from gainlora.data.types import DataError, Example
+from gainlora.targets import ConfigError
 
 PROMPTS: dict[str, Callable[[str, str], str]] = {"superni": superni_prompt, "long": long_sequence_prompt,
                                                  "demo": render_prompt}
@@ -126,41 +126,33 @@ def predict_file(trained, input_path: str | Path, output_path: str | Path, *, ba
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gainlora.predict", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m gainlora.predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="a run directory (runs/<experiment>/<run_id>)")
     parser.add_argument("input", help="JSONL: one object per line with 'prompt', or 'input' (+ 'instruction')")
     parser.add_argument("output", help="JSONL written: each input object plus 'prediction'")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's")
-    parser.add_argument("--prompt", default=None, help=f"template for 'input' lines: {', '.join(PROMPTS)} "
-                                                       "(default: the run's)")
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=None, help="default: the run's")
+    parser.add_argument("--prompt", choices=PROMPTS, default=None,
+                        help=f"template for 'input' lines: {', '.join(PROMPTS)} (default: the run's)")
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        return error_line(f"--batch-size={args.batch_size}: a positive integer")
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        return error_line(f"--max-new-tokens={args.max_new_tokens}: a positive integer")
-    if args.prompt is not None and args.prompt not in PROMPTS:
-        return error_line(f"--prompt={args.prompt}: expected one of {', '.join(PROMPTS)}")
-    run = Path(args.run)
-    if not (run / "config.yaml").is_file() or not (run / "results.json").is_file():
-        return error_line(f"run={run}: not a run directory (needs config.yaml and results.json)")
+    output = Path(args.output)
     try:
-        from omegaconf import OmegaConf
+        from gainlora.api import load_run, read_run
 
-        from gainlora.api import load_run
-
-        template = args.prompt or run_template(OmegaConf.load(run / "config.yaml"))
+        _, config, _ = read_run(args.run)
+        template = args.prompt or run_template(config)
         rows = read_inputs(Path(args.input), PROMPTS[template])  # every line checked before the model loads
-        trained = load_run(run)
+        unwritable = writable_file(output)
+        if unwritable:
+            return error_line(f"output={output}: {unwritable}")
+        trained = load_run(args.run)
         generation = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
         answers, stats = predict(trained, [p for _, p in rows], batch_size=args.batch_size, **generation)
-        write_predictions(args.output, rows, answers)
-    except DataError as err:
+        write_predictions(output, rows, answers)
+    except (DataError, ConfigError, ArtifactError, FileNotFoundError) as err:  # each names its file
         return error_line(str(err))
-    except FileNotFoundError as err:  # load_run: no finished task
-        return error_line(f"run={run}: {err}")
     print(stats)
-    print(args.output)
+    print(output)
     return 0
 
 

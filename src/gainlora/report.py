@@ -9,7 +9,6 @@ markdown table.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -21,7 +20,7 @@ from matplotlib.ticker import MaxNLocator
 from omegaconf import OmegaConf
 
 from gainlora.artifacts import atomic_write
-from gainlora.cli import error_line
+from gainlora.cli import ArgumentParser, error_line, writable_file
 from gainlora.metrics import average_curve, lower_triangle
 from gainlora.plots import new_figure, plot_forgetting, plot_matrix, plot_task_scores, save_png
 from gainlora.run_kinds import run_kind
@@ -157,7 +156,13 @@ def flat_config(run_dir: Path) -> dict[str, Any]:
         else:
             flat[prefix.rstrip(".")] = node
 
-    walk(OmegaConf.to_container(OmegaConf.load(path)), "")
+    try:
+        config = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as err:  # yaml's and OmegaConf's own errors: not a readable config
+        raise ReportError(f"{path}: not a readable config ({str(err).splitlines()[0]})") from None
+    if not isinstance(config, dict):
+        raise ReportError(f"{path}: not a run config (a mapping of sections)")
+    walk(config, "")
     return flat
 
 
@@ -253,7 +258,7 @@ def compare_runs(run_dirs: Sequence[Path | str], out_dir: Path | str,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m gainlora.report",
         description="Compare continual-learning runs: writes compare.png and compare.md into a folder of "
                     "their own (reports/<name>/) and prints the table. Runs are labelled by method and by the "
@@ -261,9 +266,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN",
                         help="run directories, or the results.json a run printed")
-    parser.add_argument("--name", metavar="NAME",
-                        help="the report's folder under reports/ (default: from the experiments and what differs)")
-    parser.add_argument("--out", type=Path, metavar="DIR", help="the report's folder itself (instead of --name)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--name", metavar="NAME",
+                       help="the report's folder under reports/ (default: from the experiments and what differs)")
+    where.add_argument("--out", type=Path, metavar="DIR", help="the report's folder itself (instead of --name)")
     parser.add_argument("--single-task", type=Path, action="append", default=[], metavar="RUN_DIR",
                         help="a finished method=single_task run: FWT for runs over the same tasks (repeatable)")
     args = parser.parse_args(argv)
@@ -274,6 +280,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if out is None:
             paths = [Path(p) for p in args.run_dirs]
             out = Path("reports") / (args.name or report_name(paths, [load_results(p) for p in paths]))
+        unwritable = writable_file(out / "compare.md")
+        if unwritable:
+            return error_line(f"--out={out}: {unwritable}")
         figure_path, markdown_path = compare_runs(args.run_dirs, out, single_task=args.single_task)
     except ReportError as err:
         return error_line(str(err))

@@ -7,6 +7,7 @@ with one ``error:`` line and exit code 2.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ from gainlora.data.tasks import load_stream, stream_metric
 from gainlora.data.types import DataError
 from gainlora.loop import ArtifactError, ContinualLoop, StopFlag, TaskInterrupted
 from gainlora.observers import logger_observers
-from gainlora.rundir import claim_run_dir, is_main_process
+from gainlora.rundir import claim_run_dir, is_main_process, record_inputs
 from gainlora.schema import ConfigError, validate_config
 from gainlora.summary import run_summary
 
@@ -36,6 +37,7 @@ def run(cfg: DictConfig) -> dict:
     derive_batching(cfg)
     check_trainer(cfg)
     tasks = load_stream(cfg.benchmark, seed=cfg.seed)
+    record_inputs(cfg, tasks)  # a resume refuses other data or code
     single_task = single_task_reference(cfg, [t.name for t in tasks])
     check_backbone_source(cfg.backbone)
     with claim_run_dir(cfg) as run_dir:  # created, locked and checked: the first write
@@ -102,12 +104,48 @@ def main(cfg: DictConfig) -> float:
              "some space and resume with resume=true")
 
 
+MULTIRUN = ("-m", "--multirun")
+
+
 def cli() -> None:
-    """``python -m gainlora.run`` / ``gainlora-run``: Hydra's command line, overrides checked first."""
+    """``python -m gainlora.run`` / ``gainlora-run``: Hydra's command line, overrides checked first;
+    in a multirun, every job's config, so a bad value fails the sweep before its first job trains."""
     args = sys.argv[1:]
-    if not any(arg.startswith("-") for arg in args):  # plain overrides; Hydra's flags go to Hydra as they are
+    flags = [arg for arg in args if arg.startswith("-")]
+    if not flags:  # plain overrides; Hydra's other flags go to Hydra as they are
         check_overrides(CONF_DIR, args)
+    elif set(flags) <= set(MULTIRUN):
+        overrides = [arg for arg in args if arg not in MULTIRUN]
+        jobs = sweep_jobs(overrides)
+        for n, job in enumerate(jobs, 1):
+            check_overrides(CONF_DIR, job)
+            try:
+                validate_config(compose_config(job))
+            except ConfigError as err:
+                fail(f"{err} (sweep job {n} of {len(jobs)})")
+        sys.argv[1:] = [flags[0], *overrides]  # Hydra takes its flag before the overrides only
     main()
+
+
+def sweep_jobs(overrides: list[str]) -> list[list[str]]:
+    """Each job's overrides, as Hydra's basic sweeper expands them (the product of the sweeps)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # noqa: BLE001 - a syntax error: check_overrides names it as a plain run would
+        check_overrides(CONF_DIR, overrides)
+        raise
+    choices = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
+               else [o.input_line] for o in parsed]
+    return [list(job) for job in itertools.product(*choices)]
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=overrides)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ with a line naming the holder. Worker ranks join the directory rank 0 chose (``G
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import socket
@@ -22,14 +23,33 @@ from filelock import FileLock, Timeout
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from gainlora import __version__
 from gainlora.artifacts import RunDir, write_json
+from gainlora.data.types import TaskData
 from gainlora.schema import ConfigError, refuse, validate_config
+from gainlora.targets import bind_method, make
 
 RUN_ID_ENV = "GAINLORA_RUN_ID"
 LOCK, HOLDER = ".lock", ".lock.json"
 # Keys that may differ between an interrupted run and its resumption.
 RESUMABLE_KEYS = {"resume", "run_id", "paths", "logger", "trainer.enable_progress_bar", "derived", "checkpoint",
                   "backbone.gradient_checkpointing"}  # memory only: the same loss and gradients
+
+
+def record_inputs(cfg: DictConfig, tasks: list[TaskData]) -> None:
+    """Put what the config alone does not pin down in ``derived`` (saved in config.yaml): a sha256 of
+    each task's examples (a custom task's files can change under the same path) and the code version,
+    which a resume must find unchanged (:func:`check_existing`)."""
+    with open_dict(cfg):
+        cfg.derived.data_sha256 = {task.name: task_digest(task) for task in tasks}
+        cfg.derived.code_version = __version__
+
+
+def task_digest(task: TaskData) -> str:
+    digest = hashlib.sha256(task.metric.encode())
+    for split in (task.train, task.val, task.test):
+        digest.update(json.dumps([[e.source, e.target, list(e.references), e.id] for e in split]).encode())
+    return digest.hexdigest()
 
 
 def is_main_process() -> bool:
@@ -134,7 +154,7 @@ def claim_run_dir(cfg: DictConfig) -> Iterator[RunDir]:
     root = run_dir.root
     if cfg.resume and not run_dir.config.is_file():
         raise refuse("run_id", root.name, f"resume=true needs an existing run; {root} holds none")
-    created = not root.exists()
+    created = [p for p in (root, *root.parents) if not p.exists()]  # the run dir and any new parents
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -157,7 +177,20 @@ def claim_run_dir(cfg: DictConfig) -> Iterator[RunDir]:
         if created and not run_dir.config.exists():  # nothing of a run was written: leave no trace
             with contextlib.suppress(OSError):
                 (root / LOCK).unlink()
-                root.rmdir()
+                for folder in created:
+                    folder.rmdir()
+
+
+def check_trained_method(run_dir: RunDir, method: str) -> None:
+    """The method a config builds must be the one results.json says trained the saved tasks (an
+    edited config.yaml would otherwise load one method's branches into another)."""
+    try:
+        trained = json.loads(run_dir.results.read_text()).get("method")
+    except (OSError, ValueError, AttributeError):
+        return  # no results yet (killed in its first task): nothing was trained to mismatch
+    if trained is not None and trained != method:
+        raise ConfigError(f"{run_dir.config}: its method builds {method}, but {run_dir.results} says the run "
+                          f"trained {trained}; restore the config the run was made with")
 
 
 def check_existing(cfg: DictConfig, run_dir: RunDir) -> None:
@@ -174,10 +207,19 @@ def check_existing(cfg: DictConfig, run_dir: RunDir) -> None:
     except Exception as err:
         raise ConfigError(f"{run_dir.config}: not a readable config ({type(err).__name__})") from None
     try:
-        validate_config(saved, machine=False)  # a saved config naming foreign code is refused here
+        method = validate_config(saved, machine=False).method  # a saved config naming foreign code is refused here
     except ConfigError as err:
         raise ConfigError(f"{run_dir.config}: {err}") from None
+    check_trained_method(run_dir, make(bind_method("method", method)).name)
     diffs = config_differences(saved, cfg)
     if diffs:
         raise ConfigError(f"resume: {run_dir.config} was made with another config; differing keys: "
                           + "; ".join(diffs[:5]))
+    before, now = saved.get("derived") or {}, cfg.get("derived") or {}
+    if before.get("code_version") not in (None, now.get("code_version")):
+        raise refuse("resume", True, f"the gainlora version that made {root} ({before.code_version}); this is "
+                     f"{now.get('code_version')}: start a new run")
+    for task, digest in (before.get("data_sha256") or {}).items():
+        if digest != (now.get("data_sha256") or {}).get(task, digest):
+            raise refuse("resume", True, f"the data {root} was trained on; task {task}'s examples changed since "
+                         f"(sha256 {digest[:12]} -> {now.data_sha256[task][:12]}): restore them or start a new run")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 from importlib.util import find_spec
 import json
-from dataclasses import fields
+from dataclasses import replace
 from typing import Annotated, Any, Literal
 
 import torch
@@ -23,7 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from gainlora import fsdp
 from gainlora.data.tasks import READERS
-from gainlora.targets import (STRICT, ConfigError, bind_logger, bind_method, bind_optimizer, bind_strategy,
+from gainlora.model.tiny_models import ARCHS
+from gainlora.targets import (STRICT, ConfigError, bind_logger, bind_optimizer, bind_strategy, check_method,
                               check_name, from_pydantic, refuse)
 
 __all__ = ["ConfigError", "RunConfig", "check_name", "validate_config"]
@@ -72,11 +73,30 @@ class Paths(Section):
     run_dir: str | None
 
 
+class TinyOverrides(Section):
+    """Fields of ``gainlora.model.tiny.TinySpec`` a config may change (each optional)."""
+    arch: Literal[ARCHS] | None = None  # type: ignore[valid-type]
+    d_model: PosInt | None = None
+    layers: PosInt | None = None
+    heads: PosInt | None = None
+    d_ff: PosInt | None = None
+    decoder_layers: PosInt | None = None
+    vocab_size: Annotated[int, Field(ge=300)] | None = None  # BPE: 256 bytes, the specials, some merges
+    max_positions: PosInt | None = None
+    pretrain_steps: NonNegInt | None = None
+    pretrain_lr: Annotated[float, Field(gt=0)] | None = None
+    pretrain_batch: PosInt | None = None
+    pretrain_warmup: NonNegInt | None = None
+    pretrain_words: PosInt | None = None
+    seed: Annotated[int, Field(ge=0, lt=2**31)] | None = None
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,100}$")] | None = None  # the cache folder's prefix
+
+
 class Backbone(Section):
     family: str | None = None  # the tiny preset <family>-test stands in for it under debug=cpu_tiny
     name_or_path: Annotated[str, Field(min_length=1)] | None
     tiny: str | None
-    tiny_overrides: dict[str, Any] | None = None
+    tiny_overrides: TinyOverrides | None = None
     dtype: Literal["float32", "bfloat16", "float16"]
     max_source_length: Length
     max_target_length: Length
@@ -88,7 +108,7 @@ class Backbone(Section):
 
     @model_validator(mode="after")
     def one_source(self) -> Backbone:
-        from gainlora.model.tiny import PRESETS, TinySpec
+        from gainlora.model.tiny import PRESETS
 
         if (self.name_or_path is None) == (self.tiny is None):
             raise ValueError("backbone.name_or_path: set exactly one of backbone.name_or_path (a Hugging Face "
@@ -106,10 +126,12 @@ class Backbone(Section):
                 raise ValueError(f"backbone.tiny: with backbone.text_corpus one of {', '.join(TEXT_PRESETS)}")
         elif self.tiny is not None and self.tiny not in PRESETS:
             raise ValueError(f"backbone.tiny: one of {', '.join(PRESETS)}")
-        unknown = sorted(set(self.tiny_overrides or {}) - {f.name for f in fields(TinySpec)} - {"name"})
-        if unknown:
-            raise ValueError(f"backbone.tiny_overrides.{unknown[0]}: unknown field; the preset fields are "
-                             + ", ".join(f.name for f in fields(TinySpec)))
+        if self.tiny_overrides is not None and self.tiny in PRESETS:
+            spec = replace(PRESETS[self.tiny], **self.tiny_overrides.model_dump(exclude_none=True))
+            if spec.d_model % spec.heads:
+                if self.tiny_overrides.d_model is not None:
+                    raise ValueError(f"backbone.tiny_overrides.d_model: a multiple of heads ({spec.heads})")
+                raise ValueError(f"backbone.tiny_overrides.heads: a divisor of d_model ({spec.d_model})")
         return self
 
 
@@ -245,7 +267,7 @@ def validate_config(cfg: DictConfig, *, machine: bool = True) -> RunConfig:
     check_name("exp_name", valid.exp_name)
     if valid.run_id is not None:
         check_name("run_id", valid.run_id)
-    bind_method("method", data["method"])
+    check_method("method", data["method"])
     bind_optimizer(data["optimizer"])
     bind_strategy(data["strategy"])
     fsdp.check(data["strategy"], data["trainer"])

@@ -13,6 +13,7 @@ import inspect
 import json
 import os
 import re
+import types
 import typing
 from dataclasses import dataclass
 from typing import Any
@@ -105,21 +106,28 @@ def bind(key: str, cls: type, spec: dict, *, skip: tuple[str, ...] = ()) -> dict
     return {name: getattr(valid, name) for name in spec if name in found} | dict(valid.model_extra or {})
 
 
-def bind_method(key: str, spec: Any) -> Bound:
-    """A method section: its class (allow-listed) and validated arguments; a parameter annotated
-    with a Method type (GainLoRA's ``branches``) takes a nested method section."""
+def bind_method(key: str, spec: Any, accepted: tuple[type, ...] = ()) -> Bound:
+    """A method section: its class (allow-listed) and validated arguments. A parameter annotated
+    with a Method type takes a nested method section: ``Method`` itself, any method (Replay's
+    ``method``); a class or a union of classes, exactly those (GainLoRA's ``branches``: a subclass
+    such as EPI adds routing or gates that the outer method knows nothing of). ``accepted``: the
+    classes this section may name (empty: any method)."""
     from gainlora.methods.base import Method
 
     if not isinstance(spec, dict):
         raise refuse(key, spec, "a method section with _target_ (conf/method/*.yaml)")
     spec = dict(spec)
-    cls = allowed_class(key, spec.pop("_target_", MISSING), ("gainlora.methods",), Method, "methods",
-                        method_names())
+    target = spec.pop("_target_", MISSING)
+    cls = allowed_class(key, target, ("gainlora.methods",), Method, "methods", method_names())
+    if accepted and cls not in accepted:
+        raise refuse(f"{key}._target_", target, "one of " + ", ".join(f"{c.__module__.rpartition('.')[0]}.{c.__name__}"
+                                                                      for c in accepted))
     label = spec.pop("name", None)
     if label is not None and not isinstance(label, str):
         raise refuse(f"{key}.name", label, "a string label")
-    nested = {name: bind_method(f"{key}.{name}", spec.pop(name)) for name, hint in _hints(cls).items()
-              if name in spec and isinstance(hint, type) and issubclass(hint, Method)}
+    nested = {name: bind_method(f"{key}.{name}", spec.pop(name), classes)
+              for name, hint in _hints(cls).items() if name in spec
+              for classes in [_method_classes(hint, Method)] if classes is not None}
     for name, value in spec.items():
         if isinstance(value, dict) and "_target_" in value:
             raise refuse(f"{key}.{name}", value.get("_target_"), f"{cls.__name__}.{name} takes a plain value")
@@ -134,6 +142,35 @@ def bind_method(key: str, spec: Any) -> Bound:
 
 def _defaults(cls: type) -> dict[str, Any]:
     return {n: p.default for n, p in inspect.signature(cls).parameters.items() if p.default is not p.empty}
+
+
+def _method_classes(hint: Any, base: type) -> tuple[type, ...] | None:
+    """For a parameter annotated with method classes, the classes it accepts (() for ``Method``:
+    any); None for any other annotation."""
+    members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if not all(isinstance(m, type) and issubclass(m, base) for m in members):
+        return None
+    return () if members == (base,) else tuple(members)
+
+
+def make(bound: Bound):
+    """Instantiate a bound class; nested bound arguments first (GainLoRA's branch method)."""
+    obj = bound.cls(**{k: make(v) if isinstance(v, Bound) else v for k, v in bound.kwargs.items()})
+    if bound.label:
+        obj.name = bound.label
+    return obj
+
+
+def check_method(key: str, spec: Any) -> Bound:
+    """``bind_method``, then the constructors' own checks of how the arguments combine (what replay
+    may wrap): a method is plain Python state, cheap to make, so it is made once here, before
+    anything is loaded or written."""
+    bound = bind_method(key, spec)
+    try:
+        make(bound)
+    except (ValueError, TypeError) as err:
+        raise refuse(f"{key}._target_", spec.get("_target_"), str(err)) from None
+    return bound
 
 
 def _hints(obj: Any) -> dict[str, Any]:
@@ -235,7 +272,7 @@ def from_pydantic(err: ValidationError, data: Any, prefix: str = "", model: type
     if model is not None and path and "null" not in wanted and _accepts_null(model, data, path):
         wanted.append("null")
     value = node if path else first["input"]
-    verb = "should be " if not wanted[0].startswith("have ") else "should "
+    verb = "should " if wanted[0].startswith(("have ", "match ")) else "should be "
     accepted = " or ".join(wanted)
     return ConfigError(f"{key}={show(value)}: {verb}" + (accepted.replace(" or null", " or be null")
                                                          if verb == "should " else accepted))

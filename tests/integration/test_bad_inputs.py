@@ -67,7 +67,6 @@ CASES = {
     "unknown reader": (["benchmark.reader=bogus"], None, "benchmark.reader=bogus: should be 'demo', 'superni', 'long' or 'custom'"),
     "unknown order": (["benchmark.order=9"], None, "benchmark.order=9: one of 1, 2, all"),
     "zero rank": (["lora.rank=0"], None, "lora.rank=0: should be greater than 0"),
-    "rank wider than a projection": (["lora.rank=100000"], None, "lora.rank=100000: at most 64, the narrowest"),
     "endless generation": (["backbone.max_new_tokens=1000000000"], None,
                            "backbone.max_new_tokens=1000000000: should be less than or equal to 131072"),
     "no backbone": (["backbone.tiny=null"], None, "backbone.name_or_path"),
@@ -79,6 +78,7 @@ CASES = {
                                   "trainer: lightning.Trainer refuses these settings: `devices` selected with"),
     "missing single-task reference": (["metrics.single_task_run=/nonexistent/st"], None,
                                       "metrics.single_task_run: /nonexistent/st/results.json: not found"),
+    "rank above the backbone's width": (["lora.rank=100000"], None, "lora.rank=100000: at most 64 for this backbone"),
     "known-missing file": (["benchmark=long", "benchmark.tasks=[yelp]", f"paths.data_dir={SHARED}"], None,
                            "yelp/test.json"),
 }
@@ -100,7 +100,7 @@ def test_bad_input_is_refused_before_training(case, tmp_path):
         run(cfg)
     assert fragment in str(err.value)
     assert "\n" not in str(err.value)
-    assert not list((tmp_path / "runs").rglob("DONE")), "training started"
+    assert not (tmp_path / "runs").exists(), "files written before the error"
 
 
 @pytest.mark.parametrize("override, fragment", [("method=nosuch", "nosuch"), ("backbone=nosuch", "nosuch")])
@@ -230,7 +230,7 @@ def test_load_run_and_resume_run_nothing_a_config_names(target, tmp_path):
     import gainlora
 
     root, marker = crafted_run(tmp_path, target)
-    with pytest.raises(ValueError, match=rf"^method._target_={re.escape(target)}: not one of the project's methods"):
+    with pytest.raises(ValueError, match=rf"config.yaml: method._target_={re.escape(target)}: not one of the project.s methods"):
         gainlora.load_run(root)
     with pytest.raises(ValueError, match=rf"config.yaml: method._target_={re.escape(target)}: not one of"):
         run(config(tmp_path, *DEMO, "run_id=crafted", "resume=true"))
@@ -283,3 +283,61 @@ def test_a_bad_override_is_one_line_and_exit_2(args, fragment, monkeypatch, caps
         gainlora.run.cli()
     err = capsys.readouterr().err
     assert stopped.value.code == 2 and err.startswith(fragment) and err.count("\n") == 1, err
+
+
+# -- a run directory whose config.yaml was edited to another method -----------------------------------------
+def test_a_config_edited_to_another_method_is_refused(tmp_path, t5_backbone):
+    """results.json names the method that trained the tasks: a config.yaml building another one is
+    refused by load_run and by resume, and a gate file under a gate-free method is an error."""
+    import functools
+
+    import gainlora
+    from gainlora.loop import check_shapes
+    from gainlora.model.module import ContinualLM
+    from omegaconf import OmegaConf
+
+    root = tmp_path / "runs" / "demo" / "edited"
+    root.mkdir(parents=True)
+    cfg = config(tmp_path, *DEMO, "run_id=edited", "method=seqlora")
+    cfg.paths.run_dir = str(root)
+    (root / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (root / "results.json").write_text(json.dumps({"tasks": ["demo_colour"], "method": "gainlora_inflora",
+                                                   "status": "interrupted"}))
+    with pytest.raises(ValueError, match=r"config.yaml: its method builds seqlora, but .*results.json says the run "
+                                         r"trained gainlora_inflora"):
+        gainlora.load_run(root)
+    with pytest.raises(ValueError, match=r"config.yaml: its method builds seqlora, but"):
+        run(config(tmp_path, *DEMO, "run_id=edited", "method=seqlora", "resume=true"))
+    module = ContinualLM(t5_backbone(), rank=2, optimizer=functools.partial(torch.optim.AdamW, lr=1e-3))
+    branch = {f"{name}.{part}": torch.zeros(shape) for name, layer in module.adapted.items()
+              for part, shape in (("A", (2, layer.in_features)), ("B", (layer.out_features, 2)))}
+    check_shapes(module, {"branch": branch, "gate": {}}, 0)
+    with pytest.raises(ValueError, match=r"task 1 gate.safetensors: a gate, but this config's method has none"):
+        check_shapes(module, {"branch": branch, "gate": {"G1": torch.zeros(3, 3)}}, 0)
+
+
+@pytest.mark.parametrize("args, line", [
+    (["-m", "lora.rank=4,0"], "error: lora.rank=0: should be greater than 0 (sweep job 2 of 2)"),
+    (["lora.rank=4,0", "-m"], "error: lora.rank=0: should be greater than 0 (sweep job 2 of 2)"),  # flag last
+    (["-m", "lora.rnak=2,4"], "error: lora.rnak=2: unknown key (a typo?); to add a new key use +lora.rnak=2"),
+    (["-m", "seed=0,1", "method.depth=1,0"], "error: method.depth=0: should be greater than or equal to 1 "
+                                              "(sweep job 2 of 4)"),
+])
+def test_a_sweep_with_one_bad_job_fails_before_any_job_runs(args, line, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(sys, "argv", ["gainlora.run", *TINY, f"paths.runs_dir={tmp_path / 'runs'}", *args])
+    monkeypatch.setattr(gainlora.run, "main", lambda: pytest.fail("a job was launched"))
+    with pytest.raises(SystemExit) as stopped:
+        gainlora.run.cli()
+    assert stopped.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [line]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_restored_task_survives_an_unreadable_results_json(tmp_path) -> None:
+    """results.json is rewritten from the verified tasks on resume: garbage in it costs one count."""
+    from gainlora.artifacts import RunDir
+    from gainlora.observers import ResultsWriter, TaskEnd
+
+    (tmp_path / "results.json").write_text("{bad")
+    writer = ResultsWriter(RunDir(tmp_path), module=object())
+    writer.count_trainable(TaskEnd(0, tmp_path / "tasks" / "01-a", {"tasks": ["a"]}, restored=True))
+    assert writer.trainable == {"a": None}

@@ -101,6 +101,20 @@ def test_bad_csv_rows_are_named_by_file_and_line(tmp_path: Path, text: str, frag
     assert fragment in refused(cfg(str(tmp_path / "t")))
 
 
+def test_a_byte_order_mark_is_read_past(tmp_path: Path) -> None:
+    """Editors on Windows start UTF-8 files with a BOM; neither the first JSON line nor the CSV
+    header's first column may see it."""
+    (tmp_path / "j").mkdir()
+    (tmp_path / "j" / "train.jsonl").write_text("\ufeff" + (json.dumps(ROW) + "\n") * 2, encoding="utf-8")
+    write_jsonl(tmp_path / "j" / "test.jsonl", [ROW])
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "train.csv").write_text("\ufeffinstruction,input,output\ni,x,y\ni,x,y\n", encoding="utf-8")
+    write_jsonl(tmp_path / "c" / "test.jsonl", [ROW])
+    jsonl, csv = load_stream(cfg(str(tmp_path / "j"), str(tmp_path / "c")), seed=0)
+    assert [e.references for e in jsonl.train + jsonl.val] == [("y",)] * 2
+    assert [e.references for e in csv.train + csv.val] == [("y",)] * 2
+
+
 def test_bad_task_entries_name_the_key(tmp_path: Path) -> None:
     good = str(task_folder(tmp_path))
     (tmp_path / "notest").mkdir()

@@ -84,3 +84,19 @@ def test_unknown_backbone_is_one_error_line() -> None:
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "error: backbone.name_or_path=org/unknown: the planner knows " + done.stderr.split("knows ")[1].strip()]
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--card-gb", "nan", "experiment=demo"], "error: --card-gb=nan: a positive number"),
+    (["--card-gb", "-1", "experiment=demo"], "error: --card-gb=-1: a positive number"),
+    (["experiment=demo", "lora.rank=0"], "error: lora.rank=0: should be greater than 0"),
+    (["experiment=demo", "method.depth=0"], "error: method.depth=0: should be greater than or equal to 1"),
+    (["experiment=demo", "lora.rnak=3"], "error: lora.rnak=3: unknown key (a typo?); to add a new key use +lora.rnak=3"),
+])
+def test_bad_input_is_the_run_s_one_error_line(args, line, capsys) -> None:
+    """The planner checks a config with the run's schema, before sizing anything."""
+    from gainlora.plan import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(args)
+    assert stopped.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [line]

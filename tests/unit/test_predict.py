@@ -57,7 +57,7 @@ def fake_run(tmp_path: Path) -> Path:
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text("benchmark:\n  reader: demo\n")
-    (run / "results.json").write_text("{}")
+    (run / "results.json").write_text('{"tasks": ["demo_colour"]}')
     return run
 
 
@@ -84,14 +84,38 @@ def test_bad_arguments_are_named(tmp_path, capsys) -> None:
     source.write_text('{"input": "a"}\n')
     run = fake_run(tmp_path)
     assert main([str(tmp_path / "nowhere"), str(source), str(tmp_path / "o")]) == 2
-    assert main([str(run), str(source), str(tmp_path / "o"), "--batch-size", "0"]) == 2
-    assert main([str(run), str(source), str(tmp_path / "o"), "--prompt", "chat"]) == 2
     assert main([str(run), str(tmp_path / "missing.jsonl"), str(tmp_path / "o")]) == 2
+    assert main([str(run), str(source), str(tmp_path)]) == 2  # a directory
+    assert main([str(run), str(source), "/proc/gainlora/o.jsonl"]) == 2  # checked before the model loads
+    for args in (["--batch-size", "0"], ["--batch-size", "abc"], ["--prompt", "chat"], ["--bogus"], []):
+        with pytest.raises(SystemExit) as stopped:  # argparse's own errors, in the same one-line form
+            main([str(run), str(source), *(["o"] if args else []), *args])
+        assert stopped.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"error: run={tmp_path / 'nowhere'}: not a run directory (needs config.yaml and results.json)",
+        f"error: {tmp_path / 'nowhere'}: not a run directory (needs config.yaml and results.json)",
+        f"error: {tmp_path / 'missing.jsonl'}: no such file",
+        f"error: output={tmp_path}: a directory; give a file path",
+        "error: output=/proc/gainlora/o.jsonl: /proc cannot be written (No such file or directory)",
         "error: --batch-size=0: a positive integer",
+        "error: --batch-size=abc: a positive integer",
         "error: --prompt=chat: expected one of superni, long, demo",
-        f"error: {tmp_path / 'missing.jsonl'}: no such file"]
+        "error: --bogus: unknown arguments; see python -m gainlora.predict --help",
+        "error: output: required; see python -m gainlora.predict --help"]
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda run: (run / "config.yaml").write_text("a: [unclosed\n"), "config.yaml: not a readable config"),
+    (lambda run: (run / "config.yaml").write_text("- 1\n"), "config.yaml: not a run config"),
+    (lambda run: (run / "results.json").write_text("{bad"), "results.json: not a run's results"),
+    (lambda run: (run / "results.json").write_text('{"tasks": "a"}'), "results.json: not a run's results"),
+])
+def test_a_damaged_run_directory_is_named(tmp_path, capsys, damage, fragment) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"input": "a"}\n')
+    damage(run := fake_run(tmp_path))
+    assert main([str(run), str(source), str(tmp_path / "o.jsonl")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {run}/") and fragment in err[0], err
 
 
 @pytest.mark.slow

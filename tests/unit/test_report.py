@@ -283,3 +283,24 @@ def test_run_summary_names_matrix_metrics_folder_and_plots(tmp_path: Path) -> No
     assert f"run folder: {run}" in text and str(run / "plots" / "matrix.png") in text
     rows = text.splitlines()
     assert rows[3].split() == ["1", "yelp", "60.0"] and rows[5].split() == ["3", "mnli", "70.0", "50.0", "85.0"]
+
+
+
+def test_cli_names_an_unreadable_config_and_an_unwritable_out(tmp_path: Path, capsys) -> None:
+    """Each mistake is one error line, and nothing is written."""
+    good, other = _write_run(tmp_path / "exp" / "a"), _write_run(tmp_path / "exp" / "b")
+    (other / "config.yaml").write_text("a: [unclosed\n")
+    assert main([str(good), str(other), "--out", str(tmp_path / "o")]) == 2
+    (other / "config.yaml").write_text("- 1\n")
+    assert main([str(good), str(other), "--out", str(tmp_path / "o")]) == 2
+    (tmp_path / "file").write_text("")
+    assert main([str(good), "--out", str(tmp_path / "file" / "o")]) == 2
+    with pytest.raises(SystemExit) as stopped:
+        main([str(good), "--out", str(tmp_path / "o"), "--name", "x"])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {other}/config.yaml: not a readable config (while parsing a flow sequence)",
+        f"error: {other}/config.yaml: not a run config (a mapping of sections)",
+        f"error: --out={tmp_path}/file/o: {tmp_path}/file is not a directory",
+        "error: --name: not allowed with --out"]
+    assert not (tmp_path / "o").exists()

@@ -144,11 +144,49 @@ def test_a_failed_start_leaves_no_directory(tmp_path):
     with pytest.raises(RuntimeError):
         with claim_run_dir(cfg_of(tmp_path, "run_id=short")):
             raise RuntimeError("backbone failed to load")
-    assert list((tmp_path / "demo").iterdir()) == []
+    assert not (tmp_path / "demo").exists()  # nor the parents it created
 
 
 def test_an_unwritable_runs_dir_is_refused(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match=rf"^paths.runs_dir={tmp_path}/file/runs: a writable directory"):
         with claim_run_dir(cfg_of(tmp_path, f"paths.runs_dir={tmp_path}/file/runs", "run_id=x")):
+            pass
+
+
+def test_resume_refuses_changed_task_data_and_another_code_version(tmp_path):
+    """A custom task's file edited under the same path, or another gainlora version, is not resumed."""
+    from gainlora.build import derive_batching
+    from gainlora.data.tasks import load_stream
+    from gainlora.rundir import record_inputs
+
+    task = tmp_path / "data" / "t1"
+    task.mkdir(parents=True)
+
+    def write(output: str) -> None:
+        rows = "".join(json.dumps({"instruction": "Copy.", "input": f"w{i}", "output": output}) + "\n" for i in range(6))
+        (task / "train.jsonl").write_text(rows)
+        (task / "test.jsonl").write_text(rows)
+
+    def started(*extra: str):
+        cfg = cfg_of(tmp_path, "benchmark=custom", f"benchmark.tasks=[{task}]", "run_id=r", *extra)
+        derive_batching(cfg)
+        record_inputs(cfg, load_stream(cfg.benchmark, seed=cfg.seed))
+        return cfg
+
+    write("a")
+    with claim_run_dir(cfg := started()) as run_dir:
+        run_dir.config.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    write("b")
+    with pytest.raises(ConfigError, match=r"^resume=true: the data .*; task t1's examples changed since"):
+        with claim_run_dir(started("resume=true")):
+            pass
+    write("a")
+    with claim_run_dir(started("resume=true")):  # the same data again: resumes
+        pass
+    saved = OmegaConf.load(run_dir.config)
+    saved.derived.code_version = "0.0.1"
+    run_dir.config.write_text(OmegaConf.to_yaml(saved))
+    with pytest.raises(ConfigError, match=r"^resume=true: the gainlora version that made .* \(0\.0\.1\)"):
+        with claim_run_dir(started("resume=true")):
             pass

@@ -52,7 +52,12 @@ REFUSED = {
     "backbone.tiny=nosuch": "backbone.tiny=nosuch: one of t5-demo",
     "backbone.tiny=null": "backbone.name_or_path=null: set exactly one of",
     "backbone.name_or_path=google-t5/t5-large": "backbone.name_or_path=google-t5/t5-large: set exactly one of",
-    "+backbone.tiny_overrides.layerz=3": "backbone.tiny_overrides.layerz=3: unknown field",
+    "+backbone.tiny_overrides.layerz=3": "backbone.tiny_overrides.layerz=3: unknown key",
+    "+backbone.tiny_overrides.d_model=0": "backbone.tiny_overrides.d_model=0: should be greater than 0",
+    "+backbone.tiny_overrides.d_model=102": "backbone.tiny_overrides.d_model=102: a multiple of heads (4)",
+    "+backbone.tiny_overrides.heads=3": "backbone.tiny_overrides.heads=3: a divisor of d_model (128)",
+    "+backbone.tiny_overrides.arch=gpt9": "backbone.tiny_overrides.arch=gpt9: should be 't5', ",
+    "+backbone.tiny_overrides.name=../x": "backbone.tiny_overrides.name=../x: should match pattern",
     "benchmark.num_tasks=0": "benchmark.num_tasks=0: should be greater than 0 or null",
     "benchmark.num_tasks=-1": "benchmark.num_tasks=-1: should be greater than 0 or null",
     "benchmark.num_tasks=5": "benchmark.num_tasks=5: 1 to 4",
@@ -121,6 +126,45 @@ def test_bad_value_is_refused_with_one_line(override):
     message = str(err.value)
     assert message.startswith(REFUSED[override]), message
     assert "\n" not in message
+
+
+# several overrides -> the start of the message: how a method's arguments combine
+REFUSED_TOGETHER = {
+    ("~method.branches", "+method.branches={_target_:gainlora.methods.EPI}"):
+        "method.branches._target_=gainlora.methods.EPI: one of gainlora.methods.InfLoRA, gainlora.methods.OLoRA, "
+        "gainlora.methods.IncLoRA, gainlora.methods.CLoRA",
+    ("~method.branches", "+method.branches={_target_:gainlora.methods.SeqLoRA}"):
+        "method.branches._target_=gainlora.methods.SeqLoRA: one of",
+    ("~method.branches", "+method.branches={_target_:gainlora.methods.SAPTLoRA}"):
+        "method.branches._target_=gainlora.methods.SAPTLoRA: one of",
+    ("~method.branches", "+method.branches={_target_:gainlora.methods.SingleTask}"):
+        "method.branches._target_=gainlora.methods.SingleTask: one of",
+    ("method=seqlora_replay", "method.method._target_=gainlora.methods.SingleTask"):
+        "method._target_=gainlora.methods.Replay: its method: a continual method without a replay buffer of its own, "
+        "not single_task",
+    ("method=seqlora_replay", "method.method._target_=gainlora.methods.MultiTask"):
+        "method._target_=gainlora.methods.Replay: its method: a continual method without a replay buffer",
+    ("method=seqlora_replay", "~method.method", "+method.method={_target_:gainlora.methods.SAPTLoRA}"):
+        "method._target_=gainlora.methods.Replay: its method: a continual method without a replay buffer",
+    ("method=inclora_replay", "~method.method",
+     "+method.method={_target_:gainlora.methods.Replay,method:{_target_:gainlora.methods.IncLoRA}}"):
+        "method._target_=gainlora.methods.Replay: its method: a continual method without a replay buffer",
+    ("method=sapt_lora", "method.seed=-1"): "method.seed=-1: should be greater than or equal to 0",
+    ("method=inclora_replay", "method.seed=2147483648"): "method.seed=2147483648: should be less than 2147483648",
+    ("method.seed=-1",): "method.seed=-1: should be greater than or equal to 0",
+}
+
+
+@pytest.mark.parametrize("overrides", list(REFUSED_TOGETHER), ids=" ".join)
+def test_method_combinations_are_refused_with_one_line(overrides):
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg_of(*overrides))
+    assert str(err.value).startswith(REFUSED_TOGETHER[overrides]), str(err.value)
+
+
+@pytest.mark.parametrize("inner", ["InfLoRA", "OLoRA", "IncLoRA", "CLoRA"])
+def test_gainlora_takes_the_four_branch_methods(inner):
+    validate_config(cfg_of("~method.branches", f"+method.branches={{_target_:gainlora.methods.{inner}}}"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of a GPU that is absent")

@@ -172,7 +172,7 @@ def _rows(path: Path) -> list[Row]:
 
 def jsonl_rows(path: Path) -> Iterator[Row]:
     """("<file> line N", object) for every non-blank line; a DataError names the first bad one."""
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8-sig") as handle:
         try:
             lines = list(enumerate(handle, 1))
         except UnicodeDecodeError as err:
@@ -191,7 +191,7 @@ def jsonl_rows(path: Path) -> Iterator[Row]:
 
 
 def _csv_rows(path: Path) -> Iterator[Row]:
-    with path.open(encoding="utf-8", newline="") as handle:
+    with path.open(encoding="utf-8-sig", newline="") as handle:
         reader = csv.DictReader(handle)
         columns = reader.fieldnames or []
         for needed in ("input", "output"):

@@ -28,6 +28,7 @@ Batches = Callable[[], Iterable[dict]]  # a fresh pass over the current task's t
 Stage = Literal["start", "end"]
 Threshold = Annotated[float, Field(gt=0, le=1)]  # a GPM energy threshold eps
 MaxBatches = Annotated[int, Field(ge=1)] | None  # cap on batches per feature collection; None: all
+Seed = Annotated[int, Field(ge=0, lt=2**31)]  # a method's own draws: the range of the run's seed
 
 
 @dataclass(frozen=True)

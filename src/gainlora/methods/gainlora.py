@@ -21,14 +21,18 @@ from torch import Tensor
 
 from gainlora.callbacks.gate_projection import GateProjection
 from gainlora.memory import Subspace, threshold_at
-from gainlora.methods.base import MaxBatches, Method, Needs, Stage, Threshold, subspace_tensors
+from gainlora.methods.base import IncLoRA, MaxBatches, Method, Needs, Seed, Stage, Threshold, subspace_tensors
+from gainlora.methods.clora import CLoRA
+from gainlora.methods.inflora import InfLoRA
+from gainlora.methods.olora import OLoRA
 from gainlora.model.features import Features
 from gainlora.model.gates import Output, Pool
 from gainlora.model.module import ContinualLM
 
 
 class GainLoRA(Method):
-    """``branches``: the method that opens, initialises and remembers the LoRA branches.
+    """``branches``: the method that opens, initialises and remembers the LoRA branches, one per task
+    (the paper's four; the schema accepts exactly these classes, not subclasses that route or gate).
 
     ``hidden``, ``depth``: width and number of the gate's hidden layers (the paper: 100, 1);
     ``output``: f in a_i = f(cos(p, k_i)) (``gainlora.model.gates``; ``sigmoid`` breaks the constraints);
@@ -38,11 +42,11 @@ class GainLoRA(Method):
     row renormalisation after the projection (breaks the exact invariance); ``seed``: gate draws.
     """
 
-    def __init__(self, branches: Method, *, hidden: Annotated[int, Field(ge=1, le=65536)] = 100,
+    def __init__(self, branches: InfLoRA | OLoRA | IncLoRA | CLoRA, *, hidden: Annotated[int, Field(ge=1, le=65536)] = 100,
                  depth: Annotated[int, Field(ge=1, le=16)] = 1, output: Output = "abs_2sigmoid", pool: Pool = "mean",
                  init_constraint: bool = True, update_constraint: bool = True,
                  thresholds: tuple[Threshold, Threshold, Threshold] = (0.995, 0.99999, 0.99999),
-                 renorm_rows: bool = False, max_batches: MaxBatches = 100, seed: int = 0) -> None:
+                 renorm_rows: bool = False, max_batches: MaxBatches = 100, seed: Seed = 0) -> None:
         super().__init__(max_batches=max_batches)
         self.branches = branches
         self.name = f"gainlora_{branches.name}"

@@ -27,7 +27,7 @@ from torch import Tensor
 from gainlora.callbacks.replay_mixer import ReplayMixer
 from gainlora.data.datamodule import TaskStreamDataModule
 from gainlora.data.types import Example
-from gainlora.methods.base import Batches, Method
+from gainlora.methods.base import Batches, Method, Seed
 from gainlora.model.module import ContinualLM
 
 PREFIX = "replay.task."
@@ -73,10 +73,10 @@ class ReplayBuffer:
 
 class Replay(Method):
     def __init__(self, method: Method, *, per_task: Size = 50, max_size: Size = 200, frequency: Size = 4,
-                 seed: int = 0) -> None:
+                 seed: Seed = 0) -> None:
         super().__init__(max_batches=method.max_batches)
-        if method.run_kind != "continual" or method.joint_training:
-            raise ValueError(f"replay applies to continual methods, not to {method.name}")
+        if method.run_kind != "continual" or method.joint_training or hasattr(method, "buffer"):
+            raise ValueError(f"its method: a continual method without a replay buffer of its own, not {method.name}")
         self.method = method
         self.name = f"{method.name}_replay"
         self.frequency = frequency

@@ -27,7 +27,7 @@ from torch import Tensor
 from gainlora.callbacks.replay_mixer import ReplayMixer
 from gainlora.data.datamodule import TaskStreamDataModule
 from gainlora.data.types import Example
-from gainlora.methods.base import Batches, IncLoRA, MaxBatches
+from gainlora.methods.base import Batches, IncLoRA, MaxBatches, Seed
 from gainlora.methods.replay import ReplayBuffer, Size
 from gainlora.model.module import ContinualLM
 from gainlora.model.task_attention import TaskAttention
@@ -54,7 +54,7 @@ class SAPTLoRA(IncLoRA):
 
     def __init__(self, *, hidden: Size = 100, temperature: Annotated[float, Field(gt=0)] = 1.0,
                  kl_ratio: Annotated[float, Field(ge=0)] = 0.5, per_task: Size = 50, max_size: Size = 200,
-                 frequency: Size = 1, max_batches: MaxBatches = 100, seed: int = 0) -> None:
+                 frequency: Size = 1, max_batches: MaxBatches = 100, seed: Seed = 0) -> None:
         super().__init__(max_batches=max_batches)
         self.gate_spec = {"kind": "attention", "pool": "max", "hidden": hidden, "temperature": temperature,
                           "seed": seed}

@@ -12,14 +12,17 @@ linears inside modules whose class name says attention. Phi-3 computes q, k and 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer,
                           PreTrainedModel, PreTrainedTokenizerBase)
+from transformers.utils import logging as hf_logging
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +101,20 @@ def resolve_path(name_or_path: str | None, tiny: str | None, cache_dir: str | No
     return name_or_path
 
 
+@contextlib.contextmanager
+def _no_loading_bar() -> Iterator[None]:
+    """transformers draws a "Loading weights" bar at every ``from_pretrained`` (a run's log and each
+    ``predict`` show it for a model already on disk); download bars are huggingface_hub's own and stay."""
+    def hook(factory, args, kwargs):
+        return factory(*args, **{**kwargs, "disable": True})
+
+    previous = hf_logging.set_tqdm_hook(hook)
+    try:
+        yield
+    finally:
+        hf_logging.set_tqdm_hook(previous)
+
+
 def load_backbone(name_or_path: str | None = None, *, tiny: str | None = None, dtype: str = "float32",
                   cache_dir: str | None = None, tiny_overrides: dict | None = None,
                   text_corpus: dict | None = None, attn_implementation: str | None = None) -> Backbone:
@@ -110,7 +127,8 @@ def load_backbone(name_or_path: str | None = None, *, tiny: str | None = None, d
     config = AutoConfig.from_pretrained(path)
     kind = "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
     auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
-    model = auto.from_pretrained(path, dtype=DTYPES[dtype], attn_implementation=attn_implementation)
+    with _no_loading_bar():
+        model = auto.from_pretrained(path, dtype=DTYPES[dtype], attn_implementation=attn_implementation)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:  # LLaMA tokenizers ship without a pad token
         tokenizer.pad_token = tokenizer.eos_token
