@@ -117,12 +117,20 @@ def cli() -> None:
     elif set(flags) <= set(MULTIRUN):
         overrides = [arg for arg in args if arg not in MULTIRUN]
         jobs = sweep_jobs(overrides)
+        writers: dict[tuple, int] = {}  # run directory named by an explicit run_id -> the job writing it
         for n, job in enumerate(jobs, 1):
             check_overrides(CONF_DIR, job)
             try:
-                validate_config(compose_config(job))
+                cfg = compose_config(job)
+                validate_config(cfg)
             except ConfigError as err:
                 fail(f"{err} (sweep job {n} of {len(jobs)})")
+            if cfg.run_id is not None:
+                where = (str(cfg.paths.runs_dir), cfg.exp_name, str(cfg.run_id))
+                if where in writers:
+                    fail(f"run_id={cfg.run_id}: one run directory per sweep job (jobs {writers[where]} and {n} "
+                         "would both write it); leave run_id unset or sweep it")
+                writers[where] = n
         sys.argv[1:] = [flags[0], *overrides]  # Hydra takes its flag before the overrides only
     main()
 

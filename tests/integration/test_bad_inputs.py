@@ -322,6 +322,8 @@ def test_a_config_edited_to_another_method_is_refused(tmp_path, t5_backbone):
     (["-m", "lora.rnak=2,4"], "error: lora.rnak=2: unknown key (a typo?); to add a new key use +lora.rnak=2"),
     (["-m", "seed=0,1", "method.depth=1,0"], "error: method.depth=0: should be greater than or equal to 1 "
                                               "(sweep job 2 of 4)"),
+    (["-m", "run_id=same", "seed=0,1"], "error: run_id=same: one run directory per sweep job (jobs 1 and 2 would "
+                                        "both write it); leave run_id unset or sweep it"),
 ])
 def test_a_sweep_with_one_bad_job_fails_before_any_job_runs(args, line, tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.setattr(sys, "argv", ["gainlora.run", *TINY, f"paths.runs_dir={tmp_path / 'runs'}", *args])
