@@ -56,7 +56,7 @@ gpu-check: $(STAMP) ## the GPU checks (bf16 bench at T5-Large/Llama-7B shapes, r
 	$(PY) bench/gpu_check.py --out bench/results/gpu_check.json
 
 DEMO_METHODS := seqlora inclora olora inflora ewc clora migu tasl kiflora epi l2p lfpt5 seqlora_replay inclora_replay sapt_lora gainlora_inclora gainlora_clora gainlora_olora gainlora_inflora
-demo-table: $(STAMP) ## the README's method comparison on the demo: six runs, then a report
+demo-table: $(STAMP) ## the README's method comparison on the demo: every method of DEMO_METHODS, then a report
 	for m in $(DEMO_METHODS); do $(PY) -m gainlora.run experiment=demo method=$$m run_id=table-$$m $(ARGS) || exit 1; done
 	$(PY) -m gainlora.report $(addprefix runs/demo/table-,$(DEMO_METHODS)) --out reports/demo
 
