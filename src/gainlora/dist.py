@@ -36,6 +36,16 @@ def shard() -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
+def all_reduce_flat(tensors: list[torch.Tensor], mean: bool = False) -> list[torch.Tensor]:
+    """The tensors summed (or averaged) over the ranks in one collective: flattened into one buffer,
+    reduced, and split back into views of their shapes. Every rank must pass the same layout."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    torch.distributed.all_reduce(flat)
+    if mean:
+        flat /= torch.distributed.get_world_size()
+    return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
 def rank_share(batches, max_batches: int | None, pad=None):
     """This rank's batches among the first ``max_batches`` (every world-th, by position).
 

@@ -32,7 +32,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from gainlora.dist import distributed
+from gainlora.dist import all_reduce_flat, distributed
 from gainlora.model.stacks import FrozenStack
 
 if TYPE_CHECKING:
@@ -153,12 +153,10 @@ class ReplicatedGradients(L.Callback):
             return
         # one flat all-reduce; a parameter without a gradient here counts as zero (every rank must
         # send the same layout) and keeps None if no rank had one
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-        torch.distributed.all_reduce(flat)
-        flat /= torch.distributed.get_world_size()
-        for p, g in zip(params, flat.split([p.numel() for p in params])):
+        grads = all_reduce_flat([p.grad if p.grad is not None else torch.zeros_like(p) for p in params], mean=True)
+        for p, g in zip(params, grads):
             if p.grad is not None or g.any():
-                p.grad = g.view_as(p).clone()
+                p.grad = g.clone()
 
 
 def callbacks(trainer) -> list[L.Callback]:

@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from gainlora.dist import distributed, last_micro_batch
+from gainlora.dist import all_reduce_flat, distributed, last_micro_batch
 
 
 class ImportanceTracker(L.Callback):
@@ -61,11 +61,8 @@ class ImportanceTracker(L.Callback):
         step, self._step = self._step, {}
         keys = sorted(step)  # every rank's backward reached the same tensors
         if distributed() and keys:
-            flat = torch.cat([step[k][1].reshape(-1) for k in keys])
-            torch.distributed.all_reduce(flat)
-            flat /= torch.distributed.get_world_size()
-            grads = flat.split([step[k][1].numel() for k in keys])
-            step = {k: (step[k][0], g.view_as(step[k][1])) for k, g in zip(keys, grads)}
+            grads = all_reduce_flat([step[k][1] for k in keys], mean=True)
+            step = {k: (step[k][0], g) for k, g in zip(keys, grads)}
         self.update(step)
 
     def on_train_end(self, trainer, pl_module) -> None:

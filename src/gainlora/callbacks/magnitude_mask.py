@@ -25,7 +25,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from gainlora.dist import distributed, last_micro_batch
+from gainlora.dist import all_reduce_flat, distributed, last_micro_batch
 from gainlora.model.lora import GatedLoRALinear
 
 
@@ -84,9 +84,7 @@ class MagnitudeMask(L.Callback):
             return
         names = sorted(self.sums)  # every rank ran the same layers
         if distributed() and names:
-            flat = torch.cat([s for name in names for s in self.sums[name]])
-            torch.distributed.all_reduce(flat)
-            parts = iter(flat.split([s.numel() for name in names for s in self.sums[name]]))
+            parts = iter(all_reduce_flat([s for name in names for s in self.sums[name]]))
             self.sums = {name: [next(parts), next(parts)] for name in names}
         self.masks = {name: [magnitude_mask(s, self.quantile) for s in self.sums[name]] for name in names}
         self.sums = {}
