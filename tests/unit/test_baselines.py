@@ -8,9 +8,11 @@ import math
 
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from lightning.pytorch.plugins.precision import MixedPrecision
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -244,6 +246,44 @@ def test_tasl_importance_is_the_smoothed_sensitivity_times_its_uncertainty() -> 
     restored = ImportanceTracker(0.5, 0.5, tracker.params)
     restored.load_state_dict(tracker.state_dict())
     assert restored.scores({"p": p}) == tracker.scores({"p": p})
+
+
+class Regression(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = nn.Linear(8, 1)
+
+    def training_step(self, batch, _):
+        x, y = batch
+        return ((self.linear(x).float() - y) ** 2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def fp16_importance(init_scale: float, steps: int = 4) -> tuple[ImportanceTracker, torch.amp.GradScaler]:
+    """TaSL's tracker after fp16 steps whose loss GradScaler multiplies by ``init_scale`` at first."""
+    module = Regression()
+    tracker = ImportanceTracker(0.5, 0.5, lambda m: {"w": m.linear.weight})
+    torch.manual_seed(1)
+    data = torch.utils.data.TensorDataset(torch.randn(4 * steps, 8), torch.randn(4 * steps, 1))
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=1000)
+    L.Trainer(accelerator="cpu", plugins=[MixedPrecision("16-mixed", "cpu", scaler)], max_steps=steps,
+              callbacks=[tracker], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False).fit(module, torch.utils.data.DataLoader(data, batch_size=4))
+    return tracker, scaler
+
+
+def test_importance_reads_fp16_gradients_unscaled() -> None:
+    # Powers of two scale every gradient exactly, so the averages must not depend on the scale.
+    (plain, _), (scaled, _) = fp16_importance(1.0), fp16_importance(2.0 ** 10)
+    assert torch.equal(plain.avg_ipt["w"], scaled.avg_ipt["w"]) and plain.avg_ipt["w"].abs().sum() > 0
+    assert torch.equal(plain.avg_unc["w"], scaled.avg_unc["w"])
+    # 2^24 overflows fp16: GradScaler skips those steps (halving the scale), and so do the averages.
+    overflowing, scaler = fp16_importance(2.0 ** 24, steps=16)
+    assert scaler.get_scale() < 2.0 ** 24
+    assert torch.isfinite(overflowing.avg_ipt["w"]).all() and torch.isfinite(overflowing.avg_unc["w"]).all()
 
 
 def test_tasl_consolidation_rules() -> None:

@@ -6,7 +6,9 @@ its uncertainty U_bar <- b2 U_bar + (1 - b2) |I - I_bar|; a matrix's importance 
 does), read by a hook on each tracked Parameter (``Tensor.register_hook``) while autograd computes
 it: DeepSpeed ZeRO-2/3 move gradients into partitioned buffers and leave ``.grad`` empty, and
 under FSDP the replicated gradients are averaged only before the optimizer step. ``theta`` is
-taken in the same hook, where a ZeRO-3 partitioned Parameter is still gathered.
+taken in the same hook, where a ZeRO-3 partitioned Parameter is still gathered. With fp16 loss
+scaling the hooked gradient is the scaled one: it is divided by the step's scale, and a step whose
+gradient overflowed (the scaler skips that optimizer step) is left out of the averages.
 """
 from __future__ import annotations
 
@@ -14,9 +16,24 @@ from collections.abc import Callable
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import FSDPPrecision, MixedPrecision
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import Tensor
 
 from gainlora.dist import all_reduce_flat, distributed, last_micro_batch
+
+
+def loss_scale(trainer) -> float:
+    """What fp16 training multiplied this backward's loss by (1.0 without a scaler): Lightning's
+    GradScaler (plain or FSDP), or the fp16 optimizer's under DeepSpeed."""
+    if trainer is None:
+        return 1.0
+    plugin = trainer.precision_plugin
+    if isinstance(plugin, (MixedPrecision, FSDPPrecision)) and plugin.scaler is not None:
+        return float(plugin.scaler.get_scale())
+    if isinstance(trainer.strategy, DeepSpeedStrategy) and trainer.strategy.deepspeed_engine.fp16_enabled():
+        return float(trainer.strategy.deepspeed_engine.optimizer.cur_scale)
+    return 1.0
 
 
 class ImportanceTracker(L.Callback):
@@ -60,10 +77,13 @@ class ImportanceTracker(L.Callback):
             return
         step, self._step = self._step, {}
         keys = sorted(step)  # every rank's backward reached the same tensors
+        grads = [step[k][1] for k in keys]
         if distributed() and keys:
-            grads = all_reduce_flat([step[k][1] for k in keys], mean=True)
-            step = {k: (step[k][0], g) for k, g in zip(keys, grads)}
-        self.update(step)
+            grads = all_reduce_flat(grads, mean=True)
+        if not all(torch.isfinite(g).all() for g in grads):
+            return  # an fp16 overflow: the scaler skips this step, and so do the averages
+        scale = loss_scale(trainer)
+        self.update({k: (step[k][0], g / scale) for k, g in zip(keys, grads)})
 
     def on_train_end(self, trainer, pl_module) -> None:
         for handle in self._handles:
