@@ -170,7 +170,9 @@ class Benchmark(Section):
     def consistent(self) -> Benchmark:
         available = self.available()
         if self.num_tasks is not None and self.num_tasks > len(available):
-            raise ValueError(f"benchmark.num_tasks: 1 to {len(available)} (the tasks available), or null for all")
+            names = [t if isinstance(t, str) else t.get("name", "?") for t in available]
+            raise ValueError(f"benchmark.num_tasks: 1 to {len(available)} (the stream has {', '.join(names)}), "
+                             "or null for all")
         twice = [t for t in available if available.count(t) > 1]
         if twice:
             raise ValueError(f"benchmark.{'tasks' if self.tasks else 'order'}: each task at most once "
