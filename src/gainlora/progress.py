@@ -36,6 +36,10 @@ def quiet_lightning() -> None:
     # that names Lightning's code, nothing a user of this project can act on.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning)
+    # Tasks are step-based (max_epochs=-1): Lightning counts the logging interval over the steps of the
+    # whole fit, across epochs, so a short epoch loses no log line and its per-task warning is noise.
+    warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the "
+                            "logging interval")
 
 
 def duration(seconds: float) -> str:
