@@ -19,7 +19,8 @@ from torch import nn
 from gainlora.data.collate import Collator
 from gainlora.data.demo import make_demo_task
 from gainlora.methods import EPI, KIFLoRA
-from gainlora.methods.epi import class_statistics, frozen_features
+from gainlora.methods.epi import class_statistics
+from gainlora.model.features import frozen_pooled
 from gainlora.methods.kiflora import SecondOrderImportance, normalise_units, unit_scores
 from gainlora.model.lora import BranchContext, GatedLoRALinear
 from gainlora.model.module import ContinualLM
@@ -99,11 +100,11 @@ def test_epi_routes_one_branch_per_example_and_reads_the_frozen_backbone(family,
             layer.frozen_B.zero_()  # branch 0 made a no-op: nothing changes if it was off
         assert torch.allclose(module(batch), loss_routed)
         # frozen features: the branches are off, so they equal those of the model with every B zero
-        feats = frozen_features(module, batch)
+        feats = frozen_pooled(module, batch)
         for layer in module.adapted.values():
             layer.lora_B.zero_()
         module.router = None
-        assert torch.allclose(feats, frozen_features(module, batch), atol=1e-6)
+        assert torch.allclose(feats, frozen_pooled(module, batch), atol=1e-6)
     # with statistics for every branch, the identified task's one-hot coefficients
     method.means = [torch.zeros(1, feats.shape[1], dtype=torch.float64), feats[:2].clone()]
     method.cov_sum = torch.eye(feats.shape[1], dtype=torch.float64)
@@ -112,6 +113,25 @@ def test_epi_routes_one_branch_per_example_and_reads_the_frozen_backbone(family,
         coeffs = module.gate_coefficients(batch)
     expected = torch.nn.functional.one_hot(method.identify(feats), 2).float()
     assert torch.equal(coeffs, expected) and coeffs.sum(1).eq(1).all() and coeffs[:2, 1].eq(1).all()
+
+
+def test_frozen_features_of_an_example_do_not_depend_on_its_batch_or_padding(llama_backbone) -> None:
+    """EPI's statistics come from right-padded training batches (source and answer), its routing
+    from left-padded generation batches (source only): an example must get the same features in
+    both, and alone (a tiny LLaMA; pooling over the attention mask, answer included, fails this)."""
+    backbone = llama_backbone()
+    module = tiny_module(backbone)
+    nonzero_branches(module, 1)
+    collator = Collator(backbone.tokenizer, backbone.kind, 64, 8)
+    task = make_demo_task("demo_continent", n_train=0, n_val=0, n_test=4)
+    items = [(0, e, "exact_match") for e in task.test]
+    module.train()  # dropout must not apply: the features are taken in eval mode
+    trained = frozen_pooled(module, collator.train_batch(task.test))
+    generated = frozen_pooled(module, collator.eval_batch(items))
+    alone = torch.cat([frozen_pooled(module, collator.eval_batch([item])) for item in items])
+    assert module.training
+    torch.testing.assert_close(generated, trained, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(alone, trained, atol=1e-5, rtol=1e-5)
 
 
 # -- KIF-LoRA -----------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from gainlora.export import main as export_main
 from gainlora.methods.l2p import L2P
 from gainlora.methods.lfpt5 import LFPT5, distillation_kl, lm_example, parse_pseudo, pseudo_task
 from gainlora.model.module import ContinualLM
-from gainlora.model.prompts import frozen_query, insert_prompts, select_prompts
+from gainlora.model.features import frozen_pooled
+from gainlora.model.prompts import insert_prompts, select_prompts
 from gainlora.targets import ConfigError, bind_method
 
 
@@ -52,7 +53,7 @@ def test_l2p_selects_by_the_frozen_query_and_adds_the_pull_term(t5_backbone) -> 
     module, method = l2p_model(t5_backbone(), pool_size=4, prompt_length=2, top_n=1, lam=0.5)
     collator = Collator(module.tokenizer, module.kind)
     batch = collator.train_batch([Example("red apple", "fruit", ("fruit",)), Example("blue sea", "water", ("water",))])
-    query = frozen_query(module.backbone, module.kind, batch["input_ids"], batch["attention_mask"], batch["gate_mask"])
+    query = frozen_pooled(module, batch).float()
     with torch.no_grad():  # key 2 is the first example's query, key 0 the second's
         method.pool.keys[2] = query[0]
         method.pool.keys[0] = query[1]

@@ -23,28 +23,10 @@ from torch import Tensor
 
 from gainlora.dist import rank_share, shard
 from gainlora.methods.base import Batches, IncLoRA, MaxBatches
+from gainlora.model.features import frozen_pooled
 from gainlora.model.module import ContinualLM
 
 PREFIX = "epi"
-
-
-@torch.no_grad()
-def frozen_features(model: ContinualLM, batch: dict) -> Tensor:
-    """(batch, d) float64: the backbone's last hidden states without any branch, mean-pooled over
-    the source (the encoder's input for T5; the prompt, never the answer, for a causal model)."""
-    rows, n = batch["input_ids"].shape[0], model.num_branches
-    off = torch.zeros(rows, n, device=batch["input_ids"].device) if n else None
-    with model.context.gating(off):
-        if model.kind == "seq2seq":
-            hidden = model.backbone.get_encoder()(input_ids=batch["input_ids"],
-                                                  attention_mask=batch["attention_mask"]).last_hidden_state
-            mask = batch["attention_mask"]
-        else:  # causal attention: the prompt positions never see the answer tokens after them
-            hidden = model.backbone.base_model(input_ids=batch["input_ids"],
-                                               attention_mask=batch["attention_mask"]).last_hidden_state
-            mask = batch["gate_mask"]
-    mask = mask.to(torch.float64).unsqueeze(-1)
-    return ((hidden.double() * mask).sum(1) / mask.sum(1).clamp_min(1.0)).cpu()
 
 
 def class_keys(labels: Tensor) -> list[tuple[int, ...]]:
@@ -93,7 +75,7 @@ class EPI(IncLoRA):
         if len(self.means) < n:
             chosen = torch.full((batch["input_ids"].shape[0],), n - 1, device=device)
         else:
-            chosen = self.identify(frozen_features(model, batch)).to(device)
+            chosen = self.identify(frozen_pooled(model, batch).cpu()).to(device)
         return torch.nn.functional.one_hot(chosen, n).float()
 
     def identify(self, feats: Tensor) -> Tensor:
@@ -124,20 +106,15 @@ class EPI(IncLoRA):
         self._precision = None
 
     def task_features(self, model: ContinualLM, batches: Batches) -> tuple[Tensor, list]:
-        """Pooled frozen features and class keys of (at most ``max_batches``) training batches, in
-        eval mode as the reference; under DDP each rank takes every world-th batch, then all gather."""
+        """Pooled frozen features (in eval mode, as the reference) and class keys of (at most
+        ``max_batches``) training batches; under DDP each rank takes every world-th batch, then all gather."""
         _, world = shard()
         feats, keys = [], []
-        was_training = model.training
-        model.eval()
-        try:
-            pad = lambda b: frozen_features(model, model._to_device(b))  # noqa: E731
-            for batch in rank_share(batches(), self.max_batches, pad=pad):
-                batch = model._to_device(batch)
-                feats.append(frozen_features(model, batch))
-                keys.extend(class_keys(batch["labels"]))
-        finally:
-            model.train(was_training)
+        pad = lambda b: frozen_pooled(model, model._to_device(b)).cpu()  # noqa: E731
+        for batch in rank_share(batches(), self.max_batches, pad=pad):
+            batch = model._to_device(batch)
+            feats.append(frozen_pooled(model, batch).cpu())
+            keys.extend(class_keys(batch["labels"]))
         local = (torch.cat(feats) if feats else torch.zeros(0, 0, dtype=torch.float64), keys)
         if world > 1:
             parts: list = [None] * world

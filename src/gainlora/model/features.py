@@ -1,5 +1,5 @@
 """Feature collection: uncentred covariances of a task's inputs, for InfLoRA's A, the gate keys and
-the GPM memories.
+the GPM memories; and the frozen backbone's pooled features (EPI's task identification, L2P's query).
 
 Adapted-layer inputs are read by forward pre-hooks on the ``GatedLoRALinear`` layers while the
 model runs forward over the task's batches; gate features (p0 and the current gate's hidden
@@ -151,3 +151,27 @@ def stream_masks(batch: dict, kind: str) -> dict[str, Tensor]:
     if kind == "causal":
         return {"decoder": batch["attention_mask"]}
     return {"encoder": batch["attention_mask"], "decoder": batch["labels"] != -100}
+
+
+@torch.no_grad()
+def frozen_pooled(model: ContinualLM, batch: dict) -> Tensor:
+    """(batch, d) float64: the backbone's last hidden states with every branch off and no
+    prompt, in eval mode (no dropout), mean-pooled over the source tokens (``gate_mask``): the T5
+    encoder's output, or a causal model's hidden states with positions counted over the mask, so a
+    left-padded generation batch and a right-padded training batch give an example the same positions."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    off = torch.zeros(ids.shape[0], model.num_branches, device=ids.device) if model.num_branches else None
+    was_training = model.training
+    model.eval()
+    try:
+        with model.context.gating(off):
+            if model.kind == "seq2seq":
+                hidden = model.backbone.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+            else:  # causal attention: the source positions never see the answer tokens after them
+                positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
+                hidden = model.backbone.base_model(input_ids=ids, attention_mask=mask,
+                                                   position_ids=positions).last_hidden_state
+    finally:
+        model.train(was_training)
+    source = batch["gate_mask"].to(torch.float64).unsqueeze(-1)
+    return (hidden.double() * source).sum(1) / source.sum(1).clamp_min(1.0)

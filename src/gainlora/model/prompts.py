@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gainlora.model.features import frozen_pooled
+
 
 class Prompter(nn.Module):
     """What a prompt method puts in front of each example: ``prompts(module, batch)`` -> (B, P, d)."""
@@ -66,31 +68,6 @@ def insert_prompts(embeds: Tensor, mask: Tensor, prompts: Tensor,
     return new_embeds, new_mask, out
 
 
-def masked_mean(hidden: Tensor, mask: Tensor) -> Tensor:
-    m = mask.to(hidden.dtype)[..., None]
-    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
-
-
-@torch.no_grad()
-def frozen_query(backbone: nn.Module, kind: str, input_ids: Tensor, attention_mask: Tensor,
-                 source_mask: Tensor) -> Tensor:
-    """Mean of the frozen model's final hidden states over the source tokens, without prompts, in
-    eval mode (no dropout): the T5 encoder's output, or a decoder-only model's last hidden states
-    (positions counted over the mask, so left padding does not move them). Float32 (B, d)."""
-    was_training = backbone.training
-    backbone.eval()
-    try:
-        if kind == "seq2seq":
-            hidden = backbone.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        else:
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-            hidden = backbone.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                         position_ids=positions).last_hidden_state
-    finally:
-        backbone.train(was_training)
-    return masked_mean(hidden.float(), source_mask)
-
-
 def select_prompts(query: Tensor, keys: Tensor, top_n: int) -> tuple[Tensor, Tensor]:
     """L2P's matching: (indices B x N of the N keys most cosine-similar to each query, highest first;
     their cosine similarities B x N, differentiable in the keys)."""
@@ -113,8 +90,7 @@ class PromptPool(Prompter):
         self.last_selection: Tensor | None = None
 
     def prompts(self, module: nn.Module, batch: dict) -> Tensor:
-        query = frozen_query(module.backbone, module.kind, batch["input_ids"], batch["attention_mask"],
-                             batch["gate_mask"])
+        query = frozen_pooled(module, batch)
         idx, sims = select_prompts(query, self.keys, self.top_n)
         self.last_selection = idx
         self.pull = (1.0 - sims).sum(1).mean() if self.training else None
