@@ -1,6 +1,6 @@
 """Readers for the two real benchmarks of CL_Benchmark: SuperNI and Long Sequence.
 
-Layout: ``<data_dir>/<Group>/<task>/{train,dev,test}.json`` (see CL_Benchmark/README.md). Both formats are
+Layout: ``<data_dir>/<Group>/<task>/{train,dev,test}.json`` (docs/benchmark_data.md). Both formats are
 one JSON object with ``Definition`` (a list holding one instruction) and ``Instances`` (a list of
 ``{"id"?, "input", "output"}``, ``output`` a string or a list of reference strings). They differ in the
 prompt template, whether the instruction may be empty, and the metric.
@@ -29,7 +29,7 @@ METRICS = {"superni": "rougeL", "long": "exact_match"}
 SELECTIONS = ("carved", "paper")
 DATA_ENV = "GAINLORA_DATA"
 
-# The upstream files of 4 MiB or more, absent from the shared copy (README, "What is missing").
+# The upstream files of 4 MiB or more, absent from partial copies (docs/benchmark_data.md, "What is missing").
 KNOWN_MISSING = frozenset(
     f"Long_Sequence/{name}"
     for name in ("dbpedia/train.json", "yahoo/train.json", "yahoo/dev.json", "yahoo/test.json", "yelp/dev.json",
@@ -206,8 +206,8 @@ def _split_path(root: Path, key: str, task: str, split: str) -> Path:
         relative = f"{GROUPS[key]}/{task}/{split}.json"
         if relative in KNOWN_MISSING:
             raise DataError(
-                f"{path} is missing: it is one of the 10 upstream files of 4 MiB or more known to be absent "
-                "from the shared copy (CL_Benchmark/README.md, 'What is missing'); run `make data` to download "
+                f"{path} is missing: it is one of the 10 upstream files of 4 MiB or more that partial copies "
+                "lack (docs/benchmark_data.md, 'What is missing'); run `make data` to download "
                 "the full benchmark, or choose tasks that have it"
             )
         raise DataError(f"{path} is missing (task {task!r} needs {split}.json)")
