@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 .PHONY: help list setup run test data bench gpu-check report clean sweep agent demo-table predict
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
 # Each name with the first line of its file's comment; reads the files only (no virtualenv needed).
 list: ## the named experiments (EXP=...) and the methods (ARGS="method=...")
@@ -33,10 +33,10 @@ setup: $(STAMP) ## create the virtualenv and install the pinned dependencies
 run: $(STAMP) ## run an experiment: make run [EXP=demo] [ARGS="key=value ..."]
 	$(PY) -m gainlora.run experiment=$(EXP) $(ARGS)
 
-test: $(STAMP) ## run the test suite (CPU; GPU tests skip without CUDA); ends with skip counts by reason
+test: $(STAMP) ## run the test suite (CPU; GPU tests skip without CUDA), ends with skip counts by reason; ARGS="-k name" for pytest
 	$(PY) -m pytest -q $(ARGS)
 
-data: $(STAMP) ## download the CL benchmark into $(GAINLORA_DATA), checking every file's hash
+data: $(STAMP) ## download the CL benchmark into GAINLORA_DATA (default data/CL_Benchmark), checking every file's hash
 	$(PY) -m gainlora.data.download --dest $(GAINLORA_DATA)
 
 report: $(STAMP) ## compare runs into reports/<name>/: make report RUNS="runs/demo/a runs/demo/b" [NAME=lr]
