@@ -34,11 +34,12 @@ def run_summary(results: dict, run_dir: Path | str) -> str:
     steps, wall = results.get("steps"), results.get("wall_time_s")
     speed = f", {steps} steps in {duration(wall)} ({steps / wall:.1f} steps/s overall)" if steps and wall else ""
     lines = [f"== {results.get('experiment')} · {results.get('method')} · {results.get('status')}: "
-             f"{len(tasks)} tasks{speed}"]
+             f"{len(tasks)} task{'' if len(tasks) == 1 else 's'}{speed}"]
     if matrix:
-        lines.append(f"{results.get('metric', 'score')} after each task (row t: after learning task t; "
-                     "column j: task j)")
-        lines += matrix_text(matrix, tasks, joint=run_kind(results.get("run_kind")).joint)
+        joint = run_kind(results.get("run_kind")).joint
+        lines.append(f"{results.get('metric', 'score')} " + ("on each task after one joint fit (column j: task j)"
+                     if joint else "after each task (row t: after learning task t; column j: task j)"))
+        lines += matrix_text(matrix, tasks, joint=joint)
     metrics = "  ".join(f"{k} {results[k]:.2f}" for k in ("AP", "FT", "BWT", "FWT")
                         if isinstance(results.get(k), (int, float)))
     if metrics:

@@ -283,6 +283,17 @@ def test_run_summary_names_matrix_metrics_folder_and_plots(tmp_path: Path) -> No
     assert f"run folder: {run}" in text and str(run / "plots" / "matrix.png") in text
     rows = text.splitlines()
     assert rows[3].split() == ["1", "yelp", "60.0"] and rows[5].split() == ["3", "mnli", "70.0", "50.0", "85.0"]
+    assert ": 3 tasks, 1200 steps" in rows[0] and "after learning task t" in rows[1]
+
+
+def test_run_summary_of_one_task_and_of_a_joint_run(tmp_path: Path) -> None:
+    run = _write_run(tmp_path / "demo" / "r1", experiment="demo", steps=10, wall_time_s=2.0)
+    one = {**load_results(run), "tasks": ["yelp"], "matrix": [[60.0]]}
+    assert ": 1 task, 10 steps" in run_summary(one, run).splitlines()[0]
+    joint = {**load_results(run), "run_kind": "multi_task", "matrix": [[60.0, 40.0, 70.0]]}
+    rows = run_summary(joint, run).splitlines()
+    assert "after one joint fit" in rows[1] and "after learning task t" not in rows[1]
+    assert rows[3].split() == ["all", "tasks", "jointly", "60.0", "40.0", "70.0"]
 
 
 
