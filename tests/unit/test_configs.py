@@ -132,6 +132,7 @@ def test_paper_hyperparameters(name: str) -> None:
     assert (cfg.backbone.max_source_length, cfg.backbone.max_target_length, cfg.backbone.max_new_tokens) == \
         (source, 50, 50)
     assert cfg.trainer.precision == precision
+    assert cfg.trainer.gradient_clip_val == 1.0  # the reference Trainer's default max_grad_norm
     assert cfg.data.global_batch_size == 32 and 32 % cfg.data.batch_size == 0
     assert cfg.strategy.get("_target_") == strategy
     if strategy:
