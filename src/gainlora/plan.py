@@ -16,6 +16,7 @@ import contextlib
 import sys
 import warnings
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,13 +128,16 @@ def _fake_model(config: PretrainedConfig, kind: str, dtype: torch.dtype, rank: i
 class LiveBytes(TorchDispatchMode):
     """Bytes of the storages created inside the mode that are still alive, and their peak: what
     CUDA's max_memory_allocated would add. Each storage counts once (views share it) until a weak
-    reference's finalizer sees it die. Hand-written because torch's MemTracker, the tool for this,
-    registers a gradient hook on every parameter a module runs and raises on a frozen one."""
+    reference's finalizer sees it die; the storages of ``existing`` (the model, the batch) are not
+    counted, nor their views (a weight's transpose, which autograd saves, is one). Hand-written
+    because torch's MemTracker, the tool for this, registers a gradient hook on every parameter a
+    module runs and raises on a frozen one."""
 
-    def __init__(self) -> None:
+    def __init__(self, existing: Iterable[torch.Tensor]) -> None:
         super().__init__()
         self.live = self.peak = 0
-        self.seen: set[int] = set()
+        self.existing = [t.untyped_storage() for t in existing]  # held: their ids stay theirs
+        self.seen: set[int] = {id(s) for s in self.existing}
 
     def _release(self, key: int, nbytes: int) -> None:
         self.live -= nbytes
@@ -163,13 +167,12 @@ def step_peak(module: ContinualLM, mode: FakeTensorMode, batch: int, source: int
     with mode:
         mask = torch.ones(batch, length, dtype=torch.long)  # a run's batches are padded: masks are built
         data = {"input_ids": torch.zeros(batch, length, dtype=torch.long), "attention_mask": mask, "gate_mask": mask,
-                "global_tokens": 1, "replicas": 1,
                 "labels": torch.zeros(batch, target if kind == "seq2seq" else length, dtype=torch.long)}
     amp = torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext()
     module.train()
-    with mode, LiveBytes() as live:
+    with mode, LiveBytes([*module.parameters(), *module.buffers(), *data.values()]) as live:
         with amp:  # as Lightning's mixed precision: the forward under autocast, the backward outside
-            loss = module(data)
+            loss = module({**data, "global_tokens": 1, "replicas": 1})
         loss.backward()
     return live.peak
 

@@ -1,5 +1,10 @@
 """Test-only: the peak of live tensor bytes of real training steps, for tests/unit/test_plan.py.
 
+    python tests/support/live_bytes.py [OVERRIDE ...]   (Hydra overrides, as for gainlora.plan)
+
+prints, for tiny T5 and LLaMA without and with gradient checkpointing, the planned step, the
+measured peak and their ratio (the test's shape when no override is given).
+
 What CUDA's ``max_memory_allocated`` reports, measured on CPU: every storage an operator creates is
 counted from its creation until it is freed, so the figure is exact and repeatable, free of the
 allocator's caching and of the resident set's page granularity. It runs the real model on real
@@ -18,6 +23,7 @@ not seen (CUDA kernels take little; CPU kernels may take more).
 """
 from __future__ import annotations
 
+import sys
 import weakref
 
 import lightning as L
@@ -26,14 +32,22 @@ from omegaconf import DictConfig
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+# The test's shape. Small shapes suffice (live bytes are exact, no allocator noise to dwarf), but
+# blocks wide enough that checkpointing saves a third or more: at d_model 64 LLaMA's logits dwarf them.
+SHAPE = ["experiment=demo", "+backbone.tiny_overrides.d_model=128", "+backbone.tiny_overrides.d_ff=512",
+         "+backbone.tiny_overrides.layers=4", "+backbone.tiny_overrides.heads=4", "data.batch_size=4",
+         "backbone.max_source_length=64", "backbone.max_target_length=8"]
+
 
 class LiveBytes(TorchDispatchMode):
-    """Bytes of the storages created inside the mode that are still alive; ``peak`` their maximum."""
+    """Bytes of the storages created inside the mode that are still alive; ``peak`` their maximum.
+    The storages of ``existing`` (what the step starts with) are not counted, nor their views."""
 
-    def __init__(self) -> None:
+    def __init__(self, existing) -> None:
         super().__init__()
         self.live = self.peak = 0
-        self.seen: dict[int, weakref.finalize] = {}
+        self.existing = [t.untyped_storage() for t in existing]  # held, so that their ids stay theirs
+        self.seen: dict[int, weakref.finalize | None] = dict.fromkeys(map(id, self.existing))
 
     def _release(self, key: int, nbytes: int) -> None:
         self.live -= nbytes
@@ -83,6 +97,30 @@ def step_peak(cfg: DictConfig, steps: int = 2) -> int:
     trainer = L.Trainer(accelerator="cpu", devices=1, precision=cfg.trainer.precision, max_steps=steps,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0)
-    with LiveBytes() as mode:
+    tensors = [v for v in batch.values() if isinstance(v, torch.Tensor)]
+    with LiveBytes([*module.parameters(), *module.buffers(), *tensors]) as mode:
         trainer.fit(module, train_dataloaders=loader)
     return mode.peak
+
+
+def main(overrides: list[str]) -> None:
+    from hydra import compose, initialize_config_dir
+
+    from gainlora.plan import plan
+    from gainlora.run import CONF_DIR
+
+    torch.set_num_threads(1)
+    for backbone in ("tiny_t5_test", "tiny_llama"):
+        for checkpointing in ("false", "true"):
+            with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+                cfg = compose("config", overrides=[*overrides, f"backbone={backbone}",
+                                                   f"backbone.gradient_checkpointing={checkpointing}"])
+            p = plan(cfg)
+            planned = (p.activations_ckpt if checkpointing == "true" else p.activations) + p.training_state(1, False)
+            measured = step_peak(cfg)
+            print(f"{backbone:13s} checkpointing={checkpointing:5s} planned {planned / 2**20:8.2f} MiB  "
+                  f"measured {measured / 2**20:8.2f} MiB  ratio {planned / measured:.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or SHAPE)
