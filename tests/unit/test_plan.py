@@ -9,15 +9,18 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
+import gainlora.plan as plan_module
 from gainlora.plan import plan
 from gainlora.build import build_model
 from gainlora.run import CONF_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "support"))
-from live_bytes import SHAPE, step_peak  # noqa: E402  (tests/support: test-only tools)
+import live_bytes  # noqa: E402  (tests/support: test-only tools)
+from live_bytes import SHAPE, step_peak  # noqa: E402
 
 
 def config(overrides: list[str]):
@@ -36,6 +39,23 @@ def test_training_step_within_20_percent_of_the_measured_peak(backbone: str, che
     step = (predicted.activations_ckpt if checkpointing else predicted.activations) + predicted.training_state(1, False)
     measured = step_peak(cfg)
     assert 0.8 <= step / measured <= 1.2, (step, measured)
+
+
+@pytest.mark.parametrize("counter", [plan_module.LiveBytes, live_bytes.LiveBytes], ids=["planner", "measurement"])
+def test_live_bytes_count_new_storages_once_until_they_die(counter) -> None:
+    """Both counters (the planner's and the measurement's are written apart): a view of what
+    existed is free, a new storage counts once however many views it has, a freed one leaves."""
+    weight, x = torch.ones(100, 10), torch.ones(8, 100)
+    with counter([weight]) as live:
+        view = weight.t()  # what a linear layer saves of its frozen weight
+        out = x @ weight  # new storage: 8 x 10 floats
+        alias = out[:4]
+        assert live.live == 8 * 10 * 4
+        temp = out * 2
+        del temp, view
+        assert (live.live, live.peak) == (320, 640)
+        del out, alias
+        assert live.live == 0
 
 
 def test_counts_match_the_real_model() -> None:
