@@ -47,21 +47,25 @@ class LiveBytes(TorchDispatchMode):
         super().__init__()
         self.live = self.peak = 0
         self.existing = [t.untyped_storage() for t in existing]  # held, so that their ids stay theirs
-        self.seen: dict[int, weakref.finalize | None] = dict.fromkeys(map(id, self.existing))
+        self.sizes: dict[int, int | None] = dict.fromkeys(map(id, self.existing))  # None: not counted
 
-    def _release(self, key: int, nbytes: int) -> None:
-        self.live -= nbytes
-        del self.seen[key]
+    def count(self, storage: torch.UntypedStorage) -> None:
+        """Count ``storage`` at its present size from now until it dies."""
+        key = id(storage)  # the storage's Python object lives as long as the storage itself
+        self.sizes[key] = storage.nbytes()
+        self.live += storage.nbytes()
+        weakref.finalize(storage, self._release, key)
+
+    def _release(self, key: int) -> None:
+        self.live -= self.sizes.pop(key)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
                 storage = t.untyped_storage()
-                key = id(storage)  # the storage's Python object lives as long as the storage itself
-                if key not in self.seen and storage.nbytes():
-                    self.live += storage.nbytes()
-                    self.seen[key] = weakref.finalize(storage, self._release, key, storage.nbytes())
+                if id(storage) not in self.sizes and storage.nbytes():
+                    self.count(storage)
         self.peak = max(self.peak, self.live)
         return out
 
@@ -78,21 +82,28 @@ def training_batch(collator, batch: int) -> dict:
     return {**data, "global_tokens": int((data["labels"] != -100).sum()), "replicas": 1}
 
 
-def step_peak(cfg: DictConfig, steps: int = 2) -> int:
-    """Peak live bytes over ``steps`` real training steps, above what existed before them (frozen
-    weights, branches, gates, the batch): from the second step on the optimizer's moments exist
-    when the activations peak, the steady state the planner sizes."""
+def built(cfg: DictConfig) -> tuple:
+    """The configured module with as many branches and gates as the planner assumes (the last
+    task's), and one training batch of the configured shape."""
     from gainlora.build import build_model
     from gainlora.plan import num_tasks
 
     torch.manual_seed(0)
     module, _, collator = build_model(cfg, ["t"])
-    for _ in range(num_tasks(cfg)):  # as many branches and gates as the planner assumes
+    for _ in range(num_tasks(cfg)):
         module.add_branch()
         module.gates.add_gate(copy_previous=False)
     batch = training_batch(collator, cfg.data.batch_size)
     assert batch["input_ids"].shape[1] == cfg.backbone.max_source_length + (
         0 if module.kind == "seq2seq" else cfg.backbone.max_target_length), batch["input_ids"].shape
+    return module, batch
+
+
+def step_peak(cfg: DictConfig, steps: int = 2) -> int:
+    """Peak live bytes over ``steps`` real training steps, above what existed before them (frozen
+    weights, branches, gates, the batch): from the second step on the optimizer's moments exist
+    when the activations peak, the steady state the planner sizes."""
+    module, batch = built(cfg)
     loader = torch.utils.data.DataLoader([batch] * steps, batch_size=None)
     trainer = L.Trainer(accelerator="cpu", devices=1, precision=cfg.trainer.precision, max_steps=steps,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,

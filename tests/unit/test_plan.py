@@ -3,7 +3,9 @@ counts against the real model, and its command line (known backbones without a d
 input: one line, exit 2)."""
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +41,32 @@ def test_training_step_within_20_percent_of_the_measured_peak(backbone: str, che
     step = (predicted.activations_ckpt if checkpointing else predicted.activations) + predicted.training_state(1, False)
     measured = step_peak(cfg)
     assert 0.8 <= step / measured <= 1.2, (step, measured)
+
+
+@pytest.mark.slow
+def test_fsdp_per_device_against_two_measured_ranks(tmp_path: Path) -> None:
+    """The FSDP row's arithmetic on two CPU processes (tests/support/sharded_peak.py): each rank
+    holds half of the blocks' weights and all the rest (exactly), and its step peaks at the plan's
+    activations, training state and one gathered block (measured 0.97 and 1.04 of rank 0 and 1)."""
+    cfg = config([*SHAPE, "backbone=tiny_t5_test"])
+    predicted = plan(cfg)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "support" / "sharded_peak.py"), port, str(tmp_path),
+                           *SHAPE, "backbone=tiny_t5_test"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    ranks = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
+    assert done.returncode == 0 and len(ranks) == 2, done.stderr[-3000:]
+    resident = predicted.weights - predicted.block_weights + predicted.block_weights // 2 + predicted.branches + \
+        predicted.gates
+    step = predicted.activations + predicted.training_state(2, False) + predicted.largest_block
+    for rank in ranks:
+        assert rank["resident"] == resident, (rank, resident)
+        assert 0.8 <= step / rank["step"] <= 1.2, (rank, step)
+    # the planner's own figure for the run: the same terms, and the GPM memories' upper bound
+    assert predicted.per_device("fsdp", 2, False) == resident + predicted.memories + max(
+        predicted.activations + predicted.training_state(2, False), predicted.collection) + predicted.largest_block
 
 
 @pytest.mark.parametrize("counter", [plan_module.LiveBytes, live_bytes.LiveBytes], ids=["planner", "measurement"])
