@@ -92,6 +92,9 @@ class Plan:
     collection: int        # float64 covariance sums and results while features are collected
     activations: int
     activations_ckpt: int
+    bucket: int = 0        # one DeepSpeed gradient bucket (reduce_bucket_size elements, allocated whole)
+    overlap: bool = True   # DeepSpeed's overlap_comm: ZeRO-2 then holds two buckets
+    gathered: int = 0      # frozen weights ZeRO-3 keeps gathered: DeepSpeed's live-parameter limit, at most all
 
     def training_state(self, world: int, sharded: bool) -> int:
         """Gradients and AdamW moments of what trains (fp32), sharded by ZeRO."""
@@ -100,11 +103,13 @@ class Plan:
 
     def per_device(self, strategy: str, world: int, checkpointing: bool) -> int:
         weights = self.weights
-        if strategy == "deepspeed_stage_3":  # partitioned; one layer's weights gathered at a time is in the noise
-            weights = weights // world
+        if strategy == "deepspeed_stage_3":  # partitioned, and gathered up to DeepSpeed's live limit
+            weights = weights // world + self.gathered
         if strategy == "fsdp":  # blocks sharded, one gathered at a time; embeddings and head replicated
             weights += self.block_weights // world - self.block_weights + self.largest_block
         resident = weights + self.branches + self.gates + self.memories
+        if strategy.startswith("deepspeed"):
+            resident += self.bucket * (2 if strategy == "deepspeed_stage_2" and self.overlap else 1)
         # FSDP keeps what trains replicated (gainlora/fsdp.py): its state is not sharded
         training = self.training_state(world, strategy not in ("ddp", "fsdp")) + (
             self.activations_ckpt if checkpointing else self.activations)
@@ -222,16 +227,25 @@ def _plan(cfg: DictConfig, config: PretrainedConfig, kind: str, dtype: torch.dty
     gate_memory = len(dims) * max(dims, default=0) ** 2 * 4  # one square basis bound per gate parameter
     frozen = lambda block: nbytes(p for n, p in block.named_parameters() if "lora_" not in n)  # noqa: E731
     blocks = [frozen(b) for b in fsdp.blocks(module.backbone)]
+    # DeepSpeed allocates whole gradient buckets of reduce_bucket_size elements (contiguous_gradients;
+    # ZeRO-2 two with overlap_comm), and ZeRO-3 keeps frozen weights gathered up to
+    # stage3_max_live_parameters plus a prefetch bucket: Lightning's and DeepSpeed's defaults where the
+    # strategy section sets nothing (measured on two CPU ranks: docs/benchmarks.md, "Memory planner").
+    ds = cfg.get("strategy") or {}
+    grad = next(p for p in module.parameters() if p.requires_grad).element_size()
+    bucket = int(ds.get("reduce_bucket_size", 2e8)) * grad if ds.get("contiguous_gradients", True) else 0
+    weights = nbytes(p for n, p in module.backbone.named_parameters() if "lora_" not in n)
     return Plan(
         parameters=sum(p.numel() for n, p in module.backbone.named_parameters() if "lora_" not in n),
-        weights=nbytes(p for n, p in module.backbone.named_parameters() if "lora_" not in n),
+        weights=weights,
         block_weights=sum(blocks), largest_block=max(blocks),
         branches=nbytes(t for layer in layers for t in (layer.frozen_A, layer.frozen_B, layer.lora_A, layer.lora_B)),
         gates=nbytes(gate_tensors),
         memories=sum(layer.in_features ** 2 * 4 for layer in layers) + gate_memory,
         trainable=sum(p.numel() for p in module.parameters() if p.requires_grad),
         collection=sum(2 * d * d * 8 for d in inputs.values()),
-        activations=plain, activations_ckpt=checkpointed)
+        activations=plain, activations_ckpt=checkpointed, bucket=bucket, overlap=bool(ds.get("overlap_comm", True)),
+        gathered=min(weights, int(1e9 + 5e7) * DTYPES[cfg.backbone.dtype].itemsize))
 
 
 def num_tasks(cfg: DictConfig) -> int:
@@ -256,6 +270,8 @@ def report(cfg: DictConfig, p: Plan, world: int, card_gb: float) -> str:
             f"  {'activations, one step':42s}{gb(p.activations)}",
             f"  {'activations with gradient checkpointing':42s}{gb(p.activations_ckpt)}",
             f"  {'feature collection (float64 covariances)':42s}{gb(p.collection)}",
+            f"  {'DeepSpeed gradient bucket (ZeRO-2: two)':42s}{gb(p.bucket)}",
+            f"  {'ZeRO-3 weights kept gathered':42s}{gb(p.gathered)}",
             f"{'strategy':24s}{'ckpt off':>9s}{'ckpt on':>9s}   fits {card_gb:g} GiB ({USABLE:.0%} usable)"]
     for strategy in STRATEGIES:
         off, on = (p.per_device(strategy, world, c) for c in (False, True))
