@@ -3,27 +3,30 @@
 Prints, before anything is downloaded, the per-device memory of a run's configuration and which
 strategies fit a card. Nothing is allocated: the backbone is built from its config alone (a table of
 known configs below, since no hub is reachable; a local directory's config.json; or a tiny preset)
-under ``FakeTensorMode``, and one training step is traced there at the configured per-device batch
-and lengths. Activations are the bytes autograd saves for the backward (deduplicated by storage,
-frozen weights excluded) plus the largest of them once more, the gradient that meets it at the
-start of the backward. The weights, branches, gates and memories are counted from the same model.
-tests/unit/test_plan.py checks the training figure against measured peaks of tiny shapes on CPU.
+under ``FakeTensorMode``, and one training step's forward and backward run there at the configured
+per-device batch and lengths. Activations are the peak of the bytes alive during that step beyond
+the model (counted per storage at every operator, as CUDA's allocator would count them), less the
+gradients of what trains, which the training state holds. The weights, branches, gates and memories
+are counted from the same model. tests/unit/test_plan.py checks the training figure against the
+peak of live tensor bytes of real steps of tiny shapes on CPU.
 """
 from __future__ import annotations
 
 import contextlib
 import sys
 import warnings
+import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 from torch._subclasses.fake_tensor import FakeTensorMode  # shape-only tensors: the planner allocates nothing
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, LlamaConfig, PretrainedConfig,
                           T5Config)
-
-from transformers.modeling_layers import GradientCheckpointingLayer
 
 from gainlora import fsdp
 from gainlora.model.backbone import DTYPES, Backbone
@@ -89,6 +92,9 @@ class Plan:
     collection: int        # float64 covariance sums and results while features are collected
     activations: int
     activations_ckpt: int
+    bucket: int = 0        # one DeepSpeed gradient bucket (reduce_bucket_size elements, allocated whole)
+    overlap: bool = True   # DeepSpeed's overlap_comm: ZeRO-2 then holds two buckets
+    gathered: int = 0      # frozen weights ZeRO-3 keeps gathered: DeepSpeed's live-parameter limit, at most all
 
     def training_state(self, world: int, sharded: bool) -> int:
         """Gradients and AdamW moments of what trains (fp32), sharded by ZeRO."""
@@ -97,11 +103,13 @@ class Plan:
 
     def per_device(self, strategy: str, world: int, checkpointing: bool) -> int:
         weights = self.weights
-        if strategy == "deepspeed_stage_3":  # partitioned; one layer's weights gathered at a time is in the noise
-            weights = weights // world
+        if strategy == "deepspeed_stage_3":  # partitioned, and gathered up to DeepSpeed's live limit
+            weights = weights // world + self.gathered
         if strategy == "fsdp":  # blocks sharded, one gathered at a time; embeddings and head replicated
             weights += self.block_weights // world - self.block_weights + self.largest_block
         resident = weights + self.branches + self.gates + self.memories
+        if strategy.startswith("deepspeed"):
+            resident += self.bucket * (2 if strategy == "deepspeed_stage_2" and self.overlap else 1)
         # FSDP keeps what trains replicated (gainlora/fsdp.py): its state is not sharded
         training = self.training_state(world, strategy not in ("ddp", "fsdp")) + (
             self.activations_ckpt if checkpointing else self.activations)
@@ -122,56 +130,72 @@ def _fake_model(config: PretrainedConfig, kind: str, dtype: torch.dtype, rank: i
     return module
 
 
-def trace_saved(module: ContinualLM, mode: FakeTensorMode, batch: int, source: int, target: int,
-                autocast: torch.dtype | None) -> tuple[int, int]:
-    """(total, largest) bytes autograd saves for one training step's backward."""
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the storages created inside the mode that are still alive, and their peak: what
+    CUDA's max_memory_allocated would add. Each storage counts once (views share it) until a weak
+    reference's finalizer sees it die; the storages of ``existing`` (the model, the batch) are not
+    counted, nor their views (a weight's transpose, which autograd saves, is one). Hand-written
+    because torch's MemTracker, the tool for this, registers a gradient hook on every parameter a
+    module runs and raises on a frozen one."""
+
+    def __init__(self, existing: Iterable[torch.Tensor]) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self.existing = [t.untyped_storage() for t in existing]  # held: their ids stay theirs
+        self.seen: set[int] = {id(s) for s in self.existing}
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self.live -= nbytes
+        self.seen.discard(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = id(storage)  # a storage's Python object lives as long as the storage
+                if key not in self.seen and storage.nbytes():
+                    self.seen.add(key)
+                    self.live += storage.nbytes()
+                    weakref.finalize(storage, self._release, key, storage.nbytes())
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+def step_peak(module: ContinualLM, mode: FakeTensorMode, batch: int, source: int, target: int,
+              autocast: torch.dtype | None) -> int:
+    """Peak bytes of one training step's forward and backward above the model: what it saves,
+    its transients (the logits and their float32 copies at the loss), the recomputation of a
+    checkpointed block, the gradients. Run on fake tensors: nothing is allocated."""
     kind = module.kind
     length = source if kind == "seq2seq" else source + target
     with mode:
-        data = {"input_ids": torch.zeros(batch, length, dtype=torch.long), "attention_mask": None,
-                "gate_mask": torch.ones(batch, length, dtype=torch.long), "global_tokens": 1, "replicas": 1,
+        mask = torch.ones(batch, length, dtype=torch.long)  # a run's batches are padded: masks are built
+        data = {"input_ids": torch.zeros(batch, length, dtype=torch.long), "attention_mask": mask, "gate_mask": mask,
                 "labels": torch.zeros(batch, target if kind == "seq2seq" else length, dtype=torch.long)}
-    frozen = {t.untyped_storage()._cdata for t in (*module.parameters(), *module.buffers())}
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        key = t.untyped_storage()._cdata
-        if key not in frozen:
-            saved[key] = t.untyped_storage().nbytes()
-        return t
-
     amp = torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext()
     module.train()
-    with mode, amp, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(data)
-    return sum(saved.values()), max(saved.values(), default=0)
+    with mode, LiveBytes([*module.parameters(), *module.buffers(), *data.values()]) as live:
+        with amp:  # as Lightning's mixed precision: the forward under autocast, the backward outside
+            loss = module({**data, "global_tokens": 1, "replicas": 1})
+        loss.backward()
+    return live.peak
 
 
 def activations(cfg: DictConfig, build, autocast: torch.dtype | None) -> tuple[int, int, ContinualLM]:
-    """Activation bytes of one step without and with gradient checkpointing.
-
-    Beyond what autograd saves, the backward's own peak: the gradient meeting the largest saved
-    tensor, and one block's gradients and temporaries (what autograd saves inside a block) beside
-    what the blocks below still hold. With checkpointing, autograd saves only what lies outside the
-    blocks; the blocks' inputs are kept by the checkpoint, and the block being recomputed holds
-    its saved tensors again.
-    """
+    """Activation bytes of one step without and with gradient checkpointing: the step's peak less
+    the gradients of what trains, which the training state counts (and ZeRO shards)."""
     shape = int(cfg.data.batch_size), int(cfg.backbone.max_source_length), int(cfg.backbone.max_target_length)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     module = build(mode)
-    full, largest = trace_saved(module, mode, *shape, autocast)
-    blocks = max(sum(isinstance(m, GradientCheckpointingLayer) for m in module.backbone.modules()), 1)
+    plain = step_peak(module, mode, *shape, autocast)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     checkpointed = build(mode)
     with mode:
         enable_gradient_checkpointing(checkpointed.backbone, checkpointed.context)
-    outside, _ = trace_saved(checkpointed, mode, *shape, autocast)
-    batch, source, target = shape
-    tokens = batch * (source if module.kind == "seq2seq" else source + target)
-    dtype = autocast or next(module.backbone.parameters()).dtype
-    inputs = blocks * tokens * module.backbone.get_input_embeddings().embedding_dim * dtype.itemsize
-    block = (full - outside) // blocks  # what autograd saves inside one block
-    return full + largest + block, outside + inputs + largest + 2 * block, module
+    ckpt = step_peak(checkpointed, mode, *shape, autocast)
+    grads = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+    return plain - grads, ckpt - grads, module
 
 
 def plan(cfg: DictConfig) -> Plan:
@@ -203,16 +227,25 @@ def _plan(cfg: DictConfig, config: PretrainedConfig, kind: str, dtype: torch.dty
     gate_memory = len(dims) * max(dims, default=0) ** 2 * 4  # one square basis bound per gate parameter
     frozen = lambda block: nbytes(p for n, p in block.named_parameters() if "lora_" not in n)  # noqa: E731
     blocks = [frozen(b) for b in fsdp.blocks(module.backbone)]
+    # DeepSpeed allocates whole gradient buckets of reduce_bucket_size elements (contiguous_gradients;
+    # ZeRO-2 two with overlap_comm), and ZeRO-3 keeps frozen weights gathered up to
+    # stage3_max_live_parameters plus a prefetch bucket: Lightning's and DeepSpeed's defaults where the
+    # strategy section sets nothing (measured on two CPU ranks: docs/benchmarks.md, "Memory planner").
+    ds = cfg.get("strategy") or {}
+    grad = next(p for p in module.parameters() if p.requires_grad).element_size()
+    bucket = int(ds.get("reduce_bucket_size", 2e8)) * grad if ds.get("contiguous_gradients", True) else 0
+    weights = nbytes(p for n, p in module.backbone.named_parameters() if "lora_" not in n)
     return Plan(
         parameters=sum(p.numel() for n, p in module.backbone.named_parameters() if "lora_" not in n),
-        weights=nbytes(p for n, p in module.backbone.named_parameters() if "lora_" not in n),
+        weights=weights,
         block_weights=sum(blocks), largest_block=max(blocks),
         branches=nbytes(t for layer in layers for t in (layer.frozen_A, layer.frozen_B, layer.lora_A, layer.lora_B)),
         gates=nbytes(gate_tensors),
         memories=sum(layer.in_features ** 2 * 4 for layer in layers) + gate_memory,
         trainable=sum(p.numel() for p in module.parameters() if p.requires_grad),
         collection=sum(2 * d * d * 8 for d in inputs.values()),
-        activations=plain, activations_ckpt=checkpointed)
+        activations=plain, activations_ckpt=checkpointed, bucket=bucket, overlap=bool(ds.get("overlap_comm", True)),
+        gathered=min(weights, int(1e9 + 5e7) * DTYPES[cfg.backbone.dtype].itemsize))
 
 
 def num_tasks(cfg: DictConfig) -> int:
@@ -237,6 +270,8 @@ def report(cfg: DictConfig, p: Plan, world: int, card_gb: float) -> str:
             f"  {'activations, one step':42s}{gb(p.activations)}",
             f"  {'activations with gradient checkpointing':42s}{gb(p.activations_ckpt)}",
             f"  {'feature collection (float64 covariances)':42s}{gb(p.collection)}",
+            f"  {'DeepSpeed gradient bucket (ZeRO-2: two)':42s}{gb(p.bucket)}",
+            f"  {'ZeRO-3 weights kept gathered':42s}{gb(p.gathered)}",
             f"{'strategy':24s}{'ckpt off':>9s}{'ckpt on':>9s}   fits {card_gb:g} GiB ({USABLE:.0%} usable)"]
     for strategy in STRATEGIES:
         off, on = (p.per_device(strategy, world, c) for c in (False, True))

@@ -1,25 +1,28 @@
-"""The memory planner against measured CPU peaks of tiny shapes, its counts against the real
-model, and its command line (known backbones without a download; bad input: one line, exit 2)."""
+"""The memory planner against measured peaks of real training steps of tiny shapes on CPU, its
+counts against the real model, and its command line (known backbones without a download; bad
+input: one line, exit 2)."""
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
+import gainlora.plan as plan_module
 from gainlora.plan import plan
 from gainlora.build import build_model
 from gainlora.run import CONF_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
-# Big enough that one step's activations (~100-350 MB) dwarf the allocator's noise.
-SHAPE = ["experiment=demo", "+backbone.tiny_overrides.d_model=256", "+backbone.tiny_overrides.d_ff=1024",
-         "+backbone.tiny_overrides.layers=4", "+backbone.tiny_overrides.heads=4", "data.batch_size=16",
-         "backbone.max_source_length=128", "backbone.max_target_length=16"]
+sys.path.insert(0, str(ROOT / "tests" / "support"))
+import live_bytes  # noqa: E402  (tests/support: test-only tools)
+from live_bytes import SHAPE, step_peak  # noqa: E402
 
 
 def config(overrides: list[str]):
@@ -27,27 +30,80 @@ def config(overrides: list[str]):
         return compose("config", overrides=overrides)
 
 
-@pytest.mark.slow
-# A measurement of process memory, like a timing: it varies with the allocator and the machine's state
-# (T5 with checkpointing measured 0.81 of the plan in one session, 0.65 in a fresh clone), so it is a
-# benchmark run on demand, not part of make test: GAINLORA_MEASURE_MEMORY=1 pytest tests/unit/test_plan.py
-@pytest.mark.skipif(not os.environ.get("GAINLORA_MEASURE_MEMORY"),
-                    reason="memory measurement: set GAINLORA_MEASURE_MEMORY=1 to compare the plan with measured peaks")
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
 @pytest.mark.parametrize("backbone", ["tiny_t5_test", "tiny_llama"])
 def test_training_step_within_20_percent_of_the_measured_peak(backbone: str, checkpointing: bool) -> None:
-    overrides = [*SHAPE, f"backbone={backbone}", f"backbone.gradient_checkpointing={str(checkpointing).lower()}"]
-    predicted = plan(config(overrides))
-    # Fixed mmap threshold: blocks over 64 KiB are mapped and returned to the system when freed,
-    # so the resident set follows what torch holds.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "support" / "measure_peak.py"), *overrides],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    measured = json.loads(done.stdout.strip().splitlines()[-1])["step"]
+    """The planned step (activations and training state) against the peak of live tensor bytes of
+    two real steps through Lightning on CPU (tests/support/live_bytes.py, which also prints the
+    ratios). Measured: 0.99 in all four cases (the rest is Lightning's own small tensors)."""
+    cfg = config([*SHAPE, f"backbone={backbone}", f"backbone.gradient_checkpointing={str(checkpointing).lower()}"])
+    predicted = plan(cfg)
     step = (predicted.activations_ckpt if checkpointing else predicted.activations) + predicted.training_state(1, False)
-    # measured ratios: T5 0.87 / 0.81 (checkpointing), LLaMA 0.91 / 1.12
+    measured = step_peak(cfg)
     assert 0.8 <= step / measured <= 1.2, (step, measured)
+
+
+@pytest.mark.slow
+def test_fsdp_per_device_against_two_measured_ranks(tmp_path: Path) -> None:
+    """The FSDP row's arithmetic on two CPU processes (tests/support/sharded_peak.py): each rank
+    holds half of the blocks' weights and all the rest (exactly), and its step peaks at the plan's
+    activations, training state and one gathered block (measured 0.97 and 1.04 of rank 0 and 1)."""
+    cfg = config([*SHAPE, "backbone=tiny_t5_test"])
+    predicted = plan(cfg)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "support" / "sharded_peak.py"), port, str(tmp_path),
+                           *SHAPE, "backbone=tiny_t5_test"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    ranks = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
+    assert done.returncode == 0 and len(ranks) == 2, done.stderr[-3000:]
+    resident = predicted.weights - predicted.block_weights + predicted.block_weights // 2 + predicted.branches + \
+        predicted.gates
+    step = predicted.activations + predicted.training_state(2, False) + predicted.largest_block
+    for rank in ranks:
+        assert rank["resident"] == resident, (rank, resident)
+        assert 0.8 <= step / rank["step"] <= 1.2, (rank, step)
+    # the planner's own figure for the run: the same terms, and the GPM memories' upper bound
+    assert predicted.per_device("fsdp", 2, False) == resident + predicted.memories + max(
+        predicted.activations + predicted.training_state(2, False), predicted.collection) + predicted.largest_block
+
+
+@pytest.mark.slow
+def test_zero3_per_device_against_two_measured_ranks(tmp_path: Path) -> None:
+    """The ZeRO-3 row on two CPU processes under DeepSpeed (tests/support/deepspeed_peak.py): each
+    rank holds its partition of the weights, branches and gates (planned: the weights' share and the
+    branches and gates whole, measured 1.03 of it) and DeepSpeed's gradient bucket of
+    reduce_bucket_size elements. Its step is not compared: it measured 1.4x the plan, not yet
+    explained (docs/benchmarks.md, "Memory planner")."""
+    overrides = [*SHAPE, "backbone=tiny_t5_test", "strategy=deepspeed_stage_3", "+strategy.reduce_bucket_size=1000000"]
+    predicted = plan(config(overrides))
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "support" / "deepspeed_peak.py"), "3", str(tmp_path),
+                           *overrides], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"})
+    ranks = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
+    assert done.returncode == 0 and len(ranks) == 2, done.stderr[-3000:]
+    resident = predicted.weights // 2 + predicted.branches + predicted.gates
+    for rank in ranks:
+        assert 0.8 <= resident / rank["resident"] <= 1.2, (rank, resident)
+        assert rank["buckets"] == [predicted.bucket] == [1000000 * 4], rank
+
+
+@pytest.mark.parametrize("counter", [plan_module.LiveBytes, live_bytes.LiveBytes], ids=["planner", "measurement"])
+def test_live_bytes_count_new_storages_once_until_they_die(counter) -> None:
+    """Both counters (the planner's and the measurement's are written apart): a view of what
+    existed is free, a new storage counts once however many views it has, a freed one leaves."""
+    weight, x = torch.ones(100, 10), torch.ones(8, 100)
+    with counter([weight]) as live:
+        view = weight.t()  # what a linear layer saves of its frozen weight
+        out = x @ weight  # new storage: 8 x 10 floats
+        alias = out[:4]
+        assert live.live == 8 * 10 * 4
+        temp = out * 2
+        del temp, view
+        assert (live.live, live.peak) == (320, 640)
+        del out, alias
+        assert live.live == 0
 
 
 def test_counts_match_the_real_model() -> None:
