@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import NoReturn
 
 from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, OverrideParseException
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -100,11 +101,22 @@ def check_overrides(conf_dir: Path, overrides: list[str]) -> None:
     try:
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
             compose("config", overrides=overrides)
+    except OverrideParseException as err:  # name the override Hydra's grammar rejects
+        parser = OverridesParser.create()
+        for arg in overrides:
+            try:
+                parser.parse_override(arg)
+            except HydraException:
+                fail(f"{arg}: not an override Hydra can parse ({str(err).splitlines()[0].strip()})")
+        fail(str(err).splitlines()[0])
     except (HydraException, OmegaConfBaseException) as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         if any(line.startswith("Available options") for line in lines):  # an unknown group option
             start = next(i for i, line in enumerate(lines) if line.startswith("Available options")) + 1
             options = [o for o in lines[start:] if not o.startswith(("Config search path", "provider="))]
+            missing = re.search(r"Could not find '(.+)/([^/']+)'", lines[0])
+            if missing:  # the documented form: <group>=<value>: what is accepted
+                fail(f"{missing[1].replace('/', '.')}={missing[2]}: one of {', '.join(options)}")
             fail(f"{lines[0].removeprefix(chr(39).join(['In ', 'config', ': ']))}; available: {', '.join(options)}")
         key = lines[0].partition("Could not override '")[2].rstrip("'.")
         arg = next((a for a in overrides if key and a.split("=")[0].lstrip("+~") == key), None)

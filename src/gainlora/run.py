@@ -14,7 +14,7 @@ from pathlib import Path
 
 import hydra
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gainlora.artifacts import RunDir, write_text
 from gainlora.build import (build, check_backbone_source, check_trainer, derive_batching, in_task_checkpoints,
@@ -70,8 +70,9 @@ def run_loop(loop: ContinualLoop, run_dir: RunDir, loggers: list, stop: StopFlag
         # checks) is a SystemExit with no code: left alone, a killed run would exit 0 as "failed".
         loop.finish("interrupted")
         if loop.is_main:
-            print(f"interrupted: {str(err) or type(err).__name__}; resume with:\n  {resume_command(run_dir.root.name)}",
-                  file=sys.stderr)
+            signal = "SIGTERM" if isinstance(err, SIGTERMException) else "Ctrl-C"
+            reason = str(err) or f"stopped by {signal}; finished tasks are saved"
+            print(f"interrupted: {reason}; resume with:\n  {resume_command(run_dir.root.name)}", file=sys.stderr)
         sys.exit(130 if isinstance(err, KeyboardInterrupt) else stop.exit_code)
     except BaseException as err:  # finished tasks stay on disk; say what stopped the run
         loop.finish(f"failed: {type(err).__name__}: {err}"[:500])
@@ -150,10 +151,18 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
+    """A job's config as Hydra will launch it, ``${hydra:...}`` interpolations included (a sweep's
+    ``run_id=${hydra:runtime.choices.method}-s${seed}``): Hydra's own node is composed and set as
+    the current HydraConfig, then left out of the returned config, as in a launched job."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=overrides)
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
 
 
 if __name__ == "__main__":

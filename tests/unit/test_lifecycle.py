@@ -227,4 +227,6 @@ def test_lightning_s_sigterm_exception_ends_as_an_interruption(tmp_path, capsys)
     with pytest.raises(SystemExit) as stopped:
         run_loop(loop, RunDir(tmp_path / "r"), [], stop)
     assert stopped.value.code == 143 and loop.statuses == ["interrupted"]
-    assert "resume=true run_id=r" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted: stopped by SIGTERM; finished tasks are saved; resume with:\n")
+    assert "resume=true run_id=r" in err
