@@ -22,7 +22,7 @@ import torch
 
 from gainlora.artifacts import ArtifactError, RunDir
 from gainlora.callbacks.forgetting import ForgettingMetrics
-from gainlora.callbacks.in_task_checkpoint import InTaskCheckpoint
+from gainlora.callbacks.in_task_checkpoint import InTaskCheckpoint, check_checkpoint
 from gainlora.callbacks.interrupt import StopFlag, StopOnSignal, TaskInterrupted
 from gainlora.data.datamodule import TaskStreamDataModule
 from gainlora.methods.base import Method
@@ -107,6 +107,12 @@ def check_shapes(module: ContinualLM, files: dict[str, dict[str, torch.Tensor]],
         if set(gate) != set(want):
             raise ArtifactError(f"task {task + 1} gate.safetensors holds {sorted(gate)}, the model's gates "
                                 f"{sorted(want)} (a run of another method?)")
+    for stem in ("branch", "gate"):  # what training writes: finite floating-point weights
+        bad = next((k for k, v in files.get(stem, {}).items()
+                    if not v.is_floating_point() or not torch.isfinite(v).all()), None)
+        if bad is not None:
+            raise ArtifactError(f"task {task + 1} {stem}.safetensors: {bad} is not finite floating-point weights "
+                                f"({files[stem][bad].dtype}); the file was altered")
 
 
 @dataclass
@@ -269,7 +275,7 @@ class ContinualLoop:
         steps = self.checkpoint.get("every_n_train_steps") or None
         saver = InTaskCheckpoint(last, every_n_train_steps=steps,
                                  every_n_epochs=None if steps else self.checkpoint.get("every_n_epochs"))
-        return [saver], last if last.is_file() else None
+        return [saver], check_checkpoint(last, t)
 
     # -- results -----------------------------------------------------------------------------------
     def results(self, status: str) -> dict:

@@ -316,6 +316,62 @@ def test_a_config_edited_to_another_method_is_refused(tmp_path, t5_backbone):
         check_shapes(module, {"branch": branch, "gate": {"G1": torch.zeros(3, 3)}}, 0)
 
 
+@pytest.mark.parametrize("damage, fragment", [
+    ("pickle", "UnpicklingError: Weights only load failed"),
+    ("raw pickle", "RuntimeError: mmap can only be used with files saved with"),
+    ("truncated", "RuntimeError: PytorchStreamReader failed"),
+    ("folder", "IsADirectoryError"),
+])
+def test_an_unreadable_in_task_checkpoint_is_refused_without_running_it(damage, fragment, tmp_path):
+    """A resumed task's last.ckpt is loaded as Lightning would (weights_only) before fit: a crafted
+    pickle, a truncated file or a folder is one error naming it, and nothing in it runs."""
+    import pickle
+    from types import SimpleNamespace
+
+    from gainlora.artifacts import RunDir
+    from gainlora.loop import ContinualLoop
+
+    run_dir, marker = RunDir(tmp_path / "run"), tmp_path / "marker"
+    last = run_dir.checkpoint_dir(0, "a") / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    torch.save({"state_dict": {"w": torch.ones(2)}, "loops": {}}, last)
+    loop = SimpleNamespace(checkpoint={"every_n_train_steps": 2}, run_dir=run_dir)
+    assert ContinualLoop.in_task_checkpoint(loop, 0, "a")[1] == last  # a sound one is used
+    if damage == "pickle":  # torch's own format around a payload that runs a command when unpickled
+        torch.save({"state_dict": Payload(marker)}, last)
+    elif damage == "raw pickle":
+        last.write_bytes(pickle.dumps({"state_dict": Payload(marker)}))
+    elif damage == "truncated":
+        last.write_bytes(last.read_bytes()[:200])
+    else:
+        last.unlink()
+        last.mkdir()
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(last))}: not a readable checkpoint \({fragment}.*\); "
+                                         r"delete it to restart task 1 from its beginning$"):
+        ContinualLoop.in_task_checkpoint(loop, 0, "a")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("alter, fragment", [
+    (lambda t: t * float("nan"), "is not finite floating-point weights (torch.float32)"),
+    (lambda t: t.to(torch.int64), "is not finite floating-point weights (torch.int64)"),
+])
+def test_restored_branches_must_be_finite_floats(alter, fragment, t5_backbone):
+    """A branch file rewritten with its checksums recomputed still has to hold weights training writes."""
+    import functools
+
+    from gainlora.loop import check_shapes
+    from gainlora.model.module import ContinualLM
+
+    module = ContinualLM(t5_backbone(), rank=2, optimizer=functools.partial(torch.optim.AdamW, lr=1e-3))
+    branch = {f"{name}.{part}": torch.ones(shape) for name, layer in module.adapted.items()
+              for part, shape in (("A", (2, layer.in_features)), ("B", (layer.out_features, 2)))}
+    check_shapes(module, {"branch": branch}, 0)
+    first = sorted(branch)[0]
+    with pytest.raises(ValueError, match=rf"^task 1 branch.safetensors: {re.escape(first)} {re.escape(fragment)}"):
+        check_shapes(module, {"branch": {**branch, first: alter(branch[first])}}, 0)
+
+
 @pytest.mark.parametrize("args, line", [
     (["-m", "lora.rank=4,0"], "error: lora.rank=0: should be greater than 0 (sweep job 2 of 2)"),
     (["lora.rank=4,0", "-m"], "error: lora.rank=0: should be greater than 0 (sweep job 2 of 2)"),  # flag last
