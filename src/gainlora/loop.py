@@ -88,9 +88,10 @@ def check_shapes(module: ContinualLM, files: dict[str, dict[str, torch.Tensor]],
         expected[f"{name}.B"] = (layer.out_features, layer.rank)
     branch = files.get("branch", {})
     if set(branch) != set(expected):
-        missing = sorted(set(expected) - set(branch))[:3]
+        missing, extra = sorted(set(expected) - set(branch))[:3], sorted(set(branch) - set(expected))[:3]
         raise ArtifactError(f"task {task + 1} branch.safetensors does not match the model's adapted layers "
-                            f"(missing e.g. {missing}); was the run made with another backbone?")
+                            f"({f'missing e.g. {missing}' if missing else f'unexpected {extra}'}); was the run made "
+                            "with another backbone?")
     for key, shape in expected.items():
         if tuple(branch[key].shape) != shape:
             raise ArtifactError(f"task {task + 1} branch.safetensors: {key} has shape {tuple(branch[key].shape)}, "

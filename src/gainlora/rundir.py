@@ -206,6 +206,8 @@ def check_existing(cfg: DictConfig, run_dir: RunDir) -> None:
         saved = OmegaConf.load(run_dir.config)
     except Exception as err:
         raise ConfigError(f"{run_dir.config}: not a readable config ({type(err).__name__})") from None
+    if not isinstance(saved, DictConfig):  # a YAML list: nothing of a run's config
+        raise ConfigError(f"{run_dir.config}: not a run config (a mapping of sections)")
     try:
         method = validate_config(saved, machine=False).method  # a saved config naming foreign code is refused here
     except ConfigError as err:

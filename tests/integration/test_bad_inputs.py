@@ -285,6 +285,14 @@ def test_a_bad_override_is_one_line_and_exit_2(args, fragment, monkeypatch, caps
     assert stopped.value.code == 2 and err.startswith(fragment) and err.count("\n") == 1, err
 
 
+def test_an_error_line_is_one_line_whatever_the_message_carries(capsys) -> None:
+    """A path or a library message with a line break still gives one ``error:`` line."""
+    from gainlora.cli import error_line
+
+    assert error_line("paths.runs_dir=/tmp/a\nb: a writable directory\r") == 2
+    assert capsys.readouterr().err == "error: paths.runs_dir=/tmp/a\\nb: a writable directory\\r\n"
+
+
 # -- a run directory whose config.yaml was edited to another method -----------------------------------------
 def test_a_config_edited_to_another_method_is_refused(tmp_path, t5_backbone):
     """results.json names the method that trained the tasks: a config.yaml building another one is
