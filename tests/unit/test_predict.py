@@ -69,6 +69,8 @@ def fake_run(tmp_path: Path) -> Path:
     (['{"input": "a", "instruction": null}'], "line 1: 'instruction' must be a string, got NoneType"),
     (['{"input": "a", "prediction": "x"}'], "line 1: has a 'prediction' field already"),
     ([''], "no input lines"),
+    (['[' * 100_000 + ']' * 100_000], "line 1: nested too deeply to read"),
+    (['{"input": "\\ud800 x"}'], "line 1: not valid Unicode ('\\ud800' is a lone surrogate)"),
 ])
 def test_bad_lines_are_named_before_anything_loads(tmp_path, capsys, lines, fragment) -> None:
     source = tmp_path / "in.jsonl"

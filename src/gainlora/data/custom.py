@@ -187,8 +187,15 @@ def jsonl_rows(path: Path) -> Iterator[Row]:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+        except RecursionError:
+            raise DataError(f"{where}: nested too deeply to read") from None
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        try:  # a lone surrogate (\ud800) parses, but no UTF-8 file or tokenizer takes it
+            json.dumps(row, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise DataError(f"{where}: not valid Unicode ({err.object[err.start:err.end]!r} is a lone "
+                            "surrogate)") from None
         yield where, row
 
 
