@@ -130,7 +130,10 @@ class RunDir:
         return self.root / "tasks" / f"{task + 1:02d}-{name}"
 
     def is_done(self, task: int, name: str) -> bool:
-        return (self.task_dir(task, name) / DONE).is_file()
+        done = self.task_dir(task, name) / DONE
+        if done.exists() and not done.is_file():  # never written so: retraining would replace the folder
+            raise ArtifactError(f"{done}: not a file; delete {done.parent} to train the task again")
+        return done.is_file()
 
     def save_task(self, task: int, name: str, files: dict[str, dict[str, Tensor]], meta: dict,
                   extra_json: dict[str, object] | None = None) -> Path:
@@ -157,7 +160,7 @@ class RunDir:
         first file that is missing or differs from what was written."""
         folder = self.task_dir(task, name)
         done, meta_path = folder / DONE, folder / META
-        if not done.is_file():
+        if not self.is_done(task, name):
             raise ArtifactError(f"{done}: missing; the task is not finished")
         recorded = done.read_bytes().decode("ascii", "replace").strip()
         if not recorded:

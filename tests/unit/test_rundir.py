@@ -74,6 +74,7 @@ def edit_meta(path: Path) -> None:
     (edit_meta, "meta.json", "meta.json: does not match the checksum in"),
     (lambda p: p.write_text(""), "DONE", "DONE: holds no checksum"),
     (Path.unlink, "predictions.json", "predictions.json: missing from a finished task"),
+    (lambda p: p.unlink() or p.mkdir(), "DONE", "DONE: not a file; delete"),
 ])
 def test_a_damaged_task_folder_is_refused_naming_the_file(damage, file, message, tmp_path) -> None:
     run_dir = RunDir(tmp_path)
