@@ -130,6 +130,8 @@ REFUSED = {
     "benchmark.tasks=[demo_colour,DEMO_COLOUR]": "benchmark.tasks=[\"demo_colour\", \"DEMO_COLOUR\"]: demo tasks "
                                                  "only (DEMO_COLOUR is not one; they are demo_colour, ",
     "run_id=-rf": "run_id=-rf: a name of 1-100 characters",
+    "benchmark=custom benchmark.tasks=[examples/custom_tasks/antonyms] +benchmark.order=1":
+        "benchmark.order=1: the custom reader does not read it; leave it unset",
     "logger.csv._target_=os.system": "logger.csv._target_=os.system: not one of the project's loggers",
     "+logger.csv.bogus=1": "logger.csv.bogus=1: unknown key",
 }
@@ -138,7 +140,7 @@ REFUSED = {
 @pytest.mark.parametrize("override", list(REFUSED))
 def test_bad_value_is_refused_with_one_line(override):
     with pytest.raises(ConfigError) as err:
-        validate_config(cfg_of(override))
+        validate_config(cfg_of(*override.split(" ")))
     message = str(err.value)
     assert message.startswith(REFUSED[override]), message
     assert "\n" not in message
