@@ -164,7 +164,8 @@ def claim_run_dir(cfg: DictConfig) -> Iterator[RunDir]:
     try:
         lock.acquire()
     except OSError as err:
-        raise refuse("paths.runs_dir", cfg.paths.runs_dir, f"a writable directory ({err.strerror}: {root})") from None
+        raise refuse("paths.runs_dir", cfg.paths.runs_dir,
+                     f"a writable directory ({err.strerror}: {err.filename or root})") from None
     try:
         check_existing(cfg, run_dir)
         os.environ[RUN_ID_ENV] = root.name  # inherited by the worker processes Lightning launches
