@@ -161,6 +161,14 @@ def test_resume_refuses_a_saved_config_that_is_no_run_config(tmp_path, text, fra
     assert not marker.exists()
 
 
+def test_a_lock_that_cannot_be_taken_names_its_path(tmp_path):
+    root = saved_run(tmp_path, "r", "interrupted")
+    (root / LOCK).mkdir()
+    with pytest.raises(ConfigError, match=rf"^paths.runs_dir=.*: a writable directory \(Is a directory: {root / LOCK}\)"):
+        with claim_run_dir(cfg_of(tmp_path, "run_id=r", "resume=true")):
+            pass
+
+
 def test_a_failed_start_leaves_no_directory(tmp_path):
     with pytest.raises(RuntimeError):
         with claim_run_dir(cfg_of(tmp_path, "run_id=short")):
