@@ -145,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         unwritable = writable_file(output)
         if unwritable:
             return error_line(f"output={output}: {unwritable}")
+        if output.resolve() == Path(args.input).resolve():
+            return error_line(f"output={output}: the input file itself; give another path (the input is kept)")
         trained = load_run(args.run)
         generation = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
         answers, stats = predict(trained, [p for _, p in rows], batch_size=args.batch_size, **generation)

@@ -89,6 +89,7 @@ def test_bad_arguments_are_named(tmp_path, capsys) -> None:
     assert main([str(run), str(tmp_path / "missing.jsonl"), str(tmp_path / "o")]) == 2
     assert main([str(run), str(source), str(tmp_path)]) == 2  # a directory
     assert main([str(run), str(source), "/proc/gainlora/o.jsonl"]) == 2  # checked before the model loads
+    assert main([str(run), str(source), str(source)]) == 2
     for args in (["--batch-size", "0"], ["--batch-size", "abc"], ["--prompt", "chat"], ["--bogus"], []):
         with pytest.raises(SystemExit) as stopped:  # argparse's own errors, in the same one-line form
             main([str(run), str(source), *(["o"] if args else []), *args])
@@ -98,6 +99,7 @@ def test_bad_arguments_are_named(tmp_path, capsys) -> None:
         f"error: {tmp_path / 'missing.jsonl'}: no such file",
         f"error: output={tmp_path}: a directory; give a file path",
         "error: output=/proc/gainlora/o.jsonl: /proc cannot be written (No such file or directory)",
+        f"error: output={source}: the input file itself; give another path (the input is kept)",
         "error: --batch-size=0: a positive integer",
         "error: --batch-size=abc: a positive integer",
         "error: --prompt=chat: expected one of superni, long, demo",
