@@ -33,7 +33,8 @@ __all__ = ["ConfigError", "RunConfig", "check_name", "validate_config"]
 
 # -- the sections ----------------------------------------------------------------------------------------
 PosInt = Annotated[int, Field(gt=0)]
-Length = Annotated[int, Field(gt=0, le=131072)]  # tokens: past any model's context, a run only hangs or dies allocating
+MAX_TOKENS = 131072  # past any model's context: a run only hangs or dies allocating
+Length = Annotated[int, Field(gt=0, le=MAX_TOKENS)]  # tokens
 NonNegInt = Annotated[int, Field(ge=0)]
 
 
