@@ -217,7 +217,8 @@ class Benchmark(Section):
 
 # The optional benchmark keys each reader reads; one of the others, set, is refused rather than ignored.
 READ_BY = {"demo": {"n_train", "n_val", "n_test", "order", "orders"}, "custom": {"metric", "prompt", "val_size"},
-           **dict.fromkeys(("superni", "long"), {"data_dir", "val_size", "carve", "carve_test_size", "order", "orders"})}
+           **dict.fromkeys(("superni", "long"),
+                           {"data_dir", "val_size", "carve", "carve_test_size", "order", "orders"})}
 
 
 PRECISIONS = Literal["32-true", "32", 32, "64-true", "64", 64, "16-mixed", "16-true", "16", 16,

@@ -246,4 +246,5 @@ def _load_from_disk(path: Path):
     try:
         return load_from_disk(str(path))
     except Exception as err:  # noqa: BLE001 - datasets' and pyarrow's many error types for a damaged folder
-        raise DataError(f"{path}: not a readable save_to_disk folder ({(str(err) or type(err).__name__).splitlines()[0]})") from None
+        reason = (str(err) or type(err).__name__).splitlines()[0]
+        raise DataError(f"{path}: not a readable save_to_disk folder ({reason})") from None
