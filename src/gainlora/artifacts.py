@@ -130,7 +130,10 @@ class RunDir:
         return self.root / "tasks" / f"{task + 1:02d}-{name}"
 
     def is_done(self, task: int, name: str) -> bool:
-        return (self.task_dir(task, name) / DONE).is_file()
+        done = self.task_dir(task, name) / DONE
+        if done.exists() and not done.is_file():  # never written so: retraining would replace the folder
+            raise ArtifactError(f"{done}: not a file; delete {done.parent} to train the task again")
+        return done.is_file()
 
     def save_task(self, task: int, name: str, files: dict[str, dict[str, Tensor]], meta: dict,
                   extra_json: dict[str, object] | None = None) -> Path:
@@ -157,9 +160,9 @@ class RunDir:
         first file that is missing or differs from what was written."""
         folder = self.task_dir(task, name)
         done, meta_path = folder / DONE, folder / META
-        if not done.is_file():
+        if not self.is_done(task, name):
             raise ArtifactError(f"{done}: missing; the task is not finished")
-        recorded = done.read_text().strip()
+        recorded = done.read_bytes().decode("ascii", "replace").strip()
         if not recorded:
             raise ArtifactError(f"{done}: holds no checksum of {META} (written by an older version, or emptied); "
                                 "the task cannot be verified: delete its folder to train it again")
@@ -168,8 +171,19 @@ class RunDir:
         if sha256(meta_path) != recorded:
             raise ArtifactError(f"{meta_path}: does not match the checksum in {done} (edited or corrupted); "
                                 f"delete {folder} to train the task again")
-        meta = json.loads(meta_path.read_text())
-        for filename, digest in meta.get("sha256", {}).items():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            meta = None
+        files = meta.get("sha256") if isinstance(meta, dict) else None
+        row = meta.get("row", []) if isinstance(meta, dict) else None
+        # plain file names only: a crafted meta.json must not make the run read files outside the task
+        if not (isinstance(files, dict) and all(isinstance(f, str) and isinstance(d, str) and Path(f).name == f
+                                                and f not in ("", ".", "..") for f, d in files.items())
+                and isinstance(row, list) and all(v is None or type(v) in (int, float) for v in row)):
+            raise ArtifactError(f"{meta_path}: not a task's meta.json (an object with its scores under 'row' and "
+                                f"its files' checksums under 'sha256'); delete {folder} to train the task again")
+        for filename, digest in files.items():
             path = folder / filename
             if not path.is_file():
                 raise ArtifactError(f"{path}: missing from a finished task; delete {folder} to train it again")
@@ -181,7 +195,14 @@ class RunDir:
     def load_task(self, task: int, name: str) -> tuple[dict[str, dict[str, Tensor]], dict]:
         """A finished task's tensors by file stem and its meta, verified (see :meth:`verified_task`)."""
         folder, meta = self.verified_task(task, name)
-        files = {Path(f).stem: read_tensors(folder / f) for f in sorted(meta["sha256"]) if f.endswith(".safetensors")}
+        files = {}
+        for filename in sorted(meta["sha256"]):
+            if filename.endswith(".safetensors"):
+                try:
+                    files[Path(filename).stem] = read_tensors(folder / filename)
+                except Exception as err:  # noqa: BLE001 - safetensors' own error types
+                    raise ArtifactError(f"{folder / filename}: not a readable safetensors file ({err}); delete "
+                                        f"{folder} to train the task again") from None
         return files, meta
 
     def clean_leftovers(self) -> list[Path]:

@@ -19,7 +19,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 
 def error_line(message: str) -> int:
-    """Print the one ``error:`` line of a user mistake; the exit code to return (2)."""
+    """Print the one ``error:`` line of a user mistake; the exit code to return (2). Line breaks that a
+    value or a library's message carries are escaped, so it stays one line."""
+    message = message.replace("\r", "\\r").replace("\n", "\\n")
     print(f"error: {message}", file=sys.stderr)
     return 2
 

@@ -219,8 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=FORMATS, default="peft")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.is_symlink() or out.exists() and (not out.is_dir() or any(out.iterdir())):
         return error_line(f"out={out}: exists and is not an empty folder")
+    run = Path(args.run).resolve()
+    if out.resolve().is_relative_to(run.parent if run.is_file() else run):  # a run directory has one writer
+        return error_line(f"out={out}: inside the run directory {args.run}; give a folder outside it")
     unwritable = writable_file(out / "gainlora.json")
     if unwritable:
         return error_line(f"out={out}: {unwritable}")

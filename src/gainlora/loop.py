@@ -22,7 +22,7 @@ import torch
 
 from gainlora.artifacts import ArtifactError, RunDir
 from gainlora.callbacks.forgetting import ForgettingMetrics
-from gainlora.callbacks.in_task_checkpoint import InTaskCheckpoint
+from gainlora.callbacks.in_task_checkpoint import InTaskCheckpoint, check_checkpoint
 from gainlora.callbacks.interrupt import StopFlag, StopOnSignal, TaskInterrupted
 from gainlora.data.datamodule import TaskStreamDataModule
 from gainlora.methods.base import Method
@@ -88,9 +88,10 @@ def check_shapes(module: ContinualLM, files: dict[str, dict[str, torch.Tensor]],
         expected[f"{name}.B"] = (layer.out_features, layer.rank)
     branch = files.get("branch", {})
     if set(branch) != set(expected):
-        missing = sorted(set(expected) - set(branch))[:3]
+        missing, extra = sorted(set(expected) - set(branch))[:3], sorted(set(branch) - set(expected))[:3]
         raise ArtifactError(f"task {task + 1} branch.safetensors does not match the model's adapted layers "
-                            f"(missing e.g. {missing}); was the run made with another backbone?")
+                            f"({f'missing e.g. {missing}' if missing else f'unexpected {extra}'}); was the run made "
+                            "with another backbone?")
     for key, shape in expected.items():
         if tuple(branch[key].shape) != shape:
             raise ArtifactError(f"task {task + 1} branch.safetensors: {key} has shape {tuple(branch[key].shape)}, "
@@ -107,6 +108,12 @@ def check_shapes(module: ContinualLM, files: dict[str, dict[str, torch.Tensor]],
         if set(gate) != set(want):
             raise ArtifactError(f"task {task + 1} gate.safetensors holds {sorted(gate)}, the model's gates "
                                 f"{sorted(want)} (a run of another method?)")
+    for stem in ("branch", "gate"):  # what training writes: finite floating-point weights
+        bad = next((k for k, v in files.get(stem, {}).items()
+                    if not v.is_floating_point() or not torch.isfinite(v).all()), None)
+        if bad is not None:
+            raise ArtifactError(f"task {task + 1} {stem}.safetensors: {bad} is not finite floating-point weights "
+                                f"({files[stem][bad].dtype}); the file was altered")
 
 
 @dataclass
@@ -269,7 +276,7 @@ class ContinualLoop:
         steps = self.checkpoint.get("every_n_train_steps") or None
         saver = InTaskCheckpoint(last, every_n_train_steps=steps,
                                  every_n_epochs=None if steps else self.checkpoint.get("every_n_epochs"))
-        return [saver], last if last.is_file() else None
+        return [saver], check_checkpoint(last, t)
 
     # -- results -----------------------------------------------------------------------------------
     def results(self, status: str) -> dict:

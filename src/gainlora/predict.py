@@ -28,6 +28,7 @@ from gainlora.data.benchmarks import long_sequence_prompt, superni_prompt
 from gainlora.data.custom import jsonl_rows
 from gainlora.data.demo import render_prompt
 from gainlora.data.types import DataError, Example
+from gainlora.schema import MAX_TOKENS
 from gainlora.targets import ConfigError
 
 PROMPTS: dict[str, Callable[[str, str], str]] = {"superni": superni_prompt, "long": long_sequence_prompt,
@@ -136,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"template for 'input' lines: {', '.join(PROMPTS)} (default: the run's)")
     args = parser.parse_args(argv)
     output = Path(args.output)
+    if (args.max_new_tokens or 0) > MAX_TOKENS:  # an answer that never ends generates for hours
+        return error_line(f"--max-new-tokens={args.max_new_tokens}: at most {MAX_TOKENS}")
     try:
         from gainlora.api import load_run, read_run
 
@@ -145,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         unwritable = writable_file(output)
         if unwritable:
             return error_line(f"output={output}: {unwritable}")
+        if output.resolve() == Path(args.input).resolve():
+            return error_line(f"output={output}: the input file itself; give another path (the input is kept)")
         trained = load_run(args.run)
         generation = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
         answers, stats = predict(trained, [p for _, p in rows], batch_size=args.batch_size, **generation)

@@ -283,6 +283,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         unwritable = writable_file(out / "compare.md")
         if unwritable:
             return error_line(f"--out={out}: {unwritable}")
+        inside = next((p for p in args.run_dirs if out.resolve().is_relative_to(
+            p.resolve().parent if p.is_file() else p.resolve())), None)
+        if inside is not None:  # a run directory has one writer: the run
+            return error_line(f"--out={out}: inside the run directory {inside}; give a folder outside it")
         figure_path, markdown_path = compare_runs(args.run_dirs, out, single_task=args.single_task)
     except ReportError as err:
         return error_line(str(err))

@@ -20,7 +20,7 @@ from gainlora.artifacts import RunDir, write_text
 from gainlora.build import (build, check_backbone_source, check_trainer, derive_batching, in_task_checkpoints,
                             make_loggers, single_task_reference, trainer_factory)
 from gainlora.callbacks.interrupt import resume_command
-from gainlora.cli import check_overrides, disk_full, fail
+from gainlora.cli import check_overrides, disk_full, fail, writable_file
 from gainlora.data.tasks import load_stream, stream_metric
 from gainlora.data.types import DataError
 from gainlora.loop import ArtifactError, ContinualLoop, StopFlag, TaskInterrupted
@@ -132,6 +132,10 @@ def cli() -> None:
                     fail(f"run_id={cfg.run_id}: one run directory per sweep job (jobs {writers[where]} and {n} "
                          "would both write it); leave run_id unset or sweep it")
                 writers[where] = n
+        folder = Path(str(compose_config(jobs[0], hydra=True).hydra.sweep.dir))
+        unwritable = writable_file(folder / "multirun.yaml")
+        if unwritable:  # Hydra makes it before the first job: a traceback otherwise
+            fail(f"hydra.sweep.dir={folder}: {unwritable}")
         sys.argv[1:] = [flags[0], *overrides]  # Hydra takes its flag before the overrides only
     main()
 
@@ -145,23 +149,47 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
     except Exception:  # noqa: BLE001 - a syntax error: check_overrides names it as a plain run would
         check_overrides(CONF_DIR, overrides)
         raise
-    choices = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
+    choices = [[f"{o.get_key_element()}={v}" for v in sweep_values(o)] if o.is_sweep_override()
                else [o.input_line] for o in parsed]
     return [list(job) for job in itertools.product(*choices)]
 
 
-def compose_config(overrides: list[str]) -> DictConfig:
+def sweep_values(override) -> list[str]:
+    """The values of one sweep as the basic sweeper enumerates them; a glob over a config group's
+    options (``method=glob(gainlora_*)``) matches that group's files."""
+    from hydra.core.override_parser.types import Glob
+    from hydra.errors import HydraException
+
+    if isinstance(override.value(), Glob):
+        options = sorted(p.stem for p in (CONF_DIR / override.get_key_element()).glob("*.yaml"))
+        values = override.value().filter(options)
+        if not values:
+            fail(f"{override.input_line}: matches none of {override.get_key_element()}'s options "
+                 f"({', '.join(options) or 'none: not a config group'})")
+        return values
+    try:
+        values = list(override.sweep_string_iterator())
+    except HydraException as err:  # interval(): a sweeper plugin's (Optuna, Ax), not the basic sweeper's
+        fail(f"{override.input_line}: {err}; the basic sweeper takes choices (a,b,c) and range(start,stop)")
+    if not values:
+        fail(f"{override.input_line}: a sweep of no values (an empty range?)")
+    return values
+
+
+def compose_config(overrides: list[str], hydra: bool = False) -> DictConfig:
     """A job's config as Hydra will launch it, ``${hydra:...}`` interpolations included (a sweep's
     ``run_id=${hydra:runtime.choices.method}-s${seed}``): Hydra's own node is composed and set as
-    the current HydraConfig, then left out of the returned config, as in a launched job."""
+    the current HydraConfig; ``hydra``: keep that node (where a multirun writes its own files),
+    otherwise it is left out, as in a launched job."""
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
+    if not hydra:
+        with open_dict(cfg):
+            del cfg["hydra"]
     return cfg
 
 

@@ -164,7 +164,8 @@ def claim_run_dir(cfg: DictConfig) -> Iterator[RunDir]:
     try:
         lock.acquire()
     except OSError as err:
-        raise refuse("paths.runs_dir", cfg.paths.runs_dir, f"a writable directory ({err.strerror}: {root})") from None
+        raise refuse("paths.runs_dir", cfg.paths.runs_dir,
+                     f"a writable directory ({err.strerror}: {err.filename or root})") from None
     try:
         check_existing(cfg, run_dir)
         os.environ[RUN_ID_ENV] = root.name  # inherited by the worker processes Lightning launches
@@ -206,6 +207,8 @@ def check_existing(cfg: DictConfig, run_dir: RunDir) -> None:
         saved = OmegaConf.load(run_dir.config)
     except Exception as err:
         raise ConfigError(f"{run_dir.config}: not a readable config ({type(err).__name__})") from None
+    if not isinstance(saved, DictConfig):  # a YAML list: nothing of a run's config
+        raise ConfigError(f"{run_dir.config}: not a run config (a mapping of sections)")
     try:
         method = validate_config(saved, machine=False).method  # a saved config naming foreign code is refused here
     except ConfigError as err:

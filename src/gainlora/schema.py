@@ -12,6 +12,7 @@ A bad value raises ``ConfigError("<dotted.key>=<value>: <what is accepted>")``.
 from __future__ import annotations
 
 import inspect
+import os
 from importlib.util import find_spec
 import json
 from dataclasses import replace
@@ -32,7 +33,8 @@ __all__ = ["ConfigError", "RunConfig", "check_name", "validate_config"]
 
 # -- the sections ----------------------------------------------------------------------------------------
 PosInt = Annotated[int, Field(gt=0)]
-Length = Annotated[int, Field(gt=0, le=131072)]  # tokens: past any model's context, a run only hangs or dies allocating
+MAX_TOKENS = 131072  # past any model's context: a run only hangs or dies allocating
+Length = Annotated[int, Field(gt=0, le=MAX_TOKENS)]  # tokens
 NonNegInt = Annotated[int, Field(ge=0)]
 
 
@@ -54,7 +56,7 @@ class Data(Section):
 
 
 class Generation(Section):
-    num_beams: PosInt
+    num_beams: Annotated[int, Field(gt=0, le=64)]  # each beam multiplies generation's memory: 10^5 beams OOM-kill
 
 
 class Checkpoint(Section):
@@ -82,12 +84,12 @@ class TinyOverrides(Section):
     d_ff: PosInt | None = None
     decoder_layers: PosInt | None = None
     vocab_size: Annotated[int, Field(ge=300)] | None = None  # BPE: 256 bytes, the specials, some merges
-    max_positions: PosInt | None = None
+    max_positions: Length | None = None
     pretrain_steps: NonNegInt | None = None
     pretrain_lr: Annotated[float, Field(gt=0)] | None = None
     pretrain_batch: PosInt | None = None
     pretrain_warmup: NonNegInt | None = None
-    pretrain_words: PosInt | None = None
+    pretrain_words: Annotated[int, Field(gt=0, le=10**6)] | None = None
     seed: Annotated[int, Field(ge=0, lt=2**31)] | None = None
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,100}$")] | None = None  # the cache folder's prefix
 
@@ -127,12 +129,31 @@ class Backbone(Section):
         elif self.tiny is not None and self.tiny not in PRESETS:
             raise ValueError(f"backbone.tiny: one of {', '.join(PRESETS)}")
         if self.tiny_overrides is not None and self.tiny in PRESETS:
-            spec = replace(PRESETS[self.tiny], **self.tiny_overrides.model_dump(exclude_none=True))
-            if spec.d_model % spec.heads:
-                if self.tiny_overrides.d_model is not None:
-                    raise ValueError(f"backbone.tiny_overrides.d_model: a multiple of heads ({spec.heads})")
-                raise ValueError(f"backbone.tiny_overrides.heads: a divisor of d_model ({spec.d_model})")
+            check_tiny(replace(PRESETS[self.tiny], **self.tiny_overrides.model_dump(exclude_none=True)),
+                       self.tiny_overrides.model_dump(exclude_none=True))
         return self
+
+
+TINY_PARAMETERS = 10**9  # a tiny preset is built and run in float32 on a CPU; past this it exhausts the memory
+
+
+def check_tiny(spec, overridden: dict) -> None:
+    """A tiny preset with overrides: heads divide d_model, positions are Llama's own, and the model
+    stays tiny (10^5 layers or d_model=10^6 fill the machine's memory before any check of the run)."""
+    key = "backbone.tiny_overrides"
+    if spec.d_model % spec.heads:
+        if "d_model" in overridden:
+            raise ValueError(f"{key}.d_model: a multiple of heads ({spec.heads})")
+        raise ValueError(f"{key}.heads: a divisor of d_model ({spec.d_model})")
+    if "max_positions" in overridden and spec.arch == "t5":
+        raise ValueError(f"{key}.max_positions: leave it unset for a T5 preset (relative positions; decoder-only only)")
+    blocks = spec.layers + (spec.decoder_layers or spec.layers if spec.arch == "t5" else 0)
+    size = spec.vocab_size * spec.d_model + blocks * (4 * spec.d_model ** 2 + 3 * spec.d_model * spec.d_ff)
+    if size > TINY_PARAMETERS:
+        largest = max((k for k in ("d_model", "layers", "decoder_layers", "d_ff", "vocab_size") if k in overridden),
+                      key=lambda k: overridden[k], default="d_model")
+        raise ValueError(f"{key}.{largest}: a tiny preset of at most 10^9 parameters (these overrides make about "
+                         f"{size:.1e}); use backbone.name_or_path for a large model")
 
 
 class Benchmark(Section):
@@ -173,6 +194,13 @@ class Benchmark(Section):
             names = [t if isinstance(t, str) else t.get("name", "?") for t in available]
             raise ValueError(f"benchmark.num_tasks: 1 to {len(available)} (the stream has {', '.join(names)}), "
                              "or null for all")
+        if self.reader == "demo":  # the generated tasks; the file readers name a missing task with its path
+            from gainlora.data.demo import DEMO_TASKS
+
+            unknown = [t for t in available if t not in DEMO_TASKS]
+            if unknown:
+                raise ValueError(f"benchmark.{'tasks' if self.tasks else 'order'}: demo tasks only ({unknown[0]} is "
+                                 f"not one; they are {', '.join(DEMO_TASKS)})")
         twice = [t for t in available if available.count(t) > 1]
         if twice:
             raise ValueError(f"benchmark.{'tasks' if self.tasks else 'order'}: each task at most once "
@@ -181,11 +209,18 @@ class Benchmark(Section):
             if self.reader not in ("superni", "long") or task not in available or self.selection != "carved":
                 raise ValueError(f"benchmark.carve.{task}: a task of the stream ({', '.join(available)}) of the "
                                  "superni or long reader, with benchmark.selection=carved")
-        ignored = ("data_dir", "val_size") if self.reader == "demo" else ("n_train", "n_val", "n_test")
-        for key in ignored:
+        for key in sorted(set().union(*READ_BY.values()) - READ_BY[self.reader]):  # set, it would be ignored
             if getattr(self, key) is not None:
                 raise ValueError(f"benchmark.{key}: the {self.reader} reader does not read it; leave it unset")
+        if self.selection == "paper" and self.reader not in ("superni", "long"):
+            raise ValueError(f"benchmark.selection: carved (the {self.reader} reader has no dev split to select on)")
         return self
+
+
+# The optional benchmark keys each reader reads; one of the others, set, is refused rather than ignored.
+READ_BY = {"demo": {"n_train", "n_val", "n_test", "order", "orders"}, "custom": {"metric", "prompt", "val_size"},
+           **dict.fromkeys(("superni", "long"),
+                           {"data_dir", "val_size", "carve", "carve_test_size", "order", "orders"})}
 
 
 PRECISIONS = Literal["32-true", "32", 32, "64-true", "64", 64, "16-mixed", "16-true", "16", 16,
@@ -295,6 +330,9 @@ def check_machine(cfg: RunConfig, strategy: dict) -> None:
     if isinstance(trainer.devices, int) and trainer.devices > 1 and not on_cpu \
             and trainer.devices > torch.cuda.device_count():
         raise refuse("trainer.devices", trainer.devices, f"at most {torch.cuda.device_count()} (the GPUs here)")
+    cores = os.cpu_count() or 1
+    if cfg.data.num_workers > 4 * cores:  # each worker is a process: 10^5 of them hang the machine
+        raise refuse("data.num_workers", cfg.data.num_workers, f"at most {4 * cores} (4 per CPU core here)")
     target, name = str(strategy.get("_target_", "")), str(strategy.get("name", ""))
     if "DeepSpeed" in target or name.startswith("deepspeed"):
         if on_cpu and (target == "lightning.pytorch.strategies.DeepSpeedStrategy" or name):  # not a CPU subclass

@@ -22,7 +22,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, create_model
 
 STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, arbitrary_types_allowed=True)
-NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
+NAME = re.compile(r"[A-Za-z0-9._][A-Za-z0-9._-]{0,99}")  # not '-' first: shell tools would read it as an option
 MISSING = object()
 
 
@@ -31,7 +31,8 @@ class ConfigError(ValueError):
 
 
 def show(value: Any) -> str:
-    text = "<missing>" if value is MISSING else value if isinstance(value, str) else json.dumps(value, default=str)
+    text = "<missing>" if value is MISSING else value if isinstance(value, str) and value.isprintable() \
+        else json.dumps(value, default=str)  # control characters escaped: the error stays one line
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -44,7 +45,8 @@ def check_name(key: str, value: Any) -> str:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         value = str(value)
     if not (isinstance(value, str) and NAME.fullmatch(value) and value not in (".", "..")):
-        raise refuse(key, value, "a name of 1-100 characters from A-Z a-z 0-9 . _ - (not a path, not '.' or '..')")
+        raise refuse(key, value, "a name of 1-100 characters from A-Z a-z 0-9 . _ - (not a path, not '.' or '..', "
+                                 "not starting with '-')")
     return value
 
 
@@ -195,7 +197,20 @@ def bind_optimizer(spec: dict) -> Bound:
         raise refuse("optimizer.lr", spec.get("lr"), "a number > 0")
     if kwargs.get("weight_decay", 0.0) < 0:
         raise refuse("optimizer.weight_decay", spec["weight_decay"], "a number >= 0")
+    probe_optimizer(cls, kwargs)
     return Bound(cls, kwargs)
+
+
+def probe_optimizer(cls: type, kwargs: dict) -> None:
+    """torch's own checks of the arguments (betas, eps, momentum) and of the step (SparseAdam takes
+    no dense gradients), on one throwaway parameter instead of after the run directory is written."""
+    weight = torch.nn.Parameter(torch.ones(2))
+    try:
+        optimizer = cls([weight], **kwargs)
+        weight.grad = torch.ones(2)
+        optimizer.step(lambda: weight.sum())  # a closure, as Lightning passes one (LBFGS needs it)
+    except (ValueError, TypeError, RuntimeError) as err:
+        raise refuse("optimizer._target_", f"torch.optim.{cls.__name__}", str(err).splitlines()[0]) from None
 
 
 def bind_strategy(spec: dict) -> Bound | str:

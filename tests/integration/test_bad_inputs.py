@@ -285,6 +285,14 @@ def test_a_bad_override_is_one_line_and_exit_2(args, fragment, monkeypatch, caps
     assert stopped.value.code == 2 and err.startswith(fragment) and err.count("\n") == 1, err
 
 
+def test_an_error_line_is_one_line_whatever_the_message_carries(capsys) -> None:
+    """A path or a library message with a line break still gives one ``error:`` line."""
+    from gainlora.cli import error_line
+
+    assert error_line("paths.runs_dir=/tmp/a\nb: a writable directory\r") == 2
+    assert capsys.readouterr().err == "error: paths.runs_dir=/tmp/a\\nb: a writable directory\\r\n"
+
+
 # -- a run directory whose config.yaml was edited to another method -----------------------------------------
 def test_a_config_edited_to_another_method_is_refused(tmp_path, t5_backbone):
     """results.json names the method that trained the tasks: a config.yaml building another one is
@@ -316,6 +324,62 @@ def test_a_config_edited_to_another_method_is_refused(tmp_path, t5_backbone):
         check_shapes(module, {"branch": branch, "gate": {"G1": torch.zeros(3, 3)}}, 0)
 
 
+@pytest.mark.parametrize("damage, fragment", [
+    ("pickle", "UnpicklingError: Weights only load failed"),
+    ("raw pickle", "RuntimeError: mmap can only be used with files saved with"),
+    ("truncated", "RuntimeError: PytorchStreamReader failed"),
+    ("folder", "IsADirectoryError"),
+])
+def test_an_unreadable_in_task_checkpoint_is_refused_without_running_it(damage, fragment, tmp_path):
+    """A resumed task's last.ckpt is loaded as Lightning would (weights_only) before fit: a crafted
+    pickle, a truncated file or a folder is one error naming it, and nothing in it runs."""
+    import pickle
+    from types import SimpleNamespace
+
+    from gainlora.artifacts import RunDir
+    from gainlora.loop import ContinualLoop
+
+    run_dir, marker = RunDir(tmp_path / "run"), tmp_path / "marker"
+    last = run_dir.checkpoint_dir(0, "a") / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    torch.save({"state_dict": {"w": torch.ones(2)}, "loops": {}}, last)
+    loop = SimpleNamespace(checkpoint={"every_n_train_steps": 2}, run_dir=run_dir)
+    assert ContinualLoop.in_task_checkpoint(loop, 0, "a")[1] == last  # a sound one is used
+    if damage == "pickle":  # torch's own format around a payload that runs a command when unpickled
+        torch.save({"state_dict": Payload(marker)}, last)
+    elif damage == "raw pickle":
+        last.write_bytes(pickle.dumps({"state_dict": Payload(marker)}))
+    elif damage == "truncated":
+        last.write_bytes(last.read_bytes()[:200])
+    else:
+        last.unlink()
+        last.mkdir()
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(last))}: not a readable checkpoint \({fragment}.*\); "
+                                         r"delete it to restart task 1 from its beginning$"):
+        ContinualLoop.in_task_checkpoint(loop, 0, "a")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("alter, fragment", [
+    (lambda t: t * float("nan"), "is not finite floating-point weights (torch.float32)"),
+    (lambda t: t.to(torch.int64), "is not finite floating-point weights (torch.int64)"),
+])
+def test_restored_branches_must_be_finite_floats(alter, fragment, t5_backbone):
+    """A branch file rewritten with its checksums recomputed still has to hold weights training writes."""
+    import functools
+
+    from gainlora.loop import check_shapes
+    from gainlora.model.module import ContinualLM
+
+    module = ContinualLM(t5_backbone(), rank=2, optimizer=functools.partial(torch.optim.AdamW, lr=1e-3))
+    branch = {f"{name}.{part}": torch.ones(shape) for name, layer in module.adapted.items()
+              for part, shape in (("A", (2, layer.in_features)), ("B", (layer.out_features, 2)))}
+    check_shapes(module, {"branch": branch}, 0)
+    first = sorted(branch)[0]
+    with pytest.raises(ValueError, match=rf"^task 1 branch.safetensors: {re.escape(first)} {re.escape(fragment)}"):
+        check_shapes(module, {"branch": {**branch, first: alter(branch[first])}}, 0)
+
+
 @pytest.mark.parametrize("args, line", [
     (["-m", "lora.rank=4,0"], "error: lora.rank=0: should be greater than 0 (sweep job 2 of 2)"),
     (["lora.rank=4,0", "-m"], "error: lora.rank=0: should be greater than 0 (sweep job 2 of 2)"),  # flag last
@@ -329,13 +393,22 @@ def test_a_config_edited_to_another_method_is_refused(tmp_path, t5_backbone):
     (["-m", "run_id=${hydra:runtime.choices.experiment}", "seed=0,1"],
      "error: run_id=demo: one run directory per sweep job (jobs 1 and 2 would both write it); leave run_id unset "
      "or sweep it"),
+    (["-m", "lora.rank=interval(1,2)"], "error: lora.rank=interval(1,2): Can only enumerate CHOICE and RANGE sweeps, "
+                                        "type is ValueType.INTERVAL_SWEEP; the basic sweeper takes choices (a,b,c) "
+                                        "and range(start,stop)"),
+    (["-m", "method=glob(nosuch*)"], "error: method=glob(nosuch*): matches none of method's options (clora, epi, "),
+    (["-m", "method=glob(seqlora*)", "lora.rank=0"], "error: lora.rank=0: should be greater than 0 (sweep job 1 of 2)"),
+    (["-m", "seed=range(0,0)"], "error: seed=range(0,0): a sweep of no values (an empty range?)"),
+    (["-m", "seed=0,1", "hydra.sweep.dir=/proc/x/y"], "error: hydra.sweep.dir=/proc/x/y: /proc cannot be written "
+                                                      "(No such file or directory)"),
 ])
 def test_a_sweep_with_one_bad_job_fails_before_any_job_runs(args, line, tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.setattr(sys, "argv", ["gainlora.run", *TINY, f"paths.runs_dir={tmp_path / 'runs'}", *args])
     monkeypatch.setattr(gainlora.run, "main", lambda: pytest.fail("a job was launched"))
     with pytest.raises(SystemExit) as stopped:
         gainlora.run.cli()
-    assert stopped.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [line]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stopped.value.code == 2 and len(err) == 1 and err[0].startswith(line), err
     assert not (tmp_path / "runs").exists()
 
 

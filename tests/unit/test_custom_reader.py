@@ -93,6 +93,7 @@ def test_blank_lines_are_skipped_but_counted(tmp_path: Path) -> None:
     ("instruction,input\ni,x\n", "train.csv line 1: missing column 'output' (header: instruction, input)"),
     ("instruction,input,output\ni,x,y\ni,x,y,extra\n", "train.csv line 3: 4 cells for 3 columns"),
     ('instruction,input,output\ni,x,y\ni,"two\nlines",\n', "train.csv line 4: 'output' must be a non-empty"),
+    ("instruction,input,output\ni," + "x" * 200_000 + ",y\n", "train.csv: not a readable CSV file (field larger"),
 ])
 def test_bad_csv_rows_are_named_by_file_and_line(tmp_path: Path, text: str, fragment: str) -> None:
     (tmp_path / "t").mkdir()
@@ -132,6 +133,9 @@ def test_bad_task_entries_name_the_key(tmp_path: Path) -> None:
         "a task name appears twice": cfg(good, good),
         "unsupported file type '.txt'": cfg({"name": "b", "train": str(write_jsonl(tmp_path / "x.txt", [ROW])),
                                              "test": good}),
+        # a task name is a folder of the run directory: past 255 bytes the first save would fail
+        "benchmark.tasks[0]: task name 'aaaaa": cfg({"name": "a" * 101, "train": good + "/train.jsonl",
+                                                      "test": good + "/test.jsonl"}),
     }
     for fragment, config in cases.items():
         assert fragment in refused(config), fragment

@@ -112,6 +112,20 @@ def test_export_cli_inclora_run_round_trips(tmp_path: Path, capsys) -> None:
                    f"error: out={out}: exists and is not an empty folder"]
 
 
+@pytest.mark.parametrize("out", ["run/tasks/x", "run", "link"])
+def test_export_refuses_an_out_in_the_run_or_behind_a_link(out: str, tmp_path: Path, capsys) -> None:
+    """A run directory has one writer; a dangling link would fail at the first write, after the load."""
+    run = tmp_path / "run"
+    (run / "tasks").mkdir(parents=True)
+    (run / "config.yaml").write_text("benchmark:\n  reader: demo\n")
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    assert export_main([str(run), str(tmp_path / out)]) == 2
+    line = capsys.readouterr().err.strip().splitlines()
+    assert line == [f"error: out={tmp_path / out}: " + ("exists and is not an empty folder" if out != "run/tasks/x"
+                                                         else f"inside the run directory {run}; give a folder outside it")]
+    assert not (run / "tasks" / "x").exists()
+
+
 def exported_sidecar(tmp_path: Path, method: str) -> tuple[dict, dict, ContinualLM, dict, torch.Tensor]:
     """Train and export a two-task demo run; its sidecar JSON and gate tensors, the trained module, a
     batch of two prompts and their input embeddings (what the documented formulas start from)."""

@@ -69,6 +69,8 @@ def fake_run(tmp_path: Path) -> Path:
     (['{"input": "a", "instruction": null}'], "line 1: 'instruction' must be a string, got NoneType"),
     (['{"input": "a", "prediction": "x"}'], "line 1: has a 'prediction' field already"),
     ([''], "no input lines"),
+    (['[' * 100_000 + ']' * 100_000], "line 1: nested too deeply to read"),
+    (['{"input": "\\ud800 x"}'], "line 1: not valid Unicode ('\\ud800' is a lone surrogate)"),
 ])
 def test_bad_lines_are_named_before_anything_loads(tmp_path, capsys, lines, fragment) -> None:
     source = tmp_path / "in.jsonl"
@@ -87,6 +89,8 @@ def test_bad_arguments_are_named(tmp_path, capsys) -> None:
     assert main([str(run), str(tmp_path / "missing.jsonl"), str(tmp_path / "o")]) == 2
     assert main([str(run), str(source), str(tmp_path)]) == 2  # a directory
     assert main([str(run), str(source), "/proc/gainlora/o.jsonl"]) == 2  # checked before the model loads
+    assert main([str(run), str(source), str(source)]) == 2
+    assert main([str(run), str(source), str(tmp_path / "o"), "--max-new-tokens", "1000000000"]) == 2
     for args in (["--batch-size", "0"], ["--batch-size", "abc"], ["--prompt", "chat"], ["--bogus"], []):
         with pytest.raises(SystemExit) as stopped:  # argparse's own errors, in the same one-line form
             main([str(run), str(source), *(["o"] if args else []), *args])
@@ -96,6 +100,8 @@ def test_bad_arguments_are_named(tmp_path, capsys) -> None:
         f"error: {tmp_path / 'missing.jsonl'}: no such file",
         f"error: output={tmp_path}: a directory; give a file path",
         "error: output=/proc/gainlora/o.jsonl: /proc cannot be written (No such file or directory)",
+        f"error: output={source}: the input file itself; give another path (the input is kept)",
+        "error: --max-new-tokens=1000000000: at most 131072",
         "error: --batch-size=0: a positive integer",
         "error: --batch-size=abc: a positive integer",
         "error: --prompt=chat: expected one of superni, long, demo",

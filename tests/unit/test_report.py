@@ -306,6 +306,7 @@ def test_cli_names_an_unreadable_config_and_an_unwritable_out(tmp_path: Path, ca
     assert main([str(good), str(other), "--out", str(tmp_path / "o")]) == 2
     (tmp_path / "file").write_text("")
     assert main([str(good), "--out", str(tmp_path / "file" / "o")]) == 2
+    assert main([str(good / "results.json"), "--out", str(good / "report")]) == 2  # the run's own folder
     with pytest.raises(SystemExit) as stopped:
         main([str(good), "--out", str(tmp_path / "o"), "--name", "x"])
     assert stopped.value.code == 2
@@ -313,5 +314,7 @@ def test_cli_names_an_unreadable_config_and_an_unwritable_out(tmp_path: Path, ca
         f"error: {other}/config.yaml: not a readable config (while parsing a flow sequence)",
         f"error: {other}/config.yaml: not a run config (a mapping of sections)",
         f"error: --out={tmp_path}/file/o: {tmp_path}/file is not a directory",
+        f"error: --out={good}/report: inside the run directory {good}/results.json; give a folder outside it",
         "error: --name: not allowed with --out"]
+    assert not (good / "report").exists()
     assert not (tmp_path / "o").exists()

@@ -3,14 +3,16 @@ kill removed, and a metrics.csv that a kill never leaves empty or truncated."""
 from __future__ import annotations
 
 import csv
+import json
 import os
+import re
 import stat
 from pathlib import Path
 
 import pytest
 import torch
 
-from gainlora.artifacts import ArtifactError, RunDir, atomic_write, write_json
+from gainlora.artifacts import ArtifactError, RunDir, atomic_write, sha256, write_json
 from gainlora.csv_logger import RunCSVLogger, read_rows
 
 
@@ -72,6 +74,7 @@ def edit_meta(path: Path) -> None:
     (edit_meta, "meta.json", "meta.json: does not match the checksum in"),
     (lambda p: p.write_text(""), "DONE", "DONE: holds no checksum"),
     (Path.unlink, "predictions.json", "predictions.json: missing from a finished task"),
+    (lambda p: p.unlink() or p.mkdir(), "DONE", "DONE: not a file; delete"),
 ])
 def test_a_damaged_task_folder_is_refused_naming_the_file(damage, file, message, tmp_path) -> None:
     run_dir = RunDir(tmp_path)
@@ -80,6 +83,37 @@ def test_a_damaged_task_folder_is_refused_naming_the_file(damage, file, message,
     with pytest.raises(ArtifactError) as err:
         run_dir.load_task(0, "a")
     assert message in str(err.value) and str(folder / file) in str(err.value) and "\n" not in str(err.value)
+
+
+def rechecksummed(folder: Path, meta: object) -> None:
+    """Write ``meta`` as meta.json and DONE with its checksum: damage that the checksums alone miss."""
+    (folder / "meta.json").write_text(meta if isinstance(meta, str) else json.dumps(meta))
+    (folder / "DONE").write_text(sha256(folder / "meta.json") + "\n")
+
+
+def not_safetensors(meta: dict, path: Path) -> dict:
+    """Replace ``path`` with bytes that are no safetensors file; meta with its new checksum."""
+    path.write_bytes(b"\xff" * 8 + b"{")
+    return {**meta, "sha256": {**meta["sha256"], path.name: sha256(path)}}
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda meta, folder: "{not json", "meta.json: not a task's meta.json"),
+    (lambda meta, folder: [], "meta.json: not a task's meta.json"),
+    (lambda meta, folder: {**meta, "sha256": ["branch.safetensors"]}, "meta.json: not a task's meta.json"),
+    (lambda meta, folder: {**meta, "row": "x"}, "meta.json: not a task's meta.json"),
+    (lambda meta, folder: {**meta, "sha256": {"../outside.safetensors": "0" * 64}}, "meta.json: not a task's meta.json"),
+    (lambda meta, folder: not_safetensors(meta, folder / "branch.safetensors"),
+     "branch.safetensors: not a readable safetensors file"),
+])
+def test_a_rechecksummed_task_folder_is_still_refused(edit, message, tmp_path) -> None:
+    run_dir = RunDir(tmp_path)
+    folder = save(run_dir)
+    meta = json.loads((folder / "meta.json").read_text())
+    rechecksummed(folder, edit(meta, folder))
+    with pytest.raises(ArtifactError, match=re.escape(message)) as err:
+        run_dir.load_task(0, "a")
+    assert str(folder) in str(err.value) and "\n" not in str(err.value)
 
 
 def test_leftovers_of_a_kill_are_removed(tmp_path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -138,6 +139,34 @@ def test_resume_refuses_a_saved_config_naming_foreign_code(tmp_path, target):
         with claim_run_dir(cfg_of(tmp_path, "run_id=crafted", "resume=true")):
             pass
     assert not (tmp_path / "marker").exists()
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("- a\n- b\n", "config.yaml: not a run config (a mapping of sections)"),
+    ("evil: !!python/object/apply:os.system [\"touch {marker}\"]\n", "config.yaml: not a readable config"),
+    ("lora: {rank: 8\n", "config.yaml: not a readable config"),
+    (b"\x7fELF\x02\x01\x00\xff\xfe", "config.yaml: not a readable config"),
+    ("", "config.yaml: exp_name=<missing>: required"),
+])
+def test_resume_refuses_a_saved_config_that_is_no_run_config(tmp_path, text, fragment):
+    root = saved_run(tmp_path, "r", "interrupted")
+    marker = tmp_path / "marker"
+    if isinstance(text, bytes):
+        (root / "config.yaml").write_bytes(text)
+    else:
+        (root / "config.yaml").write_text(text.replace("{marker}", str(marker)))
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(root / fragment))}"):
+        with claim_run_dir(cfg_of(tmp_path, "run_id=r", "resume=true")):
+            pass
+    assert not marker.exists()
+
+
+def test_a_lock_that_cannot_be_taken_names_its_path(tmp_path):
+    root = saved_run(tmp_path, "r", "interrupted")
+    (root / LOCK).mkdir()
+    with pytest.raises(ConfigError, match=rf"^paths.runs_dir=.*: a writable directory \(Is a directory: {root / LOCK}\)"):
+        with claim_run_dir(cfg_of(tmp_path, "run_id=r", "resume=true")):
+            pass
 
 
 def test_a_failed_start_leaves_no_directory(tmp_path):

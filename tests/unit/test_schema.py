@@ -114,6 +114,24 @@ REFUSED = {
     "method._target_=gainlora.methods.nosuch.X": "method._target_=gainlora.methods.nosuch.X: not one of",
     "method.branches._target_=os.system": "method.branches._target_=os.system: not one of the project's methods",
     "strategy.name=bogus": "strategy.name=bogus: one of auto, ddp",
+    # torch's own argument checks, made on a throwaway parameter before anything is written
+    "+optimizer.betas=[2,3]": "optimizer._target_=torch.optim.AdamW: Invalid beta parameter at index 0",
+    "+optimizer.eps=-1": "optimizer._target_=torch.optim.AdamW: Invalid epsilon value",
+    # sizes that exhaust the machine before the run would fail: 10^5 beams, workers or layers
+    "generation.num_beams=100000": "generation.num_beams=100000: should be less than or equal to 64",
+    "data.num_workers=100000": "data.num_workers=100000: at most ",
+    "+backbone.tiny_overrides.layers=100000": "backbone.tiny_overrides.layers=100000: a tiny preset of at most 10^9",
+    "+backbone.tiny_overrides.d_model=1048576": "backbone.tiny_overrides.d_model=1048576: a tiny preset of at most",
+    "+backbone.tiny_overrides.max_positions=1": "backbone.tiny_overrides.max_positions=1: leave it unset for a T5",
+    # keys the stream's reader would ignore, and tasks it does not have
+    "+benchmark.metric=exact_match": "benchmark.metric=exact_match: the demo reader does not read it",
+    "+benchmark.prompt=long": "benchmark.prompt=long: the demo reader does not read it",
+    "benchmark.selection=paper": "benchmark.selection=paper: carved (the demo reader has no dev split",
+    "benchmark.tasks=[demo_colour,DEMO_COLOUR]": "benchmark.tasks=[\"demo_colour\", \"DEMO_COLOUR\"]: demo tasks "
+                                                 "only (DEMO_COLOUR is not one; they are demo_colour, ",
+    "run_id=-rf": "run_id=-rf: a name of 1-100 characters",
+    "benchmark=custom benchmark.tasks=[examples/custom_tasks/antonyms] +benchmark.order=1":
+        "benchmark.order=1: the custom reader does not read it; leave it unset",
     "logger.csv._target_=os.system": "logger.csv._target_=os.system: not one of the project's loggers",
     "+logger.csv.bogus=1": "logger.csv.bogus=1: unknown key",
 }
@@ -122,7 +140,7 @@ REFUSED = {
 @pytest.mark.parametrize("override", list(REFUSED))
 def test_bad_value_is_refused_with_one_line(override):
     with pytest.raises(ConfigError) as err:
-        validate_config(cfg_of(override))
+        validate_config(cfg_of(*override.split(" ")))
     message = str(err.value)
     assert message.startswith(REFUSED[override]), message
     assert "\n" not in message
@@ -152,6 +170,8 @@ REFUSED_TOGETHER = {
     ("method=sapt_lora", "method.seed=-1"): "method.seed=-1: should be greater than or equal to 0",
     ("method=inclora_replay", "method.seed=2147483648"): "method.seed=2147483648: should be less than 2147483648",
     ("method.seed=-1",): "method.seed=-1: should be greater than or equal to 0",
+    ("optimizer._target_=torch.optim.SparseAdam", "~optimizer.weight_decay"):
+        "optimizer._target_=torch.optim.SparseAdam: SparseAdam does not support dense gradients",
 }
 
 
@@ -178,7 +198,8 @@ ACCEPTED = ["lora.dropout=0.1", "optimizer.lr=1", "run_id=12", "run_id=a.b-c_1",
             "benchmark.num_tasks=4", "benchmark.tasks=[demo_parity]", "trainer.max_epochs=3", "trainer.max_steps=-1",
             "trainer.precision=bf16-mixed", "+trainer.val_check_interval=0.5", "method=inflora", "method=olora",
             "data.global_batch_size=64", "checkpoint.every_n_epochs=null", "strategy=ddp", "logger=wandb",
-            "+optimizer.betas=[0.9,0.99]", "method.branches.threshold=1"]
+            "+optimizer.betas=[0.9,0.99]", "method.branches.threshold=1", "optimizer._target_=torch.optim.SGD",
+            "generation.num_beams=64", "data.num_workers=2", "+backbone.tiny_overrides.layers=4", "run_id=_x-1"]
 
 
 @pytest.mark.parametrize("override", ACCEPTED)
@@ -212,13 +233,15 @@ def test_method_arguments_bind_to_the_constructor():
 
 @pytest.mark.parametrize("value, ok", [("run-1", True), ("a" * 100, True), ("0", True), (7, True),
                                        ("a" * 101, False), ("", False), ("a b", False), ("a\\b", False),
-                                       ("é", False), (None, False), (True, False), (-1, False)])
+                                       ("é", False), (None, False), (True, False), (-1, False), ("-rf", False),
+                                       ("a\nb", False)])
 def test_run_ids_are_names(value, ok):
     if ok:
         assert check_name("run_id", value) == str(value)
     else:
-        with pytest.raises(ConfigError, match="^run_id="):
+        with pytest.raises(ConfigError, match="^run_id=") as err:
             check_name("run_id", value)
+        assert "\n" not in str(err.value)  # a control character in the value is shown escaped
 
 
 def test_the_demo_reader_honours_the_instance_caps_and_its_default_is_unchanged():

@@ -15,7 +15,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from gainlora.artifacts import atomic_write
+from gainlora.artifacts import ArtifactError, atomic_write
 
 
 class InTaskCheckpoint(L.Callback):
@@ -68,3 +68,17 @@ class InTaskCheckpoint(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
         self._restore_rng()
+
+
+def check_checkpoint(path: Path, task: int) -> Path | None:
+    """``path`` if an interrupted attempt left a checkpoint there, after loading it as Lightning will
+    (weights_only: a crafted pickle is refused, never run); ``ArtifactError`` naming it when it is
+    not a readable checkpoint, instead of a traceback from inside ``trainer.fit``."""
+    if not path.exists():
+        return None
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - torch's reader and unpickler raise many kinds
+        raise ArtifactError(f"{path}: not a readable checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:160]}"
+                            f"); delete it to restart task {task + 1} from its beginning") from None
+    return path

@@ -35,7 +35,7 @@ PROMPTS = {"superni": superni_prompt, "long": long_sequence_prompt}
 SPLITS = ("train", "val", "test")
 SUFFIXES = (".jsonl", ".csv")
 HF_SPLITS = {"train": "train", "val": "validation", "test": "test"}  # our split -> datasets' name
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a task name becomes a folder of the run directory
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")  # a task name becomes a folder of the run directory
 Row = tuple[str, dict[str, Any]]  # (where: "file line N", fields)
 
 
@@ -96,7 +96,7 @@ def _task_spec(i: int, entry: Any, default_metric: str) -> dict[str, Any]:
         raise DataError(f"{key}: a task is a folder path or a mapping {{name, train, test}}, "
                         f"got {type(entry).__name__}")
     if not NAME.match(spec["name"]):
-        raise DataError(f"{key}: task name {spec['name']!r} must be letters, digits, '_', '-' or '.'")
+        raise DataError(f"{key}: task name {spec['name']!r} must be 1-100 letters, digits, '_', '-' or '.'")
     return spec
 
 
@@ -165,6 +165,8 @@ def _rows(path: Path) -> list[Row]:
         rows = list(readers[path.suffix](path))
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not valid UTF-8 at byte {err.start}") from None
+    except csv.Error as err:  # a NUL byte, a cell past the csv module's field size limit
+        raise DataError(f"{path}: not a readable CSV file ({err})") from None
     if not rows:
         raise DataError(f"{path}: no examples (empty split)")
     return rows
@@ -185,8 +187,15 @@ def jsonl_rows(path: Path) -> Iterator[Row]:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+        except RecursionError:
+            raise DataError(f"{where}: nested too deeply to read") from None
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        try:  # a lone surrogate (\ud800) parses, but no UTF-8 file or tokenizer takes it
+            json.dumps(row, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise DataError(f"{where}: not valid Unicode ({err.object[err.start:err.end]!r} is a lone "
+                            "surrogate)") from None
         yield where, row
 
 
@@ -236,5 +245,6 @@ def _load_from_disk(path: Path):
                         "(pip install datasets), or give the splits as .jsonl/.csv files") from None
     try:
         return load_from_disk(str(path))
-    except (FileNotFoundError, ValueError) as err:
-        raise DataError(f"{path}: not a readable save_to_disk folder ({str(err).splitlines()[0]})") from None
+    except Exception as err:  # noqa: BLE001 - datasets' and pyarrow's many error types for a damaged folder
+        reason = (str(err) or type(err).__name__).splitlines()[0]
+        raise DataError(f"{path}: not a readable save_to_disk folder ({reason})") from None
