@@ -112,6 +112,7 @@ def cli() -> None:
     """``python -m gainlora.run`` / ``gainlora-run``: Hydra's command line, overrides checked first;
     in a multirun, every job's config, so a bad value fails the sweep before its first job trains."""
     args = sys.argv[1:]
+    check_hydra_flags(args)
     flags = [arg for arg in args if arg.startswith("-")]
     if not flags:  # plain overrides; Hydra's other flags go to Hydra as they are
         check_overrides(CONF_DIR, args)
@@ -138,6 +139,25 @@ def cli() -> None:
             fail(f"hydra.sweep.dir={folder}: {unwritable}")
         sys.argv[1:] = [flags[0], *overrides]  # Hydra takes its flag before the overrides only
     main()
+
+
+ROOT_FLAGS = ("--config-name", "-cn", "--config-path", "-cp")
+DIR_FLAGS = ("--config-dir", "-cd")
+
+
+def check_hydra_flags(args: list[str]) -> None:
+    """Hydra's flags that choose where configs come from, checked like overrides (Hydra answers a bad
+    one with a multi-line error and exit 1): the primary config is conf/config.yaml, whose schema
+    every run is validated against; an added search path must be a folder."""
+    for i, arg in enumerate(args):
+        flag, eq, value = arg.partition("=")
+        if flag in ROOT_FLAGS:
+            fail(f"{flag}: not supported; runs compose conf/config.yaml (pick a named experiment with "
+                 "experiment=NAME, or add a config folder with --config-dir DIR)")
+        if flag in DIR_FLAGS:
+            value = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+            if not value or not Path(value).is_dir():
+                fail(f"{flag}={value}: not a folder (a config search path added to conf/)")
 
 
 def sweep_jobs(overrides: list[str]) -> list[list[str]]:

@@ -275,6 +275,10 @@ def test_disk_full_names_the_path(wrapped, tmp_path, monkeypatch, capsys):
     (["experiment=demo", "method.lam=-1"], "error: method.lam=-1: unknown key"),
     (["method=nosuch"], "error: method=nosuch: one of clora, "),
     (["lora.rank=4", "lora.rank=["], "error: lora.rank=[: not an override Hydra can parse (no viable alternative at input '[')"),
+    (["--config-name", "nosuch"], "error: --config-name: not supported; runs compose conf/config.yaml"),
+    (["-cp=/x", "seed=1"], "error: -cp: not supported; runs compose conf/config.yaml"),
+    (["-cd", "/nonexistent", "seed=1"], "error: -cd=/nonexistent: not a folder"),
+    (["seed=1", "--config-dir"], "error: --config-dir=: not a folder"),
 ])
 def test_a_bad_override_is_one_line_and_exit_2(args, fragment, monkeypatch, capsys) -> None:
     """Hydra's own override errors (before main runs) also end in one `error:` line, exit 2."""
