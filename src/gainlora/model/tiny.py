@@ -15,6 +15,7 @@ instruction and no pseudo-word with the demo tasks.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -46,6 +47,7 @@ __all__ = [
     "build_tiny_backbone",
     "build_tokenizer",
     "default_cache_dir",
+    "lr_factor",
     "pretrain_words",
     "resolve_spec",
     "train_steps",
@@ -283,6 +285,15 @@ def _pretrain_batch(
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
+def lr_factor(step: int, *, warmup: int, steps: int, decay_to: float | None) -> float:
+    """Multiplier of the learning rate at ``step`` (0-based) of ``train_steps``."""
+    warmup = max(1, warmup)
+    ramp = (step + 1) / warmup
+    if decay_to is None:
+        return min(1.0, ramp)
+    return min(ramp, max(decay_to, 1 - (step - warmup) / max(1, steps - warmup)))
+
+
 def train_steps(model: PreTrainedModel, next_batch: Callable[[], dict[str, torch.Tensor]], *, steps: int,
                 lr: float, warmup: int, weight_decay: float = 0.0, decay_to: float | None = None,
                 desc: str) -> dict[str, float]:
@@ -293,15 +304,8 @@ def train_steps(model: PreTrainedModel, next_batch: Callable[[], dict[str, torch
     from tqdm.auto import tqdm
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    warmup = max(1, warmup)
-
-    def factor(step: int) -> float:
-        ramp = (step + 1) / warmup
-        if decay_to is None:
-            return min(1.0, ramp)
-        return min(ramp, max(decay_to, 1 - (step - warmup) / max(1, steps - warmup)))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(lr_factor, warmup=warmup, steps=steps, decay_to=decay_to))
     model.train()
     start, cpu0, ema = time.perf_counter(), time.process_time(), None
     bar = tqdm(range(steps), desc=desc, mininterval=10.0)
