@@ -26,8 +26,8 @@ SHORT = ["experiment=cpu_long", f"paths.data_dir={DATA}", "benchmark.num_tasks=2
          " pretrain_batch: 4, pretrain_warmup: 1}"]
 
 
-# The README's SeqLoRA comparison: the experiment's GainLoRA-only keys (gate output and memories) dropped.
-SEQLORA = ["method=seqlora", "~method.output", "~method.thresholds"]
+# The README's SeqLoRA comparison.
+SEQLORA = ["method=seqlora"]
 
 
 def launch(tmp: Path, *overrides: str) -> subprocess.CompletedProcess:
