@@ -26,6 +26,10 @@ SHORT = ["experiment=cpu_long", f"paths.data_dir={DATA}", "benchmark.num_tasks=2
          " pretrain_batch: 4, pretrain_warmup: 1}"]
 
 
+# The README's SeqLoRA comparison.
+SEQLORA = ["method=seqlora"]
+
+
 def launch(tmp: Path, *overrides: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "gainlora.run", *SHORT, f"paths.runs_dir={tmp / 'runs'}",
            f"paths.cache_dir={tmp / 'cache'}", *overrides]
@@ -87,3 +91,20 @@ def test_a_missing_corpus_file_is_one_error_line_before_anything_is_written(tmp_
     assert lines[-1].startswith("error: backbone.text_corpus: ") and "yahoo/train.json" in lines[-1]
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "runs").exists() and not list((tmp_path / "cache").glob("t5-text-*"))
+
+
+def test_the_seqlora_comparison_is_the_same_run_but_the_method() -> None:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from gainlora.run import CONF_DIR
+    from gainlora.schema import validate_config
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        gain = compose("config", overrides=["experiment=cpu_long"])
+        seq = compose("config", overrides=["experiment=cpu_long", *SEQLORA])
+    for cfg in (gain, seq):
+        validate_config(cfg, machine=False)
+    assert gain.method._target_.endswith("GainLoRA") and seq.method._target_.endswith("SeqLoRA")
+    rest = [{k: v for k, v in OmegaConf.to_container(c).items() if k != "method"} for c in (gain, seq)]
+    assert rest[0] == rest[1]

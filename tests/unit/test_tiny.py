@@ -27,7 +27,9 @@ from gainlora.model.tiny import (
     PRESETS,
     build_tiny_backbone,
     build_tokenizer,
+    lr_factor,
     pretrain_words,
+    train_steps,
     with_overrides,
 )
 
@@ -181,6 +183,36 @@ def test_pretraining_runs_and_changes_weights(tmp_path: Path, preset: str) -> No
     trained = build_tiny_backbone(with_overrides(preset, pretrain_steps=2, pretrain_batch=4), tmp_path)
     a, b = _weights(plain), _weights(trained)
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_shared_loop_follows_its_schedule() -> None:
+    # The copying pre-training warms up, then holds; the text pre-training warms up, then decays to a floor.
+    held = [lr_factor(s, warmup=4, steps=20, decay_to=None) for s in range(20)]
+    assert held[:4] == [0.25, 0.5, 0.75, 1.0] and set(held[4:]) == {1.0}
+    decayed = [lr_factor(s, warmup=4, steps=20, decay_to=0.1) for s in range(40)]
+    assert decayed[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(decayed[4:], decayed[5:])) and decayed[19] < 0.2 and set(decayed[24:]) == {0.1}
+
+
+class _Regression(torch.nn.Module):
+    """The smallest model with the ``model(**batch).loss`` interface of a Hugging Face model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(3, 1)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor):
+        return type("Output", (), {"loss": (self.layer(x).squeeze(-1) - y).pow(2).mean()})
+
+
+def test_the_shared_loop_trains_any_model_and_leaves_it_in_eval_mode() -> None:
+    torch.manual_seed(0)
+    model, x = _Regression(), torch.randn(16, 3)
+    batch = {"x": x, "y": x @ torch.tensor([1.0, -2.0, 0.5])}
+    first = float(model(**batch).loss)
+    stats = train_steps(model, lambda: batch, steps=60, lr=0.1, warmup=5, decay_to=0.1, desc="regression")
+    assert float(model(**batch).loss) < first / 10 and not model.training
+    assert stats["pretrain_final_loss"] > 0 and stats["pretrain_cpu_seconds"] >= 0
 
 
 def test_causal_pretraining_batch_masks_the_prompt() -> None:

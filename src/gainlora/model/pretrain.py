@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import random
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -31,7 +30,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 from gainlora.data.benchmarks import GROUPS, task_dir
 from gainlora.artifacts import atomic_dir
 from gainlora.data.types import DataError
-from gainlora.model.tiny import BOS, EOS, PAD, UNK, TinySpec, _deterministic, _lock, default_cache_dir
+from gainlora.model.tiny import BOS, EOS, PAD, UNK, TinySpec, _deterministic, _lock, default_cache_dir, train_steps
 from gainlora.model.tiny_models import make_model
 
 __all__ = ["TEXT_BUILDER_VERSION", "TEXT_PRESETS", "TextCorpus", "TextSpec", "build_text_backbone", "corpus_texts"]
@@ -213,8 +212,6 @@ def _batch(encoded: list[list[int]], rng: random.Random, spec: TextSpec, tokeniz
 
 def _pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, texts: list[str],
               spec: TextSpec) -> dict[str, float]:
-    from tqdm.auto import tqdm
-
     encoded = [ids for ids in tokenizer(texts, add_special_tokens=False)["input_ids"] if len(ids) >= 4]
     if spec.lsa_init:
         embeddings = model.get_input_embeddings().weight
@@ -223,30 +220,10 @@ def _pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, texts:
             embeddings[seen] = vectors[seen]  # tokens never seen (special, sentinels) keep their init
     sentinels = tokenizer.convert_tokens_to_ids([f"<extra_id_{i}>" for i in range(SENTINELS)])
     rng = random.Random(f"text-pretrain:{spec.seed}")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.pretrain_lr, weight_decay=0.01)
-    warmup = max(1, spec.pretrain_warmup)
-    # linear warm-up, then linear decay to 10%: a short run ends on small steps
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(
-        (s + 1) / warmup, max(0.1, 1 - (s - warmup) / max(1, spec.pretrain_steps - warmup))))
-    model.train()
-    start, cpu0, ema = time.perf_counter(), time.process_time(), None
-    bar = tqdm(range(spec.pretrain_steps), desc=f"pre-training {spec.name} on benchmark text", mininterval=10.0)
-    for step in bar:
-        loss = model(**_batch(encoded, rng, spec, tokenizer, sentinels)).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{ema:.3f}")
-    model.eval()
-    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu0
-    log.info("pre-trained %s: %d steps in %.0f s (%.0f s CPU), loss %.3f", spec.name, spec.pretrain_steps,
-             seconds, cpu, float("nan") if ema is None else ema)
-    return {"pretrain_seconds": round(seconds, 1), "pretrain_cpu_seconds": round(cpu, 1),
-            "pretrain_final_loss": round(float(ema or 0.0), 4), "corpus_texts": len(encoded)}
+    stats = train_steps(model, lambda: _batch(encoded, rng, spec, tokenizer, sentinels), steps=spec.pretrain_steps,
+                        lr=spec.pretrain_lr, warmup=spec.pretrain_warmup, weight_decay=0.01, decay_to=0.1,
+                        desc=f"pre-training {spec.name} on benchmark text")
+    return {**stats, "corpus_texts": len(encoded)}
 
 
 # --- build + cache --------------------------------------------------------------------------------

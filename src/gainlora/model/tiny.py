@@ -15,13 +15,14 @@ instruction and no pseudo-word with the demo tasks.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -46,8 +47,10 @@ __all__ = [
     "build_tiny_backbone",
     "build_tokenizer",
     "default_cache_dir",
+    "lr_factor",
     "pretrain_words",
     "resolve_spec",
+    "train_steps",
     "with_overrides",
 ]
 
@@ -282,20 +285,32 @@ def _pretrain_batch(
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
-def _pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, spec: TinySpec) -> dict[str, float]:
+def lr_factor(step: int, *, warmup: int, steps: int, decay_to: float | None) -> float:
+    """Multiplier of the learning rate at ``step`` (0-based) of ``train_steps``."""
+    warmup = max(1, warmup)
+    ramp = (step + 1) / warmup
+    if decay_to is None:
+        return min(1.0, ramp)
+    return min(ramp, max(decay_to, 1 - (step - warmup) / max(1, steps - warmup)))
+
+
+def train_steps(model: PreTrainedModel, next_batch: Callable[[], dict[str, torch.Tensor]], *, steps: int,
+                lr: float, warmup: int, weight_decay: float = 0.0, decay_to: float | None = None,
+                desc: str) -> dict[str, float]:
+    """The one pre-training loop of every tiny backbone (this module's copying, ``gainlora.model.pretrain``'s
+    span corruption): AdamW, clipped gradients, linear warm-up over ``warmup`` steps, then a constant
+    rate, or with ``decay_to`` a linear decay to that fraction at the last step (a short run ends on
+    small steps). Returns wall and CPU seconds and the smoothed final loss."""
     from tqdm.auto import tqdm
 
-    words = pretrain_words(spec.pretrain_words)
-    rng = random.Random(f"pretrain:{spec.seed}")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.pretrain_lr, weight_decay=0.0)
-    warmup = max(1, spec.pretrain_warmup)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(lr_factor, warmup=warmup, steps=steps, decay_to=decay_to))
     model.train()
-    start, ema = time.perf_counter(), None
-    bar = tqdm(range(spec.pretrain_steps), desc=f"pre-training {spec.name}", mininterval=5.0)
+    start, cpu0, ema = time.perf_counter(), time.process_time(), None
+    bar = tqdm(range(steps), desc=desc, mininterval=10.0)
     for step in bar:
-        batch = _pretrain_batch(rng, words, tokenizer, spec.arch, spec.pretrain_batch)
-        loss = model(**batch).loss
+        loss = model(**next_batch()).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -305,9 +320,19 @@ def _pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, spec: 
         if step % 50 == 0:
             bar.set_postfix(loss=f"{ema:.3f}")
     model.eval()
-    seconds = time.perf_counter() - start
-    log.info("pre-trained %s: %d steps in %.0f s, loss %.3f", spec.name, spec.pretrain_steps, seconds, ema)
-    return {"pretrain_seconds": round(seconds, 1), "pretrain_final_loss": round(float(ema or 0.0), 4)}
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu0
+    log.info("%s: %d steps in %.0f s (%.0f s CPU), loss %.3f", desc, steps, seconds, cpu,
+             float("nan") if ema is None else ema)
+    return {"pretrain_seconds": round(seconds, 1), "pretrain_cpu_seconds": round(cpu, 1),
+            "pretrain_final_loss": round(float(ema or 0.0), 4)}
+
+
+def _pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, spec: TinySpec) -> dict[str, float]:
+    words = pretrain_words(spec.pretrain_words)
+    rng = random.Random(f"pretrain:{spec.seed}")
+    return train_steps(model, lambda: _pretrain_batch(rng, words, tokenizer, spec.arch, spec.pretrain_batch),
+                       steps=spec.pretrain_steps, lr=spec.pretrain_lr, warmup=spec.pretrain_warmup,
+                       desc=f"pre-training {spec.name}")
 
 
 # --- build + cache --------------------------------------------------------------------------------
