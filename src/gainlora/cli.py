@@ -15,6 +15,7 @@ from typing import NoReturn
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, OverrideParseException
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -122,6 +123,14 @@ def check_overrides(conf_dir: Path, overrides: list[str]) -> None:
             fail(f"{lines[0].removeprefix(chr(39).join(['In ', 'config', ': ']))}; available: {', '.join(options)}")
         key = lines[0].partition("Could not override '")[2].rstrip("'.")
         arg = next((a for a in overrides if key and a.split("=")[0].lstrip("+~") == key), None)
-        if arg is not None:  # a key the config does not have
+        if arg is not None:
+            try:
+                with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+                    held = OmegaConf.select(compose("config", overrides=[a for a in overrides if a != arg]), key)
+            except (HydraException, OmegaConfBaseException):  # another override is wrong too
+                held = None
+            if isinstance(held, DictConfig):  # the key exists: a mapping assigned to it brought new keys
+                fail(f"{arg}: {key} holds {', '.join(map(str, held)) or 'no keys'}; add one with +{key}.NAME=VALUE, "
+                     f"drop one with ~{key}.NAME")
             fail(f"{arg}: unknown key (a typo?); to add a new key use +{arg}")
         fail("; ".join(lines[:2]))

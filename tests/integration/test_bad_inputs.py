@@ -275,6 +275,9 @@ def test_disk_full_names_the_path(wrapped, tmp_path, monkeypatch, capsys):
     (["experiment=demo", "method.lam=-1"], "error: method.lam=-1: unknown key"),
     (["method=nosuch"], "error: method=nosuch: one of clora, "),
     (["lora.rank=4", "lora.rank=["], "error: lora.rank=[: not an override Hydra can parse (no viable alternative at input '[')"),
+    (["experiment=cpu_long", "benchmark.carve={yelp:train}"],
+     "error: benchmark.carve={yelp:train}: benchmark.carve holds dbpedia; add one with +benchmark.carve.NAME=VALUE, "
+     "drop one with ~benchmark.carve.NAME"),
     (["--config-name", "nosuch"], "error: --config-name: not supported; runs compose conf/config.yaml"),
     (["-cp=/x", "seed=1"], "error: -cp: not supported; runs compose conf/config.yaml"),
     (["-cd", "/nonexistent", "seed=1"], "error: -cd=/nonexistent: not a folder"),
