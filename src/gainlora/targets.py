@@ -210,7 +210,15 @@ def probe_optimizer(cls: type, kwargs: dict) -> None:
         weight.grad = torch.ones(2)
         optimizer.step(lambda: weight.sum())  # a closure, as Lightning passes one (LBFGS needs it)
     except (ValueError, TypeError, RuntimeError) as err:
-        raise refuse("optimizer._target_", f"torch.optim.{cls.__name__}", str(err).splitlines()[0]) from None
+        message = str(err).splitlines()[0]
+        # torch names the argument in its own words ("Invalid beta parameter", "Invalid epsilon value")
+        named = next((k for k in kwargs if OPTIMIZER_WORDS.get(k, k) in message.lower()), None)
+        if named is None:
+            raise refuse("optimizer._target_", f"torch.optim.{cls.__name__}", message) from None
+        raise refuse(f"optimizer.{named}", kwargs[named], message) from None
+
+
+OPTIMIZER_WORDS = {"betas": "beta", "eps": "epsilon", "lr": "learning rate"}
 
 
 def bind_strategy(spec: dict) -> Bound | str:

@@ -115,8 +115,8 @@ REFUSED = {
     "method.branches._target_=os.system": "method.branches._target_=os.system: not one of the project's methods",
     "strategy.name=bogus": "strategy.name=bogus: one of auto, ddp",
     # torch's own argument checks, made on a throwaway parameter before anything is written
-    "+optimizer.betas=[2,3]": "optimizer._target_=torch.optim.AdamW: Invalid beta parameter at index 0",
-    "+optimizer.eps=-1": "optimizer._target_=torch.optim.AdamW: Invalid epsilon value",
+    "+optimizer.betas=[2,3]": "optimizer.betas=[2.0, 3.0]: Invalid beta parameter at index 0",
+    "+optimizer.eps=-1": "optimizer.eps=-1.0: Invalid epsilon value",
     # sizes that exhaust the machine before the run would fail: 10^5 beams, workers or layers
     "generation.num_beams=100000": "generation.num_beams=100000: should be less than or equal to 64",
     "data.num_workers=100000": "data.num_workers=100000: at most ",
