@@ -143,12 +143,16 @@ def cli() -> None:
 
 ROOT_FLAGS = ("--config-name", "-cn", "--config-path", "-cp")
 DIR_FLAGS = ("--config-dir", "-cd")
+MODE_FLAGS = ("-m", "--multirun", "-c", "--cfg", "-i", "--info", "-r", "--run", "-sc", "--shell-completion")
 
 
 def check_hydra_flags(args: list[str]) -> None:
     """Hydra's flags that choose where configs come from, checked like overrides (Hydra answers a bad
     one with a multi-line error and exit 1): the primary config is conf/config.yaml, whose schema
     every run is validated against; an added search path must be a folder."""
+    modes = [arg for arg in args if arg.partition("=")[0] in MODE_FLAGS]
+    if len(modes) > 1:  # Hydra raises a ValueError (a traceback) for this
+        fail(f"{' and '.join(modes)}: one of --multirun, --cfg, --info, --run, --shell-completion at a time")
     for i, arg in enumerate(args):
         flag, eq, value = arg.partition("=")
         if flag in ROOT_FLAGS:

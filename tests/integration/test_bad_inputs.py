@@ -282,6 +282,8 @@ def test_disk_full_names_the_path(wrapped, tmp_path, monkeypatch, capsys):
     (["-cp=/x", "seed=1"], "error: -cp: not supported; runs compose conf/config.yaml"),
     (["-cd", "/nonexistent", "seed=1"], "error: -cd=/nonexistent: not a folder"),
     (["seed=1", "--config-dir"], "error: --config-dir=: not a folder"),
+    (["-m", "--cfg", "job", "seed=0,1"], "error: -m and --cfg: one of --multirun, --cfg, --info, --run, "
+                                         "--shell-completion at a time"),
 ])
 def test_a_bad_override_is_one_line_and_exit_2(args, fragment, monkeypatch, capsys) -> None:
     """Hydra's own override errors (before main runs) also end in one `error:` line, exit 2."""
