@@ -16,7 +16,7 @@ import contextlib
 import sys
 import warnings
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +95,7 @@ class Plan:
     bucket: int = 0        # one DeepSpeed gradient bucket (reduce_bucket_size elements, allocated whole)
     overlap: bool = True   # DeepSpeed's overlap_comm: ZeRO-2 then holds two buckets
     gathered: int = 0      # frozen weights ZeRO-3 keeps gathered: DeepSpeed's live-parameter limit, at most all
+    gather_buffer: int = 0  # ZeRO-3's all-gather buffer of one prefetch bucket, beside the copies made of it
 
     def training_state(self, world: int, sharded: bool) -> int:
         """Gradients and AdamW moments of what trains (fp32), sharded by ZeRO."""
@@ -104,7 +105,7 @@ class Plan:
     def per_device(self, strategy: str, world: int, checkpointing: bool) -> int:
         weights = self.weights
         if strategy == "deepspeed_stage_3":  # partitioned, and gathered up to DeepSpeed's live limit
-            weights = weights // world + self.gathered
+            weights = weights // world + self.gathered + self.gather_buffer
         if strategy == "fsdp":  # blocks sharded, one gathered at a time; embeddings and head replicated
             weights += self.block_weights // world - self.block_weights + self.largest_block
         resident = weights + self.branches + self.gates + self.memories
@@ -228,13 +229,16 @@ def _plan(cfg: DictConfig, config: PretrainedConfig, kind: str, dtype: torch.dty
     frozen = lambda block: nbytes(p for n, p in block.named_parameters() if "lora_" not in n)  # noqa: E731
     blocks = [frozen(b) for b in fsdp.blocks(module.backbone)]
     # DeepSpeed allocates whole gradient buckets of reduce_bucket_size elements (contiguous_gradients;
-    # ZeRO-2 two with overlap_comm), and ZeRO-3 keeps frozen weights gathered up to
-    # stage3_max_live_parameters plus a prefetch bucket: Lightning's and DeepSpeed's defaults where the
-    # strategy section sets nothing (measured on two CPU ranks: docs/benchmarks.md, "Memory planner").
-    ds = cfg.get("strategy") or {}
+    # ZeRO-2 two with overlap_comm). ZeRO-3 keeps frozen weights gathered up to
+    # stage3_max_live_parameters, and gathers a prefetch bucket (stage3_prefetch_bucket_size elements)
+    # in one flat buffer that it frees only when the last weight copied out of it has been used, so
+    # the bucket is held twice meanwhile (measured on two CPU ranks: docs/benchmarks.md, "Memory planner").
+    zero = zero_settings(cfg.get("strategy") or {})
     grad = next(p for p in module.parameters() if p.requires_grad).element_size()
-    bucket = int(ds.get("reduce_bucket_size", 2e8)) * grad if ds.get("contiguous_gradients", True) else 0
+    bucket = int(zero["reduce_bucket_size"]) * grad if zero["contiguous_gradients"] else 0
     weights = nbytes(p for n, p in module.backbone.named_parameters() if "lora_" not in n)
+    item = DTYPES[cfg.backbone.dtype].itemsize
+    live = min(weights, int(zero["stage3_max_live_parameters"]) * item)
     return Plan(
         parameters=sum(p.numel() for n, p in module.backbone.named_parameters() if "lora_" not in n),
         weights=weights,
@@ -244,8 +248,23 @@ def _plan(cfg: DictConfig, config: PretrainedConfig, kind: str, dtype: torch.dty
         memories=sum(layer.in_features ** 2 * 4 for layer in layers) + gate_memory,
         trainable=sum(p.numel() for p in module.parameters() if p.requires_grad),
         collection=sum(2 * d * d * 8 for d in inputs.values()),
-        activations=plain, activations_ckpt=checkpointed, bucket=bucket, overlap=bool(ds.get("overlap_comm", True)),
-        gathered=min(weights, int(1e9 + 5e7) * DTYPES[cfg.backbone.dtype].itemsize))
+        activations=plain, activations_ckpt=checkpointed, bucket=bucket, overlap=bool(zero["overlap_comm"]),
+        gathered=live, gather_buffer=min(live, int(zero["stage3_prefetch_bucket_size"]) * item))
+
+
+def zero_settings(strategy: Mapping) -> dict:
+    """The ZeRO settings a run's strategy section gives DeepSpeed: with a DeepSpeed ``config``
+    mapping, its zero_optimization over DeepSpeed's defaults (Lightning then ignores its keyword
+    arguments); else Lightning's keyword arguments and defaults, and DeepSpeed's defaults for the
+    ZeRO-3 limits, which Lightning does not pass. A config given as a file path is not read."""
+    config = strategy.get("config")
+    if isinstance(config, Mapping):
+        zero = config.get("zero_optimization") or {}
+        known = {"reduce_bucket_size": 5e8, "contiguous_gradients": True, "overlap_comm": zero.get("stage") == 3}
+    else:
+        zero, known = strategy, {"reduce_bucket_size": 2e8, "contiguous_gradients": True, "overlap_comm": True}
+    known.update(stage3_max_live_parameters=1e9, stage3_prefetch_bucket_size=5e7)
+    return {key: zero.get(key, default) for key, default in known.items()}
 
 
 def num_tasks(cfg: DictConfig) -> int:
@@ -272,6 +291,7 @@ def report(cfg: DictConfig, p: Plan, world: int, card_gb: float) -> str:
             f"  {'feature collection (float64 covariances)':42s}{gb(p.collection)}",
             f"  {'DeepSpeed gradient bucket (ZeRO-2: two)':42s}{gb(p.bucket)}",
             f"  {'ZeRO-3 weights kept gathered':42s}{gb(p.gathered)}",
+            f"  {'ZeRO-3 all-gather buffer (prefetch bucket)':42s}{gb(p.gather_buffer)}",
             f"{'strategy':24s}{'ckpt off':>9s}{'ckpt on':>9s}   fits {card_gb:g} GiB ({USABLE:.0%} usable)"]
     for strategy in STRATEGIES:
         off, on = (p.per_device(strategy, world, c) for c in (False, True))

@@ -177,8 +177,18 @@ def test_token_mean_makes_devices_agree(tmp_path: Path, tiny_t5_path: Path, sing
 
 
 # -- ZeRO-3: three tasks, one engine per Trainer, the module handed over whole between them ----------
+# lr 3e-4, a tenth of the demo's: at the demo's 3e-3 the trajectory itself amplifies rounding. GainLoRA
+# (InfLoRA) under ZeRO-3 against one process, B A per task: 7.6e-6, 1.8e-4, 4.1e-3 at 3e-3; and one
+# process accumulating two micro-batches of 8 against one batch of 16 (no second process; only the
+# gradient's summation order differs): 4.2e-6, 1.8e-4, 4.4e-3, the same growth. Neither sharding nor a
+# basis choice: InfLoRA's A agrees to 2e-6 at task 2 (B alone carries the drift) and B A and the GPM
+# projectors M M^T are basis-free. Nor Adam lifting rounding residues into lr-sized steps: SGD at lr
+# 6e-3 (task 1's branch moves as far) drifts more (9.4e-5, 3.3e-2, 2.1e-2), as does Adam with eps 1e-5
+# (5.1e-5, 1.5e-3, 9.2e-3). One task of 6, 12, 18 steps: 4e-6, 9e-6, 3.6e-4: steps along the trajectory
+# compound, across tasks too. At lr 1e-3: 1.4e-6, 1.6e-6, 4.0e-6; at 3e-4 (these runs) every tensor
+# agrees to the token-mean bound of the ZeRO-2 test (docs/benchmarks.md, "Sharded runs").
 Z3_BASE = ["experiment=demo", "benchmark.num_tasks=3", "benchmark.n_train=64", "benchmark.n_val=0",
-           "benchmark.n_test=9", "trainer.max_steps=6", "data.global_batch_size=16",
+           "benchmark.n_test=9", "trainer.max_steps=6", "data.global_batch_size=16", "optimizer.lr=3e-4",
            "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=2"]
 # param_persistence_threshold=0: every parameter partitioned, the gates' too (by default DeepSpeed keeps
 # small ones whole, which would skip the projection's gather-and-write path on the tiny model).
@@ -188,16 +198,7 @@ Z3 = ["strategy=deepspeed_stage_3", "strategy._target_=cpu_deepspeed.CPUDeepSpee
 # rank ~3, so at rank 8 InfLoRA's A takes directions of zero variance that rounding picks (DDP vs one
 # process: A differs by 100% from task 2 on, as ZeRO-3 does); the top direction is well defined.
 Z3_METHODS = {"gainlora_inflora": ["lora.rank=1"], "inclora": []}
-# Bounds per method and task (measured on this machine, in brackets). IncLoRA: the token-mean bound
-# of the ZeRO-2 test for every task [<= 5.9e-6; DDP vs one process: 6.0e-6]. GainLoRA: that bound
-# for the first task [7.6e-6]; later tasks drift as the demo runs of the ZeRO-2 test do (gated
-# float32 training amplifies rounding: task 2 1.8e-4, task 3 4.1e-3), so they get that test's bounds.
-TIGHT, DEMO_W, DEMO_GATE = 1e-5, 0.05, 5e-3
-
-
-def z3_bounds(method: str, index: int) -> tuple[float, float]:
-    """(branch and memory bound, gate bound) for the ``index``-th task."""
-    return (TIGHT, TIGHT) if method == "inclora" or index == 0 else (DEMO_W, DEMO_GATE)
+TIGHT = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -219,18 +220,19 @@ def test_zero3_continual_run_matches_the_single_process_run(zero3_runs, method: 
         assert all((x is None and y is None) or abs(x - y) <= 16.0 + 1e-9 for x, y in zip(a, b, strict=True))
     tasks = task_dirs(single)
     assert len(tasks) == 3 and task_dirs(zero3) == tasks
-    for index, task in enumerate(tasks):
-        tight, gate_bound = z3_bounds(method, index)
+    # Measured: GainLoRA B A <= 1.7e-6, gates <= 6.1e-7, M M^T <= 8.0e-7; IncLoRA B A <= 1.0e-6. Without
+    # the projection's write to DeepSpeed's master copy: B A 1.4e-2, gates 1.2e-2 at task 2.
+    for task in tasks:
         ref, got = delta_w(single, task), delta_w(zero3, task)
-        assert max(relative(got[k], ref[k]) for k in ref) <= tight, task
+        assert max(relative(got[k], ref[k]) for k in ref) <= TIGHT, task
         if method.startswith("gainlora"):
             gate_ref, gate = tensors(single, task, "gate"), tensors(zero3, task, "gate")
-            assert all(relative(gate[k], gate_ref[k]) <= gate_bound for k in ("G1", "G2", "key")), task
+            assert all(relative(gate[k], gate_ref[k]) <= TIGHT for k in ("G1", "G2", "key")), task
             memory_ref, memory = tensors(single, task, "memory"), tensors(zero3, task, "memory")
             assert memory.keys() == memory_ref.keys()
             for k in memory_ref:  # GPM bases: the same spans (a basis is defined up to rotation)
                 assert memory[k].shape == memory_ref[k].shape, (task, k)
-                assert relative(memory[k] @ memory[k].T, memory_ref[k] @ memory_ref[k].T) <= tight, (task, k)
+                assert relative(memory[k] @ memory[k].T, memory_ref[k] @ memory_ref[k].T) <= TIGHT, (task, k)
     predictions = json.loads((zero3 / "predictions.json").read_text())  # the last test: every task, once
     single_predictions = json.loads((single / "predictions.json").read_text())
     assert [(p["task"], p["source"]) for p in predictions] == [(p["task"], p["source"]) for p in single_predictions]

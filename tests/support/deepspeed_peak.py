@@ -4,12 +4,15 @@
 
 Trains the configured module (built as tests/support/live_bytes.py builds it) for two steps under
 the CPU DeepSpeed shim (tests/support/cpu_deepspeed.py; ZeRO-3 partitions every parameter) with the
-strategy section's reduce_bucket_size, and each rank writes OUT_DIR/rank<r>.json: ``resident``, the
-bytes of its module's parameters (ZeRO-3: their partitions) and buffers when the first step starts;
-``buckets``, the bytes of each gradient bucket DeepSpeed held at the end of a step; ``step``, the
-peak of live bytes over the two steps above what existed when they started (resized storages
-counted; ZeRO-3's bucket exists by then, ZeRO-2 allocates its buckets in every step). Run as a
-script with DS_ACCELERATOR=cpu, never inside pytest: Lightning's launcher re-runs it for rank 1.
+strategy section's reduce_bucket_size, or its DeepSpeed ``config`` where it has one (which then
+replaces the keyword arguments, as in a run; e.g. ``+strategy.config.zero_optimization.stage=3
++strategy.config.zero_optimization.stage3_prefetch_bucket_size=0``), and each rank writes
+OUT_DIR/rank<r>.json: ``resident``, the bytes of its module's parameters (ZeRO-3: their partitions)
+and buffers when the first step starts; ``buckets``, the bytes of each gradient bucket DeepSpeed
+held at the end of a step; ``step``, the peak of live bytes over the two steps above what existed
+when they started (resized storages counted; ZeRO-3's bucket exists by then, ZeRO-2 allocates its
+buckets in every step). Run as a script with DS_ACCELERATOR=cpu, never inside pytest: Lightning's
+launcher re-runs it for rank 1.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_deepspeed import CPUDeepSpeedStrategy  # noqa: E402
@@ -68,9 +72,10 @@ def main(stage: int, out_dir: str, overrides: list[str]) -> None:
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     module, batch = built(cfg)
-    strategy = continual_strategy(CPUDeepSpeedStrategy)(
-        stage=stage, logging_batch_size_per_gpu=1, param_persistence_threshold=0,
-        reduce_bucket_size=int(cfg.strategy.get("reduce_bucket_size", 2e8)))
+    section = OmegaConf.to_container(cfg.strategy, resolve=True)
+    strategy = continual_strategy(CPUDeepSpeedStrategy)(  # a DeepSpeed config replaces the keywords, as in a run
+        stage=stage, logging_batch_size_per_gpu=1, param_persistence_threshold=0, config=section.get("config"),
+        reduce_bucket_size=int(section.get("reduce_bucket_size", 2e8)))
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=2, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, callbacks=[Measure(out_dir)])

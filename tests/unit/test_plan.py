@@ -74,8 +74,9 @@ def test_zero3_per_device_against_two_measured_ranks(tmp_path: Path) -> None:
     """The ZeRO-3 row on two CPU processes under DeepSpeed (tests/support/deepspeed_peak.py): each
     rank holds its partition of the weights, branches and gates (planned: the weights' share and the
     branches and gates whole, measured 1.03 of it) and DeepSpeed's gradient bucket of
-    reduce_bucket_size elements. Its step is not compared: it measured 1.4x the plan, not yet
-    explained (docs/benchmarks.md, "Memory planner")."""
+    reduce_bucket_size elements; its step peaks at the plan's activations, training state, gathered
+    weights and all-gather buffer (measured 1.03 on both ranks; 0.72 without the buffer, whose
+    prefetch bucket of 5e7 elements holds the whole tiny model: docs/benchmarks.md, "Sharding")."""
     overrides = [*SHAPE, "backbone=tiny_t5_test", "strategy=deepspeed_stage_3", "+strategy.reduce_bucket_size=1000000"]
     predicted = plan(config(overrides))
     done = subprocess.run([sys.executable, str(ROOT / "tests" / "support" / "deepspeed_peak.py"), "3", str(tmp_path),
@@ -84,9 +85,28 @@ def test_zero3_per_device_against_two_measured_ranks(tmp_path: Path) -> None:
     ranks = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
     assert done.returncode == 0 and len(ranks) == 2, done.stderr[-3000:]
     resident = predicted.weights // 2 + predicted.branches + predicted.gates
+    step = predicted.activations + predicted.training_state(2, True) + predicted.gathered + predicted.gather_buffer
     for rank in ranks:
         assert 0.8 <= resident / rank["resident"] <= 1.2, (rank, resident)
         assert rank["buckets"] == [predicted.bucket] == [1000000 * 4], rank
+        assert 0.8 <= step / rank["step"] <= 1.2, (rank, step)
+
+
+def test_zero3_gathered_weights_follow_deepspeed_s_limits() -> None:
+    """ZeRO-3's gathered weights and all-gather buffer come from the strategy's DeepSpeed config
+    (stage3_max_live_parameters, stage3_prefetch_bucket_size), DeepSpeed's defaults without one."""
+    base = [*SHAPE, "backbone=tiny_t5_test", "strategy=deepspeed_stage_3"]
+    default = plan(config(base))
+    assert default.gathered == default.gather_buffer == default.weights  # 1e9 and 5e7 hold the tiny model
+    zero = "+strategy.config.zero_optimization."
+    limited = plan(config([*base, f"{zero}stage=3", f"{zero}stage3_max_live_parameters=100000",
+                           f"{zero}stage3_prefetch_bucket_size=20000"]))
+    assert (limited.gathered, limited.gather_buffer) == (100000 * 4, 20000 * 4)
+    assert limited.bucket == 5e8 * 4  # DeepSpeed's own default: Lightning's 2e8 is a keyword it then ignores
+    no_prefetch = plan(config([*base, f"{zero}stage=3", f"{zero}stage3_prefetch_bucket_size=0"]))
+    assert (no_prefetch.gathered, no_prefetch.gather_buffer) == (default.weights, 0)
+    assert no_prefetch.per_device("deepspeed_stage_3", 2, False) == default.per_device(
+        "deepspeed_stage_3", 2, False) - default.gather_buffer + no_prefetch.bucket - default.bucket
 
 
 @pytest.mark.parametrize("counter", [plan_module.LiveBytes, live_bytes.LiveBytes], ids=["planner", "measurement"])
