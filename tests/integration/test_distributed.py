@@ -52,7 +52,7 @@ TIGHT = 1e-5  # sharded against one process: float32 rounding, not its amplifica
 pytestmark = pytest.mark.slow
 
 
-def launch(runs: Path, name: str, overrides: list[str] | None = None) -> Path:
+def launch(runs: Path, name: str, overrides: list[str]) -> Path:
     """Run one configuration; its whole output is kept in <runs>/<name>-<attempt>.log.
 
     A failed launch is retried once, in a fresh run directory, and the failure is reported as a
@@ -65,7 +65,7 @@ def launch(runs: Path, name: str, overrides: list[str] | None = None) -> Path:
            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "support"), os.environ.get("PYTHONPATH", "")]),
            "GAINLORA_TRUSTED_MODULES": "cpu_deepspeed"}  # the run may name the CPU shim strategy
     for attempt in (1, 2):
-        cmd = [sys.executable, "-m", "gainlora.run", *(overrides or [*BASE, *RUNS[name]]), f"paths.runs_dir={runs}",
+        cmd = [sys.executable, "-m", "gainlora.run", *overrides, f"paths.runs_dir={runs}",
                f"run_id={name}" if attempt == 1 else f"run_id={name}-retry"]
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         log = runs / f"{name}-{attempt}.log"
