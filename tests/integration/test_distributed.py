@@ -8,14 +8,14 @@ which lets Lightning's DeepSpeedStrategy run over gloo on CPU processes.
 What must hold sharded as in one process:
 - the gate invariants: the new gate's key stays orthogonal to the old tasks' p2 span (under ZeRO the
   projection must write DeepSpeed's fp32 master copy, or the next step undoes it);
-- the same global batches (the train sampler shards one shared permutation), hence close weights
-  and a close accuracy matrix;
+- the same global batches (the train sampler shards one shared permutation), hence the same
+  weights to float32 rounding and the same accuracy matrix and predictions;
 - every test example scored exactly once, and predictions.json holding all of them.
 The loss is one token mean over the global batch on any number of devices (gainlora.model.loss):
 ``test_token_mean_makes_devices_agree`` trains a few steps on answers of unequal lengths and finds
-the one-process weights to 1e-5. The demo runs below agree less closely for another reason: 60
-float32 steps on the random-init tiny T5 are chaotic (a 1e-7 relative change of the initial
-weights moves the trained branch by ~27% after 48 steps), so summation-order rounding grows too.
+the one-process weights to 1e-5. The demo-shaped runs below are held to 1e-5 as well, on the demo
+T5 with GELU in place of ReLU (tests/support/smooth_t5.py: a ReLU turns a rounding difference into
+a gradient jump now and then) and at lr 1e-3 (at 3e-3 rounding still grows over 60 steps).
 """
 from __future__ import annotations
 
@@ -32,11 +32,13 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
 from run_many import TRAINED, launch as run_many  # noqa: E402  (tests/support: scripts and their launchers)
+from smooth_t5 import overrides as smooth_overrides, smooth_demo_t5  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 N_TEST = 25  # odd per-task counts: the evaluation shards need padding rows
+# lr 1e-3 and the GELU T5 (the fixture): sharded and one-process runs agree to 1e-5 (see the test)
 BASE = ["experiment=demo", "benchmark.num_tasks=2", "benchmark.n_train=128", "benchmark.n_val=8",
-        f"benchmark.n_test={N_TEST}", "trainer.max_steps=60", "data.global_batch_size=32",
+        f"benchmark.n_test={N_TEST}", "trainer.max_steps=60", "data.global_batch_size=32", "optimizer.lr=1e-3",
         "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=5"]
 TWO_CPUS = ["trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=16"]
 RUNS = {
@@ -45,11 +47,12 @@ RUNS = {
     "deepspeed": ["strategy=deepspeed_stage_2", "strategy._target_=cpu_deepspeed.CPUDeepSpeedStrategy", *TWO_CPUS],
 }
 TASKS = ("01-demo_colour", "02-demo_parity")
+TIGHT = 1e-5  # sharded against one process: float32 rounding, not its amplification
 
 pytestmark = pytest.mark.slow
 
 
-def launch(runs: Path, name: str, overrides: list[str] | None = None) -> Path:
+def launch(runs: Path, name: str, overrides: list[str]) -> Path:
     """Run one configuration; its whole output is kept in <runs>/<name>-<attempt>.log.
 
     A failed launch is retried once, in a fresh run directory, and the failure is reported as a
@@ -62,7 +65,7 @@ def launch(runs: Path, name: str, overrides: list[str] | None = None) -> Path:
            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "support"), os.environ.get("PYTHONPATH", "")]),
            "GAINLORA_TRUSTED_MODULES": "cpu_deepspeed"}  # the run may name the CPU shim strategy
     for attempt in (1, 2):
-        cmd = [sys.executable, "-m", "gainlora.run", *(overrides or [*BASE, *RUNS[name]]), f"paths.runs_dir={runs}",
+        cmd = [sys.executable, "-m", "gainlora.run", *overrides, f"paths.runs_dir={runs}",
                f"run_id={name}" if attempt == 1 else f"run_id={name}-retry"]
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         log = runs / f"{name}-{attempt}.log"
@@ -76,10 +79,11 @@ def launch(runs: Path, name: str, overrides: list[str] | None = None) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
+def runs(tmp_path_factory, tiny_cache: Path) -> dict[str, Path]:
     pytest.importorskip("deepspeed")
     root = tmp_path_factory.mktemp("runs")
-    return {name: launch(root, name) for name in RUNS}
+    smooth = smooth_overrides(smooth_demo_t5(tiny_cache, root / "t5-gelu"))
+    return {name: launch(root, name, [*BASE, *RUNS[name], *smooth]) for name in RUNS}
 
 
 def results(run: Path) -> dict:
@@ -114,20 +118,24 @@ def test_new_gate_key_stays_orthogonal_to_old_task_span(runs, name: str) -> None
 
 @pytest.mark.parametrize("name", ["ddp", "deepspeed"])
 def test_sharded_run_matches_the_single_process_run(runs, name: str) -> None:
+    """The first task's branch (B A), gate and GPM memories to 1e-5; the accuracy matrix and every
+    generated answer equal. The second task's B A is not compared: InfLoRA's A (rank 8) takes
+    directions of zero variance of the demo's answers, which rounding picks (docs/benchmarks.md).
+    Measured (DDP and ZeRO-2 alike): B A 3.5e-6, gate 9.0e-8, projectors 1.0e-6; matrix
+    [[36], [36, 64]]. On the ReLU T5 at lr 3e-3 (before): B A 0.009 and 0.028."""
     single, sharded = results(runs["single"]), results(runs[name])
     assert sharded["status"] == "finished" and sharded["tasks"] == single["tasks"]
-    for a, b in zip(single["matrix"], sharded["matrix"]):
-        for x, y in zip(a, b):
-            assert (x is None) == (y is None)
-            if x is not None:
-                assert abs(x - y) <= 16.0 + 1e-9, (single["matrix"], sharded["matrix"])  # 4 of 25 examples
-    # The first task's update: same global batches and loss, so close weights (rounding, amplified).
-    ref = delta_w(runs["single"], TASKS[0])
-    got = delta_w(runs[name], TASKS[0])
-    assert max(relative(got[k], ref[k]) for k in ref) < 0.05  # measured 0.009 and 0.028
-    # Gate 1 trained unconstrained in both; its projection-free drift must agree as well.
+    assert sharded["matrix"] == single["matrix"] and any(v for row in single["matrix"] for v in row if v)
+    predictions = json.loads((runs[name] / "predictions.json").read_text())
+    assert predictions == json.loads((runs["single"] / "predictions.json").read_text())
+    ref, got = delta_w(runs["single"], TASKS[0]), delta_w(runs[name], TASKS[0])
+    assert max(relative(got[k], ref[k]) for k in ref) <= TIGHT
+    # Gate 1 trained unconstrained in both, and the memories are collected from the trained model.
     gate_ref, gate = tensors(runs["single"], TASKS[0], "gate"), tensors(runs[name], TASKS[0], "gate")
-    assert max(relative(gate[k], gate_ref[k]) for k in gate_ref) < 5e-3  # measured 2.6e-4 and 5.0e-4
+    assert max(relative(gate[k], gate_ref[k]) for k in gate_ref) <= TIGHT
+    memory_ref, memory = tensors(runs["single"], TASKS[0], "memory"), tensors(runs[name], TASKS[0], "memory")
+    assert memory.keys() == memory_ref.keys() and memory_ref
+    assert all(relative(memory[k] @ memory[k].T, memory_ref[k] @ memory_ref[k].T) <= TIGHT for k in memory_ref)
 
 
 def test_ddp_and_deepspeed_agree_closely(runs) -> None:
@@ -186,7 +194,10 @@ def test_token_mean_makes_devices_agree(tmp_path: Path, tiny_t5_path: Path, sing
 # 6e-3 (task 1's branch moves as far) drifts more (9.4e-5, 3.3e-2, 2.1e-2), as does Adam with eps 1e-5
 # (5.1e-5, 1.5e-3, 9.2e-3). One task of 6, 12, 18 steps: 4e-6, 9e-6, 3.6e-4: steps along the trajectory
 # compound, across tasks too. At lr 1e-3: 1.4e-6, 1.6e-6, 4.0e-6; at 3e-4 (these runs) every tensor
-# agrees to the token-mean bound of the ZeRO-2 test (docs/benchmarks.md, "Sharded runs").
+# agrees to the token-mean bound of the ZeRO-2 test (docs/benchmarks.md, "Sharded runs"). These keep
+# the demo's ReLU T5, which the runs above replace (a ReLU input within rounding of zero makes a
+# gradient jump, tests/support/smooth_t5.py): these 18 steps meet none, but may after a change of
+# summation order.
 Z3_BASE = ["experiment=demo", "benchmark.num_tasks=3", "benchmark.n_train=64", "benchmark.n_val=0",
            "benchmark.n_test=9", "trainer.max_steps=6", "data.global_batch_size=16", "optimizer.lr=3e-4",
            "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=2"]
@@ -198,7 +209,6 @@ Z3 = ["strategy=deepspeed_stage_3", "strategy._target_=cpu_deepspeed.CPUDeepSpee
 # rank ~3, so at rank 8 InfLoRA's A takes directions of zero variance that rounding picks (DDP vs one
 # process: A differs by 100% from task 2 on, as ZeRO-3 does); the top direction is well defined.
 Z3_METHODS = {"gainlora_inflora": ["lora.rank=1"], "inclora": []}
-TIGHT = 1e-5
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,11 @@ contributions in another order), so the accuracy matrix, what each task adds (B 
 the gate) and the memories must agree, and each new gate key must stay orthogonal to the old
 tasks' span as in one process.
 
-How closely: float32 rounding grows with every step and task on the random-init tiny T5
-(test_distributed.py), so the first task is compared tightly and later ones within that growth.
+How closely: to 1e-5 on every task compared, on the demo T5 with GELU in place of ReLU (a ReLU
+turns a rounding difference into a gradient jump now and then: tests/support/smooth_t5.py) at lr
+1e-3 (at 3e-3 rounding still grows from task to task). On the ReLU T5 at lr 3e-3 the first task's
+B A differed by 1.4e-4, and one process summing its batch of 16 in two halves of 8, without FSDP,
+differs from one batch of 16 by more (8.7e-4): FSDP computes what one process does.
 GainLoRA (IncLoRA) is compared over all three tasks. GainLoRA (InfLoRA) is compared on its first
 task only: from the second task on, InfLoRA's A for the first decoder block is the top directions of
 a residual covariance that the demo's few answer tokens leave rank-deficient, so rounding picks
@@ -34,24 +37,26 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
 from run_many import TRAINED, launch as run_many  # noqa: E402  (tests/support: scripts and their launchers)
+from smooth_t5 import overrides as smooth_overrides, smooth_demo_t5  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 N_TEST = 9  # odd: the evaluation shards need padding rows
 # 72 examples: 9 feature-collection batches of 8 per device, so rank 1 pads with a forward that records nothing
 BASE = ["experiment=demo", "benchmark.n_train=72", "benchmark.n_val=4", f"benchmark.n_test={N_TEST}",
-        "trainer.max_steps=12", "data.global_batch_size=16", "trainer.enable_progress_bar=false",
+        "trainer.max_steps=12", "data.global_batch_size=16", "optimizer.lr=1e-3", "trainer.enable_progress_bar=false",
         "trainer.log_every_n_steps=4"]
 RUNS = {"single": ["data.batch_size=16"],
         "fsdp": ["strategy=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=8"]}
 METHODS = {"gainlora_inclora": 3, "gainlora_inflora": 2}  # method: tasks
 TASKS = ("01-demo_colour", "02-demo_parity", "03-demo_continent")
+TIGHT = 1e-5  # float32 rounding, not its amplification
 
 pytestmark = pytest.mark.slow
 
 
-def launch(runs: Path, method: str, name: str) -> tuple[Path, str]:
+def launch(runs: Path, method: str, name: str, backbone: list[str]) -> tuple[Path, str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "gainlora.run", *BASE, *RUNS[name], f"method={method}",
+    cmd = [sys.executable, "-m", "gainlora.run", *BASE, *RUNS[name], *backbone, f"method={method}",
            f"benchmark.num_tasks={METHODS[method]}", f"paths.runs_dir={runs}", f"run_id={method}-{name}"]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -59,9 +64,10 @@ def launch(runs: Path, method: str, name: str) -> tuple[Path, str]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[tuple[str, str], tuple[Path, str]]:
+def runs(tmp_path_factory, tiny_cache: Path) -> dict[tuple[str, str], tuple[Path, str]]:
     root = tmp_path_factory.mktemp("runs")
-    return {(m, n): launch(root, m, n) for m in METHODS for n in RUNS}
+    smooth = smooth_overrides(smooth_demo_t5(tiny_cache, root / "t5-gelu"))
+    return {(m, n): launch(root, m, n, smooth) for m in METHODS for n in RUNS}
 
 
 def results(run: Path) -> dict:
@@ -100,22 +106,23 @@ def test_backbone_is_sharded(runs, method: str) -> None:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_fsdp_run_matches_the_single_process_run(runs, method: str) -> None:
+    """B A of every layer, the gate and the memory projectors to 1e-5 on every task compared, after
+    one and two handovers too; the accuracy matrix and every generated answer equal (after 12
+    steps at lr 1e-3 each answer is still empty: here they check the evaluation's sharding and
+    order; test_distributed.py compares answers that score, under DDP and ZeRO-2).
+    Measured: IncLoRA B A <= 8.9e-7, gates <= 1.1e-6, projectors <= 1.7e-6; InfLoRA (task 1) B A
+    1.6e-6, gate 9.9e-8, projectors 2.6e-6. Before (ReLU T5, lr 3e-3): B A 1.4e-4, 0.025, 0.058."""
     single, sharded = runs[method, "single"][0], runs[method, "fsdp"][0]
     assert results(sharded)["status"] == "finished"
-    matrix = results(sharded)["matrix"]
-    assert matrix == results(single)["matrix"] and any(v for row in matrix for v in row if v)  # measured equal
+    assert results(sharded)["matrix"] == results(single)["matrix"]
     predictions = json.loads((sharded / "predictions.json").read_text())
-    assert [p["source"] for p in predictions] == [p["source"] for p in
-                                                  json.loads((single / "predictions.json").read_text())]
-    first = TASKS[0]
-    assert worst(delta_w(sharded, first), delta_w(single, first)) < 1e-3  # measured 1.4e-4
-    assert worst(tensors(sharded, first, "gate"), tensors(single, first, "gate")) < 1e-5  # 3.2e-7
-    assert worst(projectors(sharded, first), projectors(single, first)) < 1e-5  # 1.3e-6
-    if method == "gainlora_inclora":  # later tasks: after one and two handovers
-        for task in TASKS[1:]:
-            assert worst(delta_w(sharded, task), delta_w(single, task)) < 0.15  # measured 0.025, 0.058
-            assert worst(tensors(sharded, task, "gate"), tensors(single, task, "gate")) < 5e-3  # 1.6e-4, 1.3e-3
-            assert worst(projectors(sharded, task), projectors(single, task)) < 1e-2  # 1.6e-4, 2.2e-3
+    assert predictions == json.loads((single / "predictions.json").read_text())
+    for task in TASKS[: METHODS[method] if method == "gainlora_inclora" else 1]:
+        ref = delta_w(single, task)
+        assert min(v.norm().item() for v in ref.values()) > 1e-2, task  # trained: B starts at zero
+        assert worst(delta_w(sharded, task), ref) <= TIGHT, task
+        assert worst(tensors(sharded, task, "gate"), tensors(single, task, "gate")) <= TIGHT, task
+        assert worst(projectors(sharded, task), projectors(single, task)) <= TIGHT, task
 
 
 @pytest.mark.parametrize("method", METHODS)
