@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gainlora import fsdp
 from gainlora.artifacts import RunDir
+from gainlora.cli import writable_file
 from gainlora.callbacks.best_state import BestTrainableState
 from gainlora.data.collate import Collator
 from gainlora.data.datamodule import TaskStreamDataModule
@@ -28,6 +29,7 @@ from gainlora.data.types import TaskData
 from gainlora.dist import continual_strategy
 from gainlora.methods.base import Method
 from gainlora.model.backbone import adapted_layers, load_backbone
+from gainlora.model.cache import cache_root
 from gainlora.model.checkpointing import enable_gradient_checkpointing
 from gainlora.model.module import ContinualLM
 from gainlora.progress import quiet_lightning
@@ -120,10 +122,17 @@ def build(cfg: DictConfig, tasks: list[TaskData] | None = None) -> tuple[Continu
     return module, datamodule, method
 
 
-def check_backbone_source(backbone: DictConfig, timeout: float = 2.0) -> None:
+def check_backbone_source(backbone: DictConfig, cache_dir: str | None = None, timeout: float = 2.0) -> None:
     """A named backbone must be a model directory, in the Hugging Face cache, or downloadable: known
-    in about a second instead of minutes of connection retries and a traceback."""
+    in about a second instead of minutes of connection retries and a traceback. A tiny one is built
+    into ``cache_dir``, which must then be a folder or one that can be made."""
     name = backbone.get("name_or_path")
+    if backbone.get("tiny"):
+        root = cache_root(cache_dir)
+        unwritable = None if root.is_dir() else writable_file(root / "probe")
+        if unwritable:
+            raise refuse("paths.cache_dir", cache_dir, f"a folder for the tiny backbones ({unwritable}); set "
+                         "GAINLORA_CACHE to one")
     if backbone.get("tiny") and backbone.get("text_corpus"):  # its pre-training text must be there
         from gainlora.model.pretrain import TextCorpus
 

@@ -39,7 +39,7 @@ def run(cfg: DictConfig) -> dict:
     tasks = load_stream(cfg.benchmark, seed=cfg.seed)
     record_inputs(cfg, tasks)  # a resume refuses other data or code
     single_task = single_task_reference(cfg, [t.name for t in tasks])
-    check_backbone_source(cfg.backbone)
+    check_backbone_source(cfg.backbone, cfg.paths.cache_dir)
     with claim_run_dir(cfg) as run_dir:  # created, locked and checked: the first write
         module, datamodule, method = build(cfg, tasks)
         if is_main_process():

@@ -174,6 +174,18 @@ def test_unwritable_runs_dir_is_refused_before_the_backbone_loads(tmp_path, monk
         run(cfg)
 
 
+def test_a_cache_folder_that_cannot_be_one_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    import gainlora.build
+
+    monkeypatch.setattr(gainlora.build, "load_backbone", lambda *a, **k: pytest.fail("backbone loaded"))
+    (tmp_path / "file").write_text("")
+    cfg = config(tmp_path, *DEMO, f"paths.cache_dir={tmp_path / 'file'}")
+    with pytest.raises(ValueError, match=rf"^paths.cache_dir={re.escape(str(tmp_path / 'file'))}: a folder for the "
+                                         r"tiny backbones \(.*file is not a directory\)"):
+        run(cfg)
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("offline", ["1", ""])
 def test_an_uncached_backbone_fails_fast_with_the_cpu_route(offline, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", offline)
