@@ -172,7 +172,7 @@ class Benchmark(Section):
     n_test: PosInt | None = None
     max_train_per_task: PosInt | None = None
     max_eval_per_task: PosInt | None = None
-    val_size: Annotated[float, Field(ge=0, lt=1)] | None = None  # superni / long readers
+    val_size: Annotated[float, Field(gt=0, lt=1)] | None = None  # share of train carved for validation
     selection: Literal["carved", "paper"] = "carved"
     # superni / long readers: task -> the one file its train, val and test are carved from (benchmarks.load_task)
     carve: dict[str, Literal["train", "test"]] | None = None
@@ -181,6 +181,9 @@ class Benchmark(Section):
     def available(self) -> list[str]:
         if self.tasks is not None:
             return self.tasks
+        if self.reader == "custom":  # it has no orders: its tasks are the user's files
+            raise ValueError("benchmark.tasks: list your tasks, e.g. benchmark.tasks=[path/to/task_a,path/to/task_b] "
+                             "(folders with train and test .jsonl/.csv files; see examples/custom_tasks)")
         for key, tasks in (self.orders or {}).items():
             if key == str(self.order):
                 return tasks
@@ -265,6 +268,14 @@ class Trainer(Section):
         return self
 
 
+class Derived(Section):
+    """What the run writes itself (``build.derive_batching``, ``rundir.record_inputs``); a resume reads
+    it back from config.yaml, so a tampered one is refused here rather than failing inside the check."""
+    model_config = ConfigDict(STRICT, extra="allow")
+    data_sha256: dict[str, str] | None = None
+    code_version: str | None = None
+
+
 class RunConfig(Section):
     exp_name: Any  # checked by check_name
     seed: Annotated[int, Field(ge=0, lt=2**31)]
@@ -283,7 +294,7 @@ class RunConfig(Section):
     trainer: Trainer
     strategy: dict[str, Any]
     logger: dict[str, dict[str, Any] | None] | None
-    derived: dict[str, Any] | None = None  # written by the run (gainlora.build.derive_batching)
+    derived: Derived | None = None
 
 
 # -- the whole config -------------------------------------------------------------------------------------
