@@ -219,3 +219,21 @@ def test_resume_refuses_changed_task_data_and_another_code_version(tmp_path):
     with pytest.raises(ConfigError, match=r"^resume=true: the gainlora version that made .* \(0\.0\.1\)"):
         with claim_run_dir(started("resume=true")):
             pass
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda p: p.write_bytes(b"garbage\x00\xff\n"), "'utf-8' codec can't decode byte 0xff"),
+    (lambda p: p.mkdir(), "Is a directory"),
+])
+def test_resume_refuses_a_metrics_file_it_cannot_append_to(tmp_path, damage, reason):
+    """metrics.csv is read back and rewritten on resume: damaged, it is named before anything is restored
+    (it was a traceback after the finished tasks had been re-announced, and results.json said failed)."""
+    from gainlora.artifacts import ArtifactError
+
+    root = saved_run(tmp_path, "r", "interrupted")
+    damage(root / "metrics.csv")
+    with pytest.raises(ArtifactError, match=rf"^{re.escape(str(root / 'metrics.csv'))}: not a readable metrics file "
+                                            rf"\({re.escape(reason)}.*\); move it away to continue"):
+        with claim_run_dir(cfg_of(tmp_path, "run_id=r", "resume=true")):
+            pytest.fail("claimed")
+    assert json.loads((root / "results.json").read_text()) == {"status": "interrupted"}
