@@ -44,7 +44,7 @@ def run(cfg: DictConfig) -> dict:
         module, datamodule, method = build(cfg, tasks)
         if is_main_process():
             write_text(run_dir.config, OmegaConf.to_yaml(cfg, resolve=True))
-        info = {"experiment": cfg.exp_name, "method": method.name, "benchmark": cfg.benchmark.name,
+        info = {"experiment": str(cfg.exp_name), "method": method.name, "benchmark": cfg.benchmark.name,
                 "order": cfg.benchmark.get("order"), "metric": stream_metric(tasks), "seed": cfg.seed,
                 "selection": cfg.benchmark.get("selection", "carved"), "backbone": module.backbone.name_or_path,
                 "derived": OmegaConf.to_container(cfg.derived),  # world size, per-device and global batch
@@ -128,7 +128,7 @@ def cli() -> None:
             except ConfigError as err:
                 fail(f"{err} (sweep job {n} of {len(jobs)})")
             if cfg.run_id is not None:
-                where = (str(cfg.paths.runs_dir), cfg.exp_name, str(cfg.run_id))
+                where = (str(cfg.paths.runs_dir), str(cfg.exp_name), str(cfg.run_id))
                 if where in writers:
                     fail(f"run_id={cfg.run_id}: one run directory per sweep job (jobs {writers[where]} and {n} "
                          "would both write it); leave run_id unset or sweep it")

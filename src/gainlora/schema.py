@@ -259,9 +259,16 @@ class Trainer(Section):
                          | extra & {"strategy", "logger", "callbacks", "default_root_dir"})
         if unknown:  # the run sets the last four itself (strategy: and logger: sections)
             raise ValueError(f"trainer.{unknown[0]}: not a lightning.Trainer argument this config may set")
-        if self.max_steps == 0 or self.max_epochs == 0:
-            key = "trainer.max_steps" if self.max_steps == 0 else "trainer.max_epochs"
-            raise ValueError(f"{key}: a positive limit, or -1 for none (0 trains nothing)")
+        partial = sorted(extra & {"fast_dev_run", "limit_test_batches"})
+        if partial:  # the accuracy matrix needs a score for every test example (NaN cells ended the run)
+            raise ValueError(f"trainer.{partial[0]}: leave it unset (every test example is scored); for a quick run "
+                             "use debug=cpu_tiny or benchmark.max_eval_per_task")
+        limits = {"max_steps": self.max_steps, "max_epochs": self.max_epochs,
+                  "limit_train_batches": (self.model_extra or {}).get("limit_train_batches")}
+        zero = [key for key, value in limits.items() if value == 0]
+        if zero:
+            none = "" if zero[0] == "limit_train_batches" else ", or -1 for none"
+            raise ValueError(f"trainer.{zero[0]}: a positive limit{none} (0 trains nothing)")
         if self.max_steps == -1 and (self.max_epochs is None or self.max_epochs < 0):
             raise ValueError("trainer.max_steps: a positive limit when trainer.max_epochs is unlimited "
                              "(both unlimited would train forever)")

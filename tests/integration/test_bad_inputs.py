@@ -294,6 +294,8 @@ def test_disk_full_names_the_path(wrapped, tmp_path, monkeypatch, capsys):
     (["-cp=/x", "seed=1"], "error: -cp: not supported; runs compose conf/config.yaml"),
     (["-cd", "/nonexistent", "seed=1"], "error: -cd=/nonexistent: not a folder"),
     (["seed=1", "--config-dir"], "error: --config-dir=: not a folder"),
+    # a config group set to null was Hydra's ValueError traceback
+    (["logger=null"], "error: logger=null: one of csv, wandb (a config group takes an option's name)"),
     (["-m", "--cfg", "job", "seed=0,1"], "error: -m and --cfg: one of --multirun, --cfg, --info, --run, "
                                          "--shell-completion at a time"),
 ])

@@ -237,3 +237,9 @@ def test_resume_refuses_a_metrics_file_it_cannot_append_to(tmp_path, damage, rea
         with claim_run_dir(cfg_of(tmp_path, "run_id=r", "resume=true")):
             pytest.fail("claimed")
     assert json.loads((root / "results.json").read_text()) == {"status": "interrupted"}
+
+
+def test_a_numeric_experiment_name_is_a_folder_name(tmp_path):
+    """exp_name=123 passes as a name; it was a TypeError traceback joining it to the runs folder."""
+    with claim_run_dir(cfg_of(tmp_path, "exp_name=123", "run_id=456")) as run_dir:
+        assert run_dir.root == tmp_path / "123" / "456"

@@ -85,6 +85,10 @@ REFUSED = {
     "trainer.devices=abc": "trainer.devices=abc: should be",
     "+trainer.max_step=3": "trainer.max_step=3: not a lightning.Trainer argument",
     "+trainer.strategy=ddp": "trainer.strategy=ddp: not a lightning.Trainer argument",
+    # Trainer arguments that leave test examples unscored (NaN cells: a traceback at the first task's end)
+    "+trainer.fast_dev_run=true": "trainer.fast_dev_run=true: leave it unset (every test example is scored)",
+    "+trainer.limit_test_batches=1": "trainer.limit_test_batches=1: leave it unset",
+    "+trainer.limit_train_batches=0": "trainer.limit_train_batches=0: a positive limit (0 trains nothing)",
     "trainer.enable_progress_bar=1": "trainer.enable_progress_bar=1: should be a valid boolean",
     "checkpoint.every_n_epochs=-1": "checkpoint.every_n_epochs=-1: should be greater than or equal to 0 or null",
     "+checkpoint.every_n_step=3": "checkpoint.every_n_step=3: unknown key",
