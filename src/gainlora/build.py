@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import socket
 import urllib.parse
@@ -224,6 +225,22 @@ def check_trainer(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer: lightning.Trainer refuses these settings: {str(err).splitlines()[0]}") from None
     finally:
         logging.disable(logging.NOTSET)
+
+
+def check_val_interval(cfg: DictConfig, tasks: list[TaskData]) -> None:
+    """An integer trainer.val_check_interval counts an epoch's training batches: past the shortest
+    task's epoch, Lightning refuses it only when that task's fit starts (a traceback, tasks in)."""
+    trainer = cfg.trainer
+    interval, limit = trainer.get("val_check_interval"), trainer.get("limit_train_batches")
+    if not isinstance(interval, int) or isinstance(interval, bool) or trainer.get("check_val_every_n_epoch", 1) is None:
+        return
+    ranks = cfg.derived.world_size
+    batches = min(math.ceil(math.ceil(len(task.train) / ranks) / cfg.data.batch_size) for task in tasks)
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        batches = min(batches, limit)
+    if interval > batches:
+        raise refuse("trainer.val_check_interval", interval, f"at most {batches} (the training batches of an epoch of "
+                     "the smallest task), a fraction of an epoch, or with trainer.check_val_every_n_epoch=null")
 
 
 def in_task_checkpoints(cfg: DictConfig) -> dict | None:

@@ -79,6 +79,10 @@ CASES = {
     "missing single-task reference": (["metrics.single_task_run=/nonexistent/st"], None,
                                       "metrics.single_task_run: /nonexistent/st/results.json: not found"),
     "rank above the backbone's width": (["lora.rank=100000"], None, "lora.rank=100000: at most 64 for this backbone"),
+    # Lightning refused it only when the first task's fit started: a traceback
+    "validation interval past an epoch": (["+trainer.val_check_interval=1000", "trainer.limit_val_batches=1.0"], None,
+                                          "trainer.val_check_interval=1000: at most 2 (the training batches of an "
+                                          "epoch of the smallest task)"),
     "known-missing file": (["benchmark=long", "benchmark.tasks=[yelp]", f"paths.data_dir={SHARED}"], None,
                            "yelp/test.json"),
 }
