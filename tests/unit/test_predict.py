@@ -91,6 +91,8 @@ def test_bad_arguments_are_named(tmp_path, capsys) -> None:
     assert main([str(run), str(source), "/proc/gainlora/o.jsonl"]) == 2  # checked before the model loads
     assert main([str(run), str(source), str(source)]) == 2
     assert main([str(run), str(source), str(tmp_path / "o"), "--max-new-tokens", "1000000000"]) == 2
+    assert main([str(run), str(source), "-"]) == 2 and not Path("-").exists()
+    assert main([str(run), "-", str(tmp_path / "o")]) == 2
     for args in (["--batch-size", "0"], ["--batch-size", "abc"], ["--prompt", "chat"], ["--bogus"], []):
         with pytest.raises(SystemExit) as stopped:  # argparse's own errors, in the same one-line form
             main([str(run), str(source), *(["o"] if args else []), *args])
@@ -102,6 +104,8 @@ def test_bad_arguments_are_named(tmp_path, capsys) -> None:
         "error: output=/proc/gainlora/o.jsonl: /proc cannot be written (No such file or directory)",
         f"error: output={source}: the input file itself; give another path (the input is kept)",
         "error: --max-new-tokens=1000000000: at most 131072",
+        "error: output=-: a file path (standard input and output are not read or written)",
+        "error: input=-: a file path (standard input and output are not read or written)",
         "error: --batch-size=0: a positive integer",
         "error: --batch-size=abc: a positive integer",
         "error: --prompt=chat: expected one of superni, long, demo",
