@@ -253,6 +253,23 @@ def test_load_run_and_resume_run_nothing_a_config_names(target, tmp_path):
     assert not marker.exists()
 
 
+def test_load_run_names_a_model_folder_that_is_gone(tmp_path):
+    """A run trained on a local model folder, since moved: load_run (predict, export) says so in one line
+    (it was an OSError traceback from from_pretrained, which took the path for a hub name)."""
+    import gainlora
+    from omegaconf import OmegaConf
+
+    root = tmp_path / "runs" / "demo" / "moved"
+    root.mkdir(parents=True)
+    cfg = config(tmp_path, *DEMO, "run_id=moved", "backbone.tiny=null", f"+backbone.name_or_path={tmp_path / 'gone'}")
+    cfg.paths.run_dir = str(root)
+    (root / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (root / "results.json").write_text(json.dumps({"tasks": ["demo_colour"], "status": "finished"}))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(root / 'config.yaml'))}: backbone.name_or_path="
+                                         rf"{re.escape(str(tmp_path / 'gone'))}: a model directory"):
+        gainlora.load_run(root)
+
+
 def test_resume_of_a_crafted_run_from_the_command_line(tmp_path):
     root, marker = crafted_run(tmp_path, "os.system")
     cmd = [sys.executable, "-m", "gainlora.run", *TINY, *DEMO, f"paths.runs_dir={tmp_path / 'runs'}",
