@@ -7,6 +7,7 @@ of ``gainlora.schema`` first (``Bound``), so a config.yaml from elsewhere cannot
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import os
@@ -186,6 +187,25 @@ def single_task_reference(cfg: DictConfig, task_names: list[str]) -> list[float]
         return single_task_scores(Path(path), task_names)
     except ReportError as err:
         raise ConfigError(f"metrics.single_task_run: {err}") from None
+
+
+def check_reference_tests(cfg: DictConfig, tasks: list[TaskData]) -> None:
+    """FWT subtracts S[j] from R[j][j]: both must score the same test examples. A single-task run of
+    another seed (the demo's data, a capped test subset and a carved test share depend on it) or of
+    other files has the same task names but not the same tests."""
+    path = cfg.get("metrics", {}).get("single_task_run")
+    if not path:
+        return
+    root = RunDir(Path(path).parent if Path(path).is_file() else Path(path))
+    for j, task in enumerate(tasks):
+        file = root.task_dir(j, task.name) / "predictions.json"
+        try:
+            theirs = [(p["source"], list(p["references"])) for p in json.loads(file.read_text()) if p["task"] == j]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise ConfigError(f"metrics.single_task_run: {file}: not the test predictions of a finished task") from None
+        if theirs != [(e.source, list(e.references)) for e in task.test]:
+            raise ConfigError(f"metrics.single_task_run: {root.root}: task {task.name} was tested on other examples "
+                              "than this run's (another seed or other data); FWT needs the same test sets")
 
 
 # -- Lightning: loggers, trainers, checkpoints ----------------------------------------------------------------

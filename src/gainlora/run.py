@@ -17,8 +17,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gainlora.artifacts import RunDir, write_text
-from gainlora.build import (build, check_backbone_source, check_trainer, check_val_interval, derive_batching,
-                            in_task_checkpoints, make_loggers, single_task_reference, trainer_factory)
+from gainlora.build import (build, check_backbone_source, check_reference_tests, check_trainer, check_val_interval,
+                            derive_batching, in_task_checkpoints, make_loggers, single_task_reference, trainer_factory)
 from gainlora.callbacks.interrupt import resume_command
 from gainlora.cli import check_overrides, disk_full, fail, writable_file
 from gainlora.data.tasks import load_stream, stream_metric
@@ -40,6 +40,7 @@ def run(cfg: DictConfig) -> dict:
     check_val_interval(cfg, tasks)
     record_inputs(cfg, tasks)  # a resume refuses other data or code
     single_task = single_task_reference(cfg, [t.name for t in tasks])
+    check_reference_tests(cfg, tasks)
     check_backbone_source(cfg.backbone, cfg.paths.cache_dir)
     with claim_run_dir(cfg) as run_dir:  # created, locked and checked: the first write
         module, datamodule, method = build(cfg, tasks)

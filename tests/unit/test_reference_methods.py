@@ -191,6 +191,28 @@ def test_bad_single_task_reference_is_refused(case: str, fragment: str, tmp_path
         assert f"{ref / 'results.json'}: " in message  # names the file
 
 
+def test_fwt_needs_the_reference_to_have_scored_the_same_test_examples(tmp_path: Path) -> None:
+    """Same task names, other test examples (the demo at another seed): S[j] scores other inputs, so
+    FWT is refused; it was computed silently."""
+    from gainlora.build import check_reference_tests
+
+    ref = write_reference(tmp_path / "st", tasks=["demo_colour"], matrix=[[70.0]])
+    ours = make_demo_task("demo_colour", seed=0, n_train=8, n_val=2, n_test=4)
+    folder = RunDir(ref).task_dir(0, "demo_colour")
+    folder.mkdir(parents=True)
+    (folder / "predictions.json").write_text(json.dumps([
+        {"task": 0, "source": e.source, "prediction": "", "references": list(e.references)} for e in ours.test]))
+    cfg = compose_cfg(f"metrics.single_task_run={ref}", "method=inclora")
+    check_reference_tests(cfg, [ours])  # the same tests
+    other = make_demo_task("demo_colour", seed=5, n_train=8, n_val=2, n_test=4)
+    with pytest.raises(ConfigError, match=rf"^metrics.single_task_run: {ref}: task demo_colour was tested on other "
+                                          r"examples than this run's \(another seed or other data\)"):
+        check_reference_tests(cfg, [other])
+    (folder / "predictions.json").write_text("[")
+    with pytest.raises(ConfigError, match=r"predictions.json: not the test predictions of a finished task"):
+        check_reference_tests(cfg, [ours])
+
+
 # -- the loop: results.json for each kind ---------------------------------------------------------------
 class Recorder(L.Callback):
     """Which training examples the fit's batches held, and how many optimizer steps it made."""
