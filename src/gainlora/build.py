@@ -82,11 +82,15 @@ def derive_batching(cfg: DictConfig) -> None:
 
 
 # -- model and data ------------------------------------------------------------------------------------------
-def check_rank(rank: int, backbone) -> None:
+def check_rank(rank: int, backbone, name: str | None = None) -> None:
     """A LoRA factor wider than the projection it adapts adds nothing (InfLoRA's init fails on it, a huge
-    one dies allocating): refuse it once the backbone's shapes are known, before any module or file is made."""
-    widths = {min(linear.in_features, linear.out_features)
-              for linear, _ in adapted_layers(backbone.model, backbone.kind).values()}
+    one dies allocating): refuse it once the backbone's shapes are known, before any module or file is made.
+    A backbone with no q/v projections to adapt (an encoder-only model) is refused here too."""
+    try:
+        layers = adapted_layers(backbone.model, backbone.kind)
+    except ValueError as err:
+        raise refuse("backbone.name_or_path", name, str(err)) from None
+    widths = {min(linear.in_features, linear.out_features) for linear, _ in layers.values()}
     if widths and rank > min(widths):
         raise refuse("lora.rank", rank, f"at most {min(widths)} for this backbone (the smallest min(inputs, "
                      "outputs) of its adapted layers)")
@@ -102,7 +106,7 @@ def build_model(cfg: DictConfig, task_names: list[str]) -> tuple[ContinualLM, Me
                              tiny_overrides=OmegaConf.to_container(overrides) if overrides else None,
                              text_corpus=OmegaConf.to_container(corpus, resolve=True) if corpus else None,
                              attn_implementation=cfg.backbone.get("attn_implementation"))
-    check_rank(cfg.lora.rank, backbone)
+    check_rank(cfg.lora.rank, backbone, cfg.backbone.name_or_path)
     module = ContinualLM(
         backbone, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, gates=method.gate_spec,
         optimizer=functools.partial(optimizer.cls, **optimizer.kwargs), task_names=task_names,
@@ -146,6 +150,9 @@ def check_backbone_source(backbone: DictConfig, cache_dir: str | None = None, ti
         if not (path / "config.json").is_file():
             raise refuse("backbone.name_or_path", name, "a model directory (with config.json) or a Hugging Face "
                          "name; this directory has no config.json")
+        if not any(next(path.glob(f"*.{suffix}"), None) for suffix in ("safetensors", "bin", "index.json")):
+            raise refuse("backbone.name_or_path", name, "a model directory with its weights (model.safetensors or "
+                         "pytorch_model.bin, or their sharded index); this one has config.json only")
         return
     if name.startswith(("/", ".", "~")) or name.count("/") > 1:
         raise refuse("backbone.name_or_path", name, "a model directory or a Hugging Face name (owner/model); "

@@ -190,6 +190,26 @@ def test_a_cache_folder_that_cannot_be_one_is_refused_before_anything_is_written
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_model_folder_without_weights_is_refused_before_anything_is_written(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text('{"model_type": "t5"}')
+    cfg = config(tmp_path, *DEMO, "backbone.tiny=null", f"+backbone.name_or_path={tmp_path / 'model'}")
+    with pytest.raises(ValueError, match=r"^backbone.name_or_path=.*/model: a model directory with its weights"):
+        run(cfg)  # was from_pretrained's OSError traceback, after the run directory was made
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_backbone_without_q_and_v_projections_is_named() -> None:
+    """An architecture whose attention has no q/v linears to adapt (an encoder-only model) is one
+    line naming the key, not a ValueError traceback."""
+    from types import SimpleNamespace
+
+    from gainlora.build import check_rank
+
+    with pytest.raises(ValueError, match=r"^backbone.name_or_path=org/bert: no q/v projections found in Linear"):
+        check_rank(8, SimpleNamespace(model=torch.nn.Linear(4, 4), kind="causal"), "org/bert")
+
+
 @pytest.mark.parametrize("offline", ["1", ""])
 def test_an_uncached_backbone_fails_fast_with_the_cpu_route(offline, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", offline)
