@@ -128,6 +128,12 @@ def build(cfg: DictConfig, tasks: list[TaskData] | None = None) -> tuple[Continu
     return module, datamodule, method
 
 
+# A saved tokenizer writes at least one of these; without them T5's AutoTokenizer silently builds one
+# of 100 extra ids and a few specials, which maps every word to <unk>.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
+                   "vocab.txt")
+
+
 def check_backbone_source(backbone: DictConfig, cache_dir: str | None = None, timeout: float = 2.0) -> None:
     """A named backbone must be a model directory, in the Hugging Face cache, or downloadable: known
     in about a second instead of minutes of connection retries and a traceback. A tiny one is built
@@ -153,6 +159,9 @@ def check_backbone_source(backbone: DictConfig, cache_dir: str | None = None, ti
         if not any(next(path.glob(f"*.{suffix}"), None) for suffix in ("safetensors", "bin", "index.json")):
             raise refuse("backbone.name_or_path", name, "a model directory with its weights (model.safetensors or "
                          "pytorch_model.bin, or their sharded index); this one has config.json only")
+        if not any((path / file).is_file() for file in TOKENIZER_FILES):  # transformers makes an empty-vocabulary one
+            raise refuse("backbone.name_or_path", name, f"a model directory with its tokenizer (one of "
+                         f"{', '.join(TOKENIZER_FILES)}); this one has none")
         return
     if name.startswith(("/", ".", "~")) or name.count("/") > 1:
         raise refuse("backbone.name_or_path", name, "a model directory or a Hugging Face name (owner/model); "

@@ -190,12 +190,15 @@ def test_a_cache_folder_that_cannot_be_one_is_refused_before_anything_is_written
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_model_folder_without_weights_is_refused_before_anything_is_written(tmp_path):
+def test_a_model_folder_without_weights_or_tokenizer_is_refused_before_anything_is_written(tmp_path):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text('{"model_type": "t5"}')
     cfg = config(tmp_path, *DEMO, "backbone.tiny=null", f"+backbone.name_or_path={tmp_path / 'model'}")
     with pytest.raises(ValueError, match=r"^backbone.name_or_path=.*/model: a model directory with its weights"):
         run(cfg)  # was from_pretrained's OSError traceback, after the run directory was made
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"^backbone.name_or_path=.*/model: a model directory with its tokenizer"):
+        run(cfg)  # T5's AutoTokenizer made a 104-token one: every word <unk>, a run without error or sense
     assert not (tmp_path / "runs").exists()
 
 
