@@ -153,3 +153,20 @@ def test_cli_on_a_fresh_run(tmp_path, capsys) -> None:
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in written] == ["a", "b", "c"]
     assert all(isinstance(r["prediction"], str) and r.items() >= rows[i].items() for i, r in enumerate(written))
+
+
+def test_make_predict_keeps_a_path_with_a_space_whole(tmp_path) -> None:
+    """``make predict`` passes RUN, INPUT and OUT quoted (a space split them into extra arguments).
+    A dry run (-n) prints the command; a stamped fake venv keeps make from planning a reinstall."""
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    (tmp_path / "venv").mkdir()
+    (tmp_path / "venv" / ".installed").touch()
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(["make", "-n", "-C", str(root), f"VENV={tmp_path / 'venv'}", "predict",
+                           "RUN=runs/demo/a", "INPUT=my in.jsonl", "OUT=my out.jsonl"],
+                          capture_output=True, text=True, timeout=60)
+    assert 'gainlora.predict "runs/demo/a" "my in.jsonl" "my out.jsonl"' in done.stdout, done.stdout
