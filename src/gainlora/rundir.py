@@ -76,7 +76,8 @@ def latest_unfinished(base: Path) -> Path | None:
 
 
 def resolve_run_dir(cfg: DictConfig) -> RunDir:
-    base = Path(cfg.paths.runs_dir) / str(cfg.exp_name)  # exp_name=123 is a name too
+    # ~ expanded: GAINLORA_RUNS='~/runs' made a folder named '~' in the working directory
+    base = Path(cfg.paths.runs_dir).expanduser() / str(cfg.exp_name)  # exp_name=123 is a name too
     if cfg.run_id is not None:
         return RunDir(base / str(cfg.run_id))
     if cfg.resume:

@@ -243,3 +243,13 @@ def test_a_numeric_experiment_name_is_a_folder_name(tmp_path):
     """exp_name=123 passes as a name; it was a TypeError traceback joining it to the runs folder."""
     with claim_run_dir(cfg_of(tmp_path, "exp_name=123", "run_id=456")) as run_dir:
         assert run_dir.root == tmp_path / "123" / "456"
+
+
+def test_a_runs_folder_under_home_is_expanded(tmp_path, monkeypatch):
+    """GAINLORA_RUNS='~/runs' (quoted, so no shell expands it): the run goes under the home folder; it made a
+    folder named '~' in the working directory, with stray folders under the home one."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    with claim_run_dir(cfg_of(tmp_path, "paths.runs_dir='~/runs'", "run_id=r")) as run_dir:
+        assert run_dir.root == tmp_path / "home" / "runs" / "demo" / "r" and run_dir.root.is_dir()
+    assert not (tmp_path / "~").exists()
