@@ -50,7 +50,7 @@ class TrainedModel:
 def read_run(path: str | Path) -> tuple[RunDir, DictConfig, list[str]]:
     """A run directory's folder, config.yaml and task names, read as data; ``ArtifactError`` names
     the file that is missing or not what a run writes (``FileNotFoundError`` when there is no run)."""
-    path = Path(path)
+    path = Path(path).expanduser()
     run_dir = RunDir(path.parent if path.is_file() else path)
     if not run_dir.config.is_file() or not run_dir.results.is_file():
         raise FileNotFoundError(f"{run_dir.root}: not a run directory (needs config.yaml and results.json)")

@@ -293,6 +293,18 @@ def test_load_run_names_a_model_folder_that_is_gone(tmp_path):
         gainlora.load_run(root)
 
 
+def test_a_run_is_found_under_home(tmp_path, monkeypatch):
+    """load_run("~/runs/...") (predict, export) reads the run under the home folder (was "not a run directory")."""
+    from gainlora.api import read_run
+
+    root = tmp_path / "runs" / "demo" / "r"
+    root.mkdir(parents=True)
+    (root / "config.yaml").write_text("seed: 0\n")
+    (root / "results.json").write_text(json.dumps({"tasks": ["demo_colour"]}))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert read_run("~/runs/demo/r")[0].root == root
+
+
 def test_resume_of_a_crafted_run_from_the_command_line(tmp_path):
     root, marker = crafted_run(tmp_path, "os.system")
     cmd = [sys.executable, "-m", "gainlora.run", *TINY, *DEMO, f"paths.runs_dir={tmp_path / 'runs'}",
