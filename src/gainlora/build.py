@@ -7,7 +7,6 @@ of ``gainlora.schema`` first (``Bound``), so a config.yaml from elsewhere cannot
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import os
@@ -35,7 +34,7 @@ from gainlora.model.cache import cache_root
 from gainlora.model.checkpointing import enable_gradient_checkpointing
 from gainlora.model.module import ContinualLM
 from gainlora.progress import quiet_lightning
-from gainlora.report import ReportError, single_task_scores
+from gainlora.report import ReportError, single_task_scores, tested_on
 from gainlora.targets import (Bound, ConfigError, bind_logger, bind_method, bind_optimizer, bind_strategy, make,
                               refuse)
 
@@ -206,21 +205,17 @@ def single_task_reference(cfg: DictConfig, task_names: list[str]) -> list[float]
 
 
 def check_reference_tests(cfg: DictConfig, tasks: list[TaskData]) -> None:
-    """FWT subtracts S[j] from R[j][j]: both must score the same test examples. A single-task run of
-    another seed (the demo's data, a capped test subset and a carved test share depend on it) or of
-    other files has the same task names but not the same tests."""
+    """FWT subtracts S[j] from R[j][j]: both must score the same test examples (``report.tested_on``)."""
     path = cfg.get("metrics", {}).get("single_task_run")
     if not path:
         return
-    root = RunDir(Path(path).parent if Path(path).is_file() else Path(path))
+    theirs = tested_on(path, [task.name for task in tasks])
     for j, task in enumerate(tasks):
-        file = root.task_dir(j, task.name) / "predictions.json"
-        try:
-            theirs = [(p["source"], list(p["references"])) for p in json.loads(file.read_text()) if p["task"] == j]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise ConfigError(f"metrics.single_task_run: {file}: not the test predictions of a finished task") from None
-        if theirs != [(e.source, list(e.references)) for e in task.test]:
-            raise ConfigError(f"metrics.single_task_run: {root.root}: task {task.name} was tested on other examples "
+        if j not in theirs:
+            raise ConfigError(f"metrics.single_task_run: {path}: task {j + 1}'s folder holds no readable test "
+                              "predictions")
+        if theirs[j] != [(e.source, list(e.references)) for e in task.test]:
+            raise ConfigError(f"metrics.single_task_run: {path}: task {task.name} was tested on other examples "
                               "than this run's (another seed or other data); FWT needs the same test sets")
 
 
