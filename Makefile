@@ -65,4 +65,4 @@ clean: ## remove caches and build leftovers (keeps runs/ and the virtualenv)
 	find . -name __pycache__ -not -path './$(VENV)/*' -prune -exec rm -rf {} +
 
 predict: $(STAMP) ## batch inference: make predict RUN=runs/demo/<id> INPUT=in.jsonl OUT=out.jsonl [ARGS="--batch-size 64"]
-	$(PY) -m gainlora.predict $(RUN) $(INPUT) $(OUT) $(ARGS)
+	$(PY) -m gainlora.predict $(if $(RUN),"$(RUN)") $(if $(INPUT),"$(INPUT)") $(if $(OUT),"$(OUT)") $(ARGS)

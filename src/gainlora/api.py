@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from gainlora.artifacts import ArtifactError, RunDir
-from gainlora.build import build_model
+from gainlora.build import build_model, check_backbone_source
 from gainlora.data.collate import Collator
 from gainlora.data.types import Example
 from gainlora.loop import fits, restore_task
@@ -50,7 +50,7 @@ class TrainedModel:
 def read_run(path: str | Path) -> tuple[RunDir, DictConfig, list[str]]:
     """A run directory's folder, config.yaml and task names, read as data; ``ArtifactError`` names
     the file that is missing or not what a run writes (``FileNotFoundError`` when there is no run)."""
-    path = Path(path)
+    path = Path(path).expanduser()
     run_dir = RunDir(path.parent if path.is_file() else path)
     if not run_dir.config.is_file() or not run_dir.results.is_file():
         raise FileNotFoundError(f"{run_dir.root}: not a run directory (needs config.yaml and results.json)")
@@ -78,6 +78,7 @@ def load_run(path: str | Path) -> TrainedModel:
     run_dir, cfg, names = read_run(path)
     try:
         validate_config(cfg, machine=False)  # inference does not need the accelerator it trained on
+        check_backbone_source(cfg.backbone, cfg.paths.get("cache_dir"))  # a moved model folder: one line
     except ConfigError as err:
         raise ConfigError(f"{run_dir.config}: {err}") from None
     module, method, collator = build_model(cfg, names)

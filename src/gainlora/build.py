@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import socket
 import urllib.parse
@@ -20,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gainlora import fsdp
 from gainlora.artifacts import RunDir
+from gainlora.cli import writable_file
 from gainlora.callbacks.best_state import BestTrainableState
 from gainlora.data.collate import Collator
 from gainlora.data.datamodule import TaskStreamDataModule
@@ -28,10 +30,11 @@ from gainlora.data.types import TaskData
 from gainlora.dist import continual_strategy
 from gainlora.methods.base import Method
 from gainlora.model.backbone import adapted_layers, load_backbone
+from gainlora.model.cache import cache_root
 from gainlora.model.checkpointing import enable_gradient_checkpointing
 from gainlora.model.module import ContinualLM
 from gainlora.progress import quiet_lightning
-from gainlora.report import ReportError, single_task_scores
+from gainlora.report import ReportError, single_task_scores, tested_on
 from gainlora.targets import (Bound, ConfigError, bind_logger, bind_method, bind_optimizer, bind_strategy, make,
                               refuse)
 
@@ -78,11 +81,15 @@ def derive_batching(cfg: DictConfig) -> None:
 
 
 # -- model and data ------------------------------------------------------------------------------------------
-def check_rank(rank: int, backbone) -> None:
+def check_rank(rank: int, backbone, name: str | None = None) -> None:
     """A LoRA factor wider than the projection it adapts adds nothing (InfLoRA's init fails on it, a huge
-    one dies allocating): refuse it once the backbone's shapes are known, before any module or file is made."""
-    widths = {min(linear.in_features, linear.out_features)
-              for linear, _ in adapted_layers(backbone.model, backbone.kind).values()}
+    one dies allocating): refuse it once the backbone's shapes are known, before any module or file is made.
+    A backbone with no q/v projections to adapt (an encoder-only model) is refused here too."""
+    try:
+        layers = adapted_layers(backbone.model, backbone.kind)
+    except ValueError as err:
+        raise refuse("backbone.name_or_path", name, str(err)) from None
+    widths = {min(linear.in_features, linear.out_features) for linear, _ in layers.values()}
     if widths and rank > min(widths):
         raise refuse("lora.rank", rank, f"at most {min(widths)} for this backbone (the smallest min(inputs, "
                      "outputs) of its adapted layers)")
@@ -98,7 +105,7 @@ def build_model(cfg: DictConfig, task_names: list[str]) -> tuple[ContinualLM, Me
                              tiny_overrides=OmegaConf.to_container(overrides) if overrides else None,
                              text_corpus=OmegaConf.to_container(corpus, resolve=True) if corpus else None,
                              attn_implementation=cfg.backbone.get("attn_implementation"))
-    check_rank(cfg.lora.rank, backbone)
+    check_rank(cfg.lora.rank, backbone, cfg.backbone.name_or_path)
     module = ContinualLM(
         backbone, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, gates=method.gate_spec,
         optimizer=functools.partial(optimizer.cls, **optimizer.kwargs), task_names=task_names,
@@ -120,10 +127,23 @@ def build(cfg: DictConfig, tasks: list[TaskData] | None = None) -> tuple[Continu
     return module, datamodule, method
 
 
-def check_backbone_source(backbone: DictConfig, timeout: float = 2.0) -> None:
+# A saved tokenizer writes at least one of these; without them T5's AutoTokenizer silently builds one
+# of 100 extra ids and a few specials, which maps every word to <unk>.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
+                   "vocab.txt")
+
+
+def check_backbone_source(backbone: DictConfig, cache_dir: str | None = None, timeout: float = 2.0) -> None:
     """A named backbone must be a model directory, in the Hugging Face cache, or downloadable: known
-    in about a second instead of minutes of connection retries and a traceback."""
+    in about a second instead of minutes of connection retries and a traceback. A tiny one is built
+    into ``cache_dir``, which must then be a folder or one that can be made."""
     name = backbone.get("name_or_path")
+    if backbone.get("tiny"):
+        root = cache_root(cache_dir)
+        unwritable = None if root.is_dir() else writable_file(root / "probe")
+        if unwritable:
+            raise refuse("paths.cache_dir", cache_dir, f"a folder for the tiny backbones ({unwritable}); set "
+                         "GAINLORA_CACHE to one")
     if backbone.get("tiny") and backbone.get("text_corpus"):  # its pre-training text must be there
         from gainlora.model.pretrain import TextCorpus
 
@@ -135,6 +155,12 @@ def check_backbone_source(backbone: DictConfig, timeout: float = 2.0) -> None:
         if not (path / "config.json").is_file():
             raise refuse("backbone.name_or_path", name, "a model directory (with config.json) or a Hugging Face "
                          "name; this directory has no config.json")
+        if not any(next(path.glob(f"*.{suffix}"), None) for suffix in ("safetensors", "bin", "index.json")):
+            raise refuse("backbone.name_or_path", name, "a model directory with its weights (model.safetensors or "
+                         "pytorch_model.bin, or their sharded index); this one has config.json only")
+        if not any((path / file).is_file() for file in TOKENIZER_FILES):  # transformers makes an empty-vocabulary one
+            raise refuse("backbone.name_or_path", name, f"a model directory with its tokenizer (one of "
+                         f"{', '.join(TOKENIZER_FILES)}); this one has none")
         return
     if name.startswith(("/", ".", "~")) or name.count("/") > 1:
         raise refuse("backbone.name_or_path", name, "a model directory or a Hugging Face name (owner/model); "
@@ -178,6 +204,21 @@ def single_task_reference(cfg: DictConfig, task_names: list[str]) -> list[float]
         raise ConfigError(f"metrics.single_task_run: {err}") from None
 
 
+def check_reference_tests(cfg: DictConfig, tasks: list[TaskData]) -> None:
+    """FWT subtracts S[j] from R[j][j]: both must score the same test examples (``report.tested_on``)."""
+    path = cfg.get("metrics", {}).get("single_task_run")
+    if not path:
+        return
+    theirs = tested_on(path, [task.name for task in tasks])
+    for j, task in enumerate(tasks):
+        if j not in theirs:
+            raise ConfigError(f"metrics.single_task_run: {path}: task {j + 1}'s folder holds no readable test "
+                              "predictions")
+        if theirs[j] != [(e.source, list(e.references)) for e in task.test]:
+            raise ConfigError(f"metrics.single_task_run: {path}: task {task.name} was tested on other examples "
+                              "than this run's (another seed or other data); FWT needs the same test sets")
+
+
 # -- Lightning: loggers, trainers, checkpoints ----------------------------------------------------------------
 def make_loggers(cfg: DictConfig) -> list:
     return [make(bind_logger(name, spec)) for name, spec in plain(cfg.logger or {}).items() if spec is not None]
@@ -215,6 +256,22 @@ def check_trainer(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer: lightning.Trainer refuses these settings: {str(err).splitlines()[0]}") from None
     finally:
         logging.disable(logging.NOTSET)
+
+
+def check_val_interval(cfg: DictConfig, tasks: list[TaskData]) -> None:
+    """An integer trainer.val_check_interval counts an epoch's training batches: past the shortest
+    task's epoch, Lightning refuses it only when that task's fit starts (a traceback, tasks in)."""
+    trainer = cfg.trainer
+    interval, limit = trainer.get("val_check_interval"), trainer.get("limit_train_batches")
+    if not isinstance(interval, int) or isinstance(interval, bool) or trainer.get("check_val_every_n_epoch", 1) is None:
+        return
+    ranks = cfg.derived.world_size
+    batches = min(math.ceil(math.ceil(len(task.train) / ranks) / cfg.data.batch_size) for task in tasks)
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        batches = min(batches, limit)
+    if interval > batches:
+        raise refuse("trainer.val_check_interval", interval, f"at most {batches} (the training batches of an epoch of "
+                     "the smallest task), a fraction of an epoch, or with trainer.check_val_every_n_epoch=null")
 
 
 def in_task_checkpoints(cfg: DictConfig) -> dict | None:

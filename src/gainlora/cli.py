@@ -112,6 +112,13 @@ def check_overrides(conf_dir: Path, overrides: list[str]) -> None:
             except HydraException:
                 fail(f"{arg}: not an override Hydra can parse ({str(err).splitlines()[0].strip()})")
         fail(str(err).splitlines()[0])
+    except ValueError as err:  # Hydra's plain ValueError: a config group set to null (logger=null)
+        for override in OverridesParser.create().parse_overrides(overrides):
+            group = conf_dir / override.get_key_element()
+            if override.value() is None and group.is_dir():
+                options = sorted(p.stem for p in group.glob("*.yaml"))
+                fail(f"{override.input_line}: one of {', '.join(options)} (a config group takes an option's name)")
+        fail(str(err).splitlines()[0])
     except (HydraException, OmegaConfBaseException) as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         if any(line.startswith("Available options") for line in lines):  # an unknown group option

@@ -19,14 +19,21 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
-from gainlora.artifacts import atomic_write
+from gainlora.artifacts import ArtifactError, atomic_write
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
+    """metrics.csv's rows (none when it does not exist); ``ArtifactError`` naming it when it is not a
+    CSV file that can be read and appended to (a folder, binary garbage)."""
+    if not path.exists():
         return []
-    with open(path, newline="") as file:
-        return list(csv.DictReader(file))
+    try:
+        with open(path, newline="") as file:
+            return list(csv.DictReader(file))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+        raise ArtifactError(f"{path}: not a readable metrics file ({reason}); move it away to continue (the finished "
+                            "tasks' rows are written again)") from None
 
 
 def logged_tasks(path: Path) -> set[int]:

@@ -325,8 +325,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         print(report(cfg, plan(cfg), world, args.card_gb))
     except PlanError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(err))
+    except (ValueError, AttributeError, TypeError) as err:
+        name = cfg.backbone.get("name_or_path")
+        if not name:
+            raise
+        # a local config.json transformers cannot build a model from, or one without q/v projections
+        fail(f"backbone.name_or_path={name}: cannot be sized ({type(err).__name__}: {str(err).splitlines()[0]})")
 
 
 if __name__ == "__main__":

@@ -137,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"template for 'input' lines: {', '.join(PROMPTS)} (default: the run's)")
     args = parser.parse_args(argv)
     output = Path(args.output)
+    for name in ("input", "output"):  # "-" is not stdin/stdout here: it was written as a file named "-"
+        if getattr(args, name) == "-":
+            return error_line(f"{name}=-: a file path (standard input and output are not read or written)")
     if (args.max_new_tokens or 0) > MAX_TOKENS:  # an answer that never ends generates for hours
         return error_line(f"--max-new-tokens={args.max_new_tokens}: at most {MAX_TOKENS}")
     try:

@@ -19,7 +19,7 @@ from typing import Any
 from matplotlib.ticker import MaxNLocator
 from omegaconf import OmegaConf
 
-from gainlora.artifacts import atomic_write
+from gainlora.artifacts import RunDir, atomic_write
 from gainlora.cli import ArgumentParser, error_line, writable_file
 from gainlora.metrics import average_curve, lower_triangle
 from gainlora.plots import new_figure, plot_forgetting, plot_matrix, plot_task_scores, save_png
@@ -104,6 +104,21 @@ def single_task_scores(run_dir: Path | str, tasks: Sequence[str]) -> list[float]
     return [rows[j][j] for j in range(len(ours))]
 
 
+def tested_on(run_dir: Path | str, tasks: Sequence[str]) -> dict[int, list]:
+    """{j: task j's test examples (source, references)} as the run's own task folder j scored them,
+    for each finished task. FWT's S[j] and R[j][j] must come from the same examples: same task names at
+    another seed, or with another test cap, are other examples (the demo's data depends on the seed)."""
+    root = RunDir(_run_dir(Path(run_dir)))
+    found = {}
+    for j, name in enumerate(tasks):
+        try:
+            rows = json.loads((root.task_dir(j, name) / "predictions.json").read_text())
+            found[j] = [(row["source"], list(row["references"])) for row in rows if row["task"] == j]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return found
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"
@@ -120,9 +135,12 @@ def markdown_table(records: Sequence[dict[str, Any]]) -> str:
 
 
 def _summary(label: str, folder: str, results: dict[str, Any],
-             references: dict[tuple[str, ...], list[float]]) -> dict[str, Any]:
+             references: dict[tuple[str, ...], tuple[list[float], dict]], path: Path) -> dict[str, Any]:
     kind = run_kind(results.get("run_kind"))
-    single_task = references.get(tuple(results["tasks"])) if kind.forgetting else None
+    scores, tests = references.get(tuple(results["tasks"]), (None, {})) if kind.forgetting else (None, {})
+    ours = tested_on(path, results["tasks"]) if scores else {}
+    other = any(j in tests and tests[j] != examples for j, examples in ours.items())  # checked where both have them
+    single_task = None if other else scores
     computed = kind.metrics(results["matrix"], single_task)
     record: dict[str, Any] = {"run": label, "folder": folder}
     record.update({k: results[k] for k in ("method", "benchmark", "order")})
@@ -231,7 +249,7 @@ def compare_runs(run_dirs: Sequence[Path | str], out_dir: Path | str,
     references = {}
     for ref in single_task:
         tasks = load_results(ref)["tasks"]
-        references[tuple(tasks)] = single_task_scores(ref, tasks)
+        references[tuple(tasks)] = (single_task_scores(ref, tasks), tested_on(ref, tasks))
 
     fig = new_figure(12.0, 4.5)
     ax_avg, ax_first = fig.subplots(1, 2)
@@ -251,8 +269,8 @@ def compare_runs(run_dirs: Sequence[Path | str], out_dir: Path | str,
 
     out_dir = Path(out_dir)
     figure_path = save_png(fig, out_dir / "compare.png")
-    table = markdown_table([_summary(lab, folder, res, references)
-                            for lab, folder, res in zip(labels, folders, all_results)])
+    table = markdown_table([_summary(lab, folder, res, references, path)
+                            for lab, folder, res, path in zip(labels, folders, all_results, paths)])
     markdown_path = atomic_write(out_dir / "compare.md", lambda tmp: tmp.write_text(table))
     return figure_path, markdown_path
 

@@ -17,8 +17,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gainlora.artifacts import RunDir, write_text
-from gainlora.build import (build, check_backbone_source, check_trainer, derive_batching, in_task_checkpoints,
-                            make_loggers, single_task_reference, trainer_factory)
+from gainlora.build import (build, check_backbone_source, check_reference_tests, check_trainer, check_val_interval,
+                            derive_batching, in_task_checkpoints, make_loggers, single_task_reference, trainer_factory)
 from gainlora.callbacks.interrupt import resume_command
 from gainlora.cli import check_overrides, disk_full, fail, writable_file
 from gainlora.data.tasks import load_stream, stream_metric
@@ -37,14 +37,16 @@ def run(cfg: DictConfig) -> dict:
     derive_batching(cfg)
     check_trainer(cfg)
     tasks = load_stream(cfg.benchmark, seed=cfg.seed)
+    check_val_interval(cfg, tasks)
     record_inputs(cfg, tasks)  # a resume refuses other data or code
     single_task = single_task_reference(cfg, [t.name for t in tasks])
-    check_backbone_source(cfg.backbone)
+    check_reference_tests(cfg, tasks)
+    check_backbone_source(cfg.backbone, cfg.paths.cache_dir)
     with claim_run_dir(cfg) as run_dir:  # created, locked and checked: the first write
         module, datamodule, method = build(cfg, tasks)
         if is_main_process():
             write_text(run_dir.config, OmegaConf.to_yaml(cfg, resolve=True))
-        info = {"experiment": cfg.exp_name, "method": method.name, "benchmark": cfg.benchmark.name,
+        info = {"experiment": str(cfg.exp_name), "method": method.name, "benchmark": cfg.benchmark.name,
                 "order": cfg.benchmark.get("order"), "metric": stream_metric(tasks), "seed": cfg.seed,
                 "selection": cfg.benchmark.get("selection", "carved"), "backbone": module.backbone.name_or_path,
                 "derived": OmegaConf.to_container(cfg.derived),  # world size, per-device and global batch
@@ -128,7 +130,7 @@ def cli() -> None:
             except ConfigError as err:
                 fail(f"{err} (sweep job {n} of {len(jobs)})")
             if cfg.run_id is not None:
-                where = (str(cfg.paths.runs_dir), cfg.exp_name, str(cfg.run_id))
+                where = (str(cfg.paths.runs_dir), str(cfg.exp_name), str(cfg.run_id))
                 if where in writers:
                     fail(f"run_id={cfg.run_id}: one run directory per sweep job (jobs {writers[where]} and {n} "
                          "would both write it); leave run_id unset or sweep it")

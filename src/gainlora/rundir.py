@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gainlora import __version__
 from gainlora.artifacts import RunDir, write_json
+from gainlora.csv_logger import read_rows
 from gainlora.data.types import TaskData
 from gainlora.schema import ConfigError, refuse, validate_config
 from gainlora.targets import bind_method, make
@@ -75,7 +76,8 @@ def latest_unfinished(base: Path) -> Path | None:
 
 
 def resolve_run_dir(cfg: DictConfig) -> RunDir:
-    base = Path(cfg.paths.runs_dir) / cfg.exp_name
+    # ~ expanded: GAINLORA_RUNS='~/runs' made a folder named '~' in the working directory
+    base = Path(cfg.paths.runs_dir).expanduser() / str(cfg.exp_name)  # exp_name=123 is a name too
     if cfg.run_id is not None:
         return RunDir(base / str(cfg.run_id))
     if cfg.resume:
@@ -214,6 +216,7 @@ def check_existing(cfg: DictConfig, run_dir: RunDir) -> None:
     except ConfigError as err:
         raise ConfigError(f"{run_dir.config}: {err}") from None
     check_trained_method(run_dir, make(bind_method("method", method)).name)
+    read_rows(root / "metrics.csv")  # appended to: a damaged one is named now, not after the restore
     diffs = config_differences(saved, cfg)
     if diffs:
         raise ConfigError(f"resume: {run_dir.config} was made with another config; differing keys: "

@@ -172,7 +172,7 @@ class Benchmark(Section):
     n_test: PosInt | None = None
     max_train_per_task: PosInt | None = None
     max_eval_per_task: PosInt | None = None
-    val_size: Annotated[float, Field(ge=0, lt=1)] | None = None  # superni / long readers
+    val_size: Annotated[float, Field(gt=0, lt=1)] | None = None  # share of train carved for validation
     selection: Literal["carved", "paper"] = "carved"
     # superni / long readers: task -> the one file its train, val and test are carved from (benchmarks.load_task)
     carve: dict[str, Literal["train", "test"]] | None = None
@@ -181,6 +181,9 @@ class Benchmark(Section):
     def available(self) -> list[str]:
         if self.tasks is not None:
             return self.tasks
+        if self.reader == "custom":  # it has no orders: its tasks are the user's files
+            raise ValueError("benchmark.tasks: list your tasks, e.g. benchmark.tasks=[path/to/task_a,path/to/task_b] "
+                             "(folders with train and test .jsonl/.csv files; see examples/custom_tasks)")
         for key, tasks in (self.orders or {}).items():
             if key == str(self.order):
                 return tasks
@@ -256,13 +259,28 @@ class Trainer(Section):
                          | extra & {"strategy", "logger", "callbacks", "default_root_dir"})
         if unknown:  # the run sets the last four itself (strategy: and logger: sections)
             raise ValueError(f"trainer.{unknown[0]}: not a lightning.Trainer argument this config may set")
-        if self.max_steps == 0 or self.max_epochs == 0:
-            key = "trainer.max_steps" if self.max_steps == 0 else "trainer.max_epochs"
-            raise ValueError(f"{key}: a positive limit, or -1 for none (0 trains nothing)")
+        partial = sorted(extra & {"fast_dev_run", "limit_test_batches"})
+        if partial:  # the accuracy matrix needs a score for every test example (NaN cells ended the run)
+            raise ValueError(f"trainer.{partial[0]}: leave it unset (every test example is scored); for a quick run "
+                             "use debug=cpu_tiny or benchmark.max_eval_per_task")
+        limits = {"max_steps": self.max_steps, "max_epochs": self.max_epochs,
+                  "limit_train_batches": (self.model_extra or {}).get("limit_train_batches")}
+        zero = [key for key, value in limits.items() if value == 0]
+        if zero:
+            none = "" if zero[0] == "limit_train_batches" else ", or -1 for none"
+            raise ValueError(f"trainer.{zero[0]}: a positive limit{none} (0 trains nothing)")
         if self.max_steps == -1 and (self.max_epochs is None or self.max_epochs < 0):
             raise ValueError("trainer.max_steps: a positive limit when trainer.max_epochs is unlimited "
                              "(both unlimited would train forever)")
         return self
+
+
+class Derived(Section):
+    """What the run writes itself (``build.derive_batching``, ``rundir.record_inputs``); a resume reads
+    it back from config.yaml, so a tampered one is refused here rather than failing inside the check."""
+    model_config = ConfigDict(STRICT, extra="allow")
+    data_sha256: dict[str, str] | None = None
+    code_version: str | None = None
 
 
 class RunConfig(Section):
@@ -283,7 +301,7 @@ class RunConfig(Section):
     trainer: Trainer
     strategy: dict[str, Any]
     logger: dict[str, dict[str, Any] | None] | None
-    derived: dict[str, Any] | None = None  # written by the run (gainlora.build.derive_batching)
+    derived: Derived | None = None
 
 
 # -- the whole config -------------------------------------------------------------------------------------

@@ -79,6 +79,10 @@ CASES = {
     "missing single-task reference": (["metrics.single_task_run=/nonexistent/st"], None,
                                       "metrics.single_task_run: /nonexistent/st/results.json: not found"),
     "rank above the backbone's width": (["lora.rank=100000"], None, "lora.rank=100000: at most 64 for this backbone"),
+    # Lightning refused it only when the first task's fit started: a traceback
+    "validation interval past an epoch": (["+trainer.val_check_interval=1000", "trainer.limit_val_batches=1.0"], None,
+                                          "trainer.val_check_interval=1000: at most 2 (the training batches of an "
+                                          "epoch of the smallest task)"),
     "known-missing file": (["benchmark=long", "benchmark.tasks=[yelp]", f"paths.data_dir={SHARED}"], None,
                            "yelp/test.json"),
 }
@@ -174,6 +178,41 @@ def test_unwritable_runs_dir_is_refused_before_the_backbone_loads(tmp_path, monk
         run(cfg)
 
 
+def test_a_cache_folder_that_cannot_be_one_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    import gainlora.build
+
+    monkeypatch.setattr(gainlora.build, "load_backbone", lambda *a, **k: pytest.fail("backbone loaded"))
+    (tmp_path / "file").write_text("")
+    cfg = config(tmp_path, *DEMO, f"paths.cache_dir={tmp_path / 'file'}")
+    with pytest.raises(ValueError, match=rf"^paths.cache_dir={re.escape(str(tmp_path / 'file'))}: a folder for the "
+                                         r"tiny backbones \(.*file is not a directory\)"):
+        run(cfg)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_model_folder_without_weights_or_tokenizer_is_refused_before_anything_is_written(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text('{"model_type": "t5"}')
+    cfg = config(tmp_path, *DEMO, "backbone.tiny=null", f"+backbone.name_or_path={tmp_path / 'model'}")
+    with pytest.raises(ValueError, match=r"^backbone.name_or_path=.*/model: a model directory with its weights"):
+        run(cfg)  # was from_pretrained's OSError traceback, after the run directory was made
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"^backbone.name_or_path=.*/model: a model directory with its tokenizer"):
+        run(cfg)  # T5's AutoTokenizer made a 104-token one: every word <unk>, a run without error or sense
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_backbone_without_q_and_v_projections_is_named() -> None:
+    """An architecture whose attention has no q/v linears to adapt (an encoder-only model) is one
+    line naming the key, not a ValueError traceback."""
+    from types import SimpleNamespace
+
+    from gainlora.build import check_rank
+
+    with pytest.raises(ValueError, match=r"^backbone.name_or_path=org/bert: no q/v projections found in Linear"):
+        check_rank(8, SimpleNamespace(model=torch.nn.Linear(4, 4), kind="causal"), "org/bert")
+
+
 @pytest.mark.parametrize("offline", ["1", ""])
 def test_an_uncached_backbone_fails_fast_with_the_cpu_route(offline, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", offline)
@@ -237,6 +276,35 @@ def test_load_run_and_resume_run_nothing_a_config_names(target, tmp_path):
     assert not marker.exists()
 
 
+def test_load_run_names_a_model_folder_that_is_gone(tmp_path):
+    """A run trained on a local model folder, since moved: load_run (predict, export) says so in one line
+    (it was an OSError traceback from from_pretrained, which took the path for a hub name)."""
+    import gainlora
+    from omegaconf import OmegaConf
+
+    root = tmp_path / "runs" / "demo" / "moved"
+    root.mkdir(parents=True)
+    cfg = config(tmp_path, *DEMO, "run_id=moved", "backbone.tiny=null", f"+backbone.name_or_path={tmp_path / 'gone'}")
+    cfg.paths.run_dir = str(root)
+    (root / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (root / "results.json").write_text(json.dumps({"tasks": ["demo_colour"], "status": "finished"}))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(root / 'config.yaml'))}: backbone.name_or_path="
+                                         rf"{re.escape(str(tmp_path / 'gone'))}: a model directory"):
+        gainlora.load_run(root)
+
+
+def test_a_run_is_found_under_home(tmp_path, monkeypatch):
+    """load_run("~/runs/...") (predict, export) reads the run under the home folder (was "not a run directory")."""
+    from gainlora.api import read_run
+
+    root = tmp_path / "runs" / "demo" / "r"
+    root.mkdir(parents=True)
+    (root / "config.yaml").write_text("seed: 0\n")
+    (root / "results.json").write_text(json.dumps({"tasks": ["demo_colour"]}))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert read_run("~/runs/demo/r")[0].root == root
+
+
 def test_resume_of_a_crafted_run_from_the_command_line(tmp_path):
     root, marker = crafted_run(tmp_path, "os.system")
     cmd = [sys.executable, "-m", "gainlora.run", *TINY, *DEMO, f"paths.runs_dir={tmp_path / 'runs'}",
@@ -282,6 +350,8 @@ def test_disk_full_names_the_path(wrapped, tmp_path, monkeypatch, capsys):
     (["-cp=/x", "seed=1"], "error: -cp: not supported; runs compose conf/config.yaml"),
     (["-cd", "/nonexistent", "seed=1"], "error: -cd=/nonexistent: not a folder"),
     (["seed=1", "--config-dir"], "error: --config-dir=: not a folder"),
+    # a config group set to null was Hydra's ValueError traceback
+    (["logger=null"], "error: logger=null: one of csv, wandb (a config group takes an option's name)"),
     (["-m", "--cfg", "job", "seed=0,1"], "error: -m and --cfg: one of --multirun, --cfg, --info, --run, "
                                          "--shell-completion at a time"),
 ])

@@ -214,6 +214,33 @@ def test_resume_inside_a_task_from_a_mid_epoch_checkpoint(reference_matrix, tmp_
     assert not (run_dir / "checkpoints").exists()  # finished: no checkpoint left behind
 
 
+def test_resume_inside_a_task_from_an_epoch_end_checkpoint(reference_matrix, tmp_path):
+    """SIGKILL after task 2's first checkpoint with the default cadence (every epoch: written after the
+    epoch's last batch, step 3): the resumed task trains the same batches, to the same tensors. Written in
+    on_train_epoch_end, Lightning resumed it by training one batch of the next epoch as the old epoch's
+    last and then restarting that epoch, and the task diverged."""
+    import torch
+    from safetensors.torch import load_file
+
+    matrix, runs = reference_matrix
+    proc = launch(tmp_path, *THREE, "run_id=e", wait=False)
+    run_dir = tmp_path / "demo" / "e"
+    deadline = time.time() + 300
+    while not list((run_dir / "checkpoints").glob("02-*/last.ckpt")):
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint of task 2 was written"
+        time.sleep(0.02)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert not list((run_dir / "tasks").glob("02-*/DONE")), "task 2 finished before the kill"
+    done = launch(tmp_path, *THREE, "run_id=e", "resume=true")
+    assert "task 2/3 demo_parity: continuing from its checkpoint" in done.stdout
+    for task in ("02-demo_parity", "03-demo_continent"):
+        ours, reference = (load_file(str(root / "tasks" / task / "branch.safetensors"))
+                           for root in (run_dir, runs / "demo" / "a"))
+        assert all(torch.equal(ours[k], reference[k]) for k in reference), task
+    assert results_of(run_dir / "results.json")["matrix"] == matrix
+
+
 @pytest.mark.parametrize("point", ["after_done", "during_metrics_write"])
 def test_kill_at_a_task_boundary_then_resume(point, two_task_run, tmp_path):
     """SIGKILL right after task 1's DONE marker (before predictions.json, results.json and its

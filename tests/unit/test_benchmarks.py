@@ -346,6 +346,14 @@ def test_blank_long_definition_is_dropped(tree: Path) -> None:
     assert load_task(tree, "long", LONG_TASK).test[0].source == "Pick.\nin\nOutput: "  # edited file is re-read
 
 
+def test_a_byte_order_mark_is_read_past(tree: Path) -> None:
+    """A task file saved by an editor that writes a UTF-8 BOM is read as the same JSON (it was refused
+    as malformed, "decode using utf-8-sig")."""
+    path = tree / "Long_Sequence" / LONG_TASK / "test.json"
+    _write(path, "\ufeff" + json.dumps({"Definition": ["Pick.\n"], "Instances": [{"input": "in", "output": "o"}]}))
+    assert load_task(tree, "long", LONG_TASK).test[0].source == "Pick.\nin\nOutput: "
+
+
 def test_superni_definition_is_stripped(tree: Path) -> None:
     example = load_task(tree, "superni", SUPERNI_TASK).test[0]
     expected = "Definition: Answer the question.\n\nNow complete the following example -\nInput: qt\nOutput: "

@@ -133,6 +133,10 @@ def test_bad_task_entries_name_the_key(tmp_path: Path) -> None:
         "a task name appears twice": cfg(good, good),
         "unsupported file type '.txt'": cfg({"name": "b", "train": str(write_jsonl(tmp_path / "x.txt", [ROW])),
                                              "test": good}),
+        # a split that is no path (an override such as train:[a]) was a TypeError traceback
+        "benchmark.tasks[0].train=['a']: a file path (.jsonl or .csv) or a save_to_disk folder":
+            cfg({"name": "b", "train": ["a"], "test": good + "/test.jsonl"}),
+        "benchmark.tasks[0].test=5: a file path": cfg({"name": "b", "train": good + "/train.jsonl", "test": 5}),
         # a task name is a folder of the run directory: past 255 bytes the first save would fail
         "benchmark.tasks[0]: task name 'aaaaa": cfg({"name": "a" * 101, "train": good + "/train.jsonl",
                                                       "test": good + "/test.jsonl"}),

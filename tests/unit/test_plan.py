@@ -176,3 +176,15 @@ def test_bad_input_is_the_run_s_one_error_line(args, line, capsys) -> None:
     with pytest.raises(SystemExit) as stopped:
         main(args)
     assert stopped.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [line]
+
+
+def test_a_local_config_that_cannot_be_sized_is_one_error_line(tmp_path, capsys) -> None:
+    """A model folder whose config.json transformers cannot build from (it was an AttributeError traceback)."""
+    from gainlora.plan import main
+
+    (tmp_path / "config.json").write_text('{"model_type": "t5"}')
+    with pytest.raises(SystemExit) as stopped:
+        main(["experiment=demo", "backbone.tiny=null", f"+backbone.name_or_path={tmp_path}"])
+    assert stopped.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [
+        f"error: backbone.name_or_path={tmp_path}: cannot be sized (AttributeError: 'T5Config' object has no "
+        "attribute 'decoder_start_token_id')"]

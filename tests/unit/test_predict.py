@@ -91,6 +91,8 @@ def test_bad_arguments_are_named(tmp_path, capsys) -> None:
     assert main([str(run), str(source), "/proc/gainlora/o.jsonl"]) == 2  # checked before the model loads
     assert main([str(run), str(source), str(source)]) == 2
     assert main([str(run), str(source), str(tmp_path / "o"), "--max-new-tokens", "1000000000"]) == 2
+    assert main([str(run), str(source), "-"]) == 2 and not Path("-").exists()
+    assert main([str(run), "-", str(tmp_path / "o")]) == 2
     for args in (["--batch-size", "0"], ["--batch-size", "abc"], ["--prompt", "chat"], ["--bogus"], []):
         with pytest.raises(SystemExit) as stopped:  # argparse's own errors, in the same one-line form
             main([str(run), str(source), *(["o"] if args else []), *args])
@@ -102,6 +104,8 @@ def test_bad_arguments_are_named(tmp_path, capsys) -> None:
         "error: output=/proc/gainlora/o.jsonl: /proc cannot be written (No such file or directory)",
         f"error: output={source}: the input file itself; give another path (the input is kept)",
         "error: --max-new-tokens=1000000000: at most 131072",
+        "error: output=-: a file path (standard input and output are not read or written)",
+        "error: input=-: a file path (standard input and output are not read or written)",
         "error: --batch-size=0: a positive integer",
         "error: --batch-size=abc: a positive integer",
         "error: --prompt=chat: expected one of superni, long, demo",
@@ -149,3 +153,20 @@ def test_cli_on_a_fresh_run(tmp_path, capsys) -> None:
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in written] == ["a", "b", "c"]
     assert all(isinstance(r["prediction"], str) and r.items() >= rows[i].items() for i, r in enumerate(written))
+
+
+def test_make_predict_keeps_a_path_with_a_space_whole(tmp_path) -> None:
+    """``make predict`` passes RUN, INPUT and OUT quoted (a space split them into extra arguments).
+    A dry run (-n) prints the command; a stamped fake venv keeps make from planning a reinstall."""
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    (tmp_path / "venv").mkdir()
+    (tmp_path / "venv" / ".installed").touch()
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(["make", "-n", "-C", str(root), f"VENV={tmp_path / 'venv'}", "predict",
+                           "RUN=runs/demo/a", "INPUT=my in.jsonl", "OUT=my out.jsonl"],
+                          capture_output=True, text=True, timeout=60)
+    assert 'gainlora.predict "runs/demo/a" "my in.jsonl" "my out.jsonl"' in done.stdout, done.stdout

@@ -191,6 +191,49 @@ def test_bad_single_task_reference_is_refused(case: str, fragment: str, tmp_path
         assert f"{ref / 'results.json'}: " in message  # names the file
 
 
+def test_fwt_needs_the_reference_to_have_scored_the_same_test_examples(tmp_path: Path) -> None:
+    """Same task names, other test examples (the demo at another seed): S[j] scores other inputs, so
+    FWT is refused; it was computed silently."""
+    from gainlora.build import check_reference_tests
+
+    ref = write_reference(tmp_path / "st", tasks=["demo_colour"], matrix=[[70.0]])
+    ours = make_demo_task("demo_colour", seed=0, n_train=8, n_val=2, n_test=4)
+    folder = RunDir(ref).task_dir(0, "demo_colour")
+    folder.mkdir(parents=True)
+    (folder / "predictions.json").write_text(json.dumps([
+        {"task": 0, "source": e.source, "prediction": "", "references": list(e.references)} for e in ours.test]))
+    cfg = compose_cfg(f"metrics.single_task_run={ref}", "method=inclora")
+    check_reference_tests(cfg, [ours])  # the same tests
+    other = make_demo_task("demo_colour", seed=5, n_train=8, n_val=2, n_test=4)
+    with pytest.raises(ConfigError, match=rf"^metrics.single_task_run: {ref}: task demo_colour was tested on other "
+                                          r"examples than this run's \(another seed or other data\)"):
+        check_reference_tests(cfg, [other])
+    (folder / "predictions.json").write_text("[")
+    with pytest.raises(ConfigError, match=r"task 1's folder holds no readable test predictions"):
+        check_reference_tests(cfg, [ours])
+
+
+def test_report_fills_fwt_only_from_a_reference_with_the_same_tests(tmp_path: Path) -> None:
+    """``make report --single-task``: a continual run tested on other examples than the reference gets
+    no FWT from it (it was computed from scores on other inputs)."""
+    def run(root: Path, task, **results) -> Path:
+        write_reference(root, tasks=[task.name], matrix=[[60.0]], **results)
+        folder = RunDir(root).task_dir(0, task.name)
+        folder.mkdir(parents=True)
+        (folder / "predictions.json").write_text(json.dumps([
+            {"task": 0, "source": e.source, "prediction": "", "references": list(e.references)} for e in task.test]))
+        return root
+
+    seed0 = make_demo_task("demo_colour", seed=0, n_train=8, n_val=2, n_test=4)
+    seed5 = make_demo_task("demo_colour", seed=5, n_train=8, n_val=2, n_test=4)
+    ref = run(tmp_path / "st", seed0)
+    continual = {"method": "inclora", "run_kind": "continual"}
+    same, other = run(tmp_path / "a", seed0, **continual), run(tmp_path / "b", seed5, **continual)
+    _, table = compare_runs([same, other], tmp_path / "report", single_task=[ref])
+    rows = [line.split(" | ") for line in table.read_text().splitlines()[2:]]
+    assert [row[-2] for row in rows] == ["0.00", "-"]  # FWT = 60 - 60 for the same tests; none for the others
+
+
 # -- the loop: results.json for each kind ---------------------------------------------------------------
 class Recorder(L.Callback):
     """Which training examples the fit's batches held, and how many optimizer steps it made."""

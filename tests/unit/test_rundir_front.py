@@ -219,3 +219,37 @@ def test_resume_refuses_changed_task_data_and_another_code_version(tmp_path):
     with pytest.raises(ConfigError, match=r"^resume=true: the gainlora version that made .* \(0\.0\.1\)"):
         with claim_run_dir(started("resume=true")):
             pass
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda p: p.write_bytes(b"garbage\x00\xff\n"), "'utf-8' codec can't decode byte 0xff"),
+    (lambda p: p.mkdir(), "Is a directory"),
+])
+def test_resume_refuses_a_metrics_file_it_cannot_append_to(tmp_path, damage, reason):
+    """metrics.csv is read back and rewritten on resume: damaged, it is named before anything is restored
+    (it was a traceback after the finished tasks had been re-announced, and results.json said failed)."""
+    from gainlora.artifacts import ArtifactError
+
+    root = saved_run(tmp_path, "r", "interrupted")
+    damage(root / "metrics.csv")
+    with pytest.raises(ArtifactError, match=rf"^{re.escape(str(root / 'metrics.csv'))}: not a readable metrics file "
+                                            rf"\({re.escape(reason)}.*\); move it away to continue"):
+        with claim_run_dir(cfg_of(tmp_path, "run_id=r", "resume=true")):
+            pytest.fail("claimed")
+    assert json.loads((root / "results.json").read_text()) == {"status": "interrupted"}
+
+
+def test_a_numeric_experiment_name_is_a_folder_name(tmp_path):
+    """exp_name=123 passes as a name; it was a TypeError traceback joining it to the runs folder."""
+    with claim_run_dir(cfg_of(tmp_path, "exp_name=123", "run_id=456")) as run_dir:
+        assert run_dir.root == tmp_path / "123" / "456"
+
+
+def test_a_runs_folder_under_home_is_expanded(tmp_path, monkeypatch):
+    """GAINLORA_RUNS='~/runs' (quoted, so no shell expands it): the run goes under the home folder; it made a
+    folder named '~' in the working directory, with stray folders under the home one."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    with claim_run_dir(cfg_of(tmp_path, "paths.runs_dir='~/runs'", "run_id=r")) as run_dir:
+        assert run_dir.root == tmp_path / "home" / "runs" / "demo" / "r" and run_dir.root.is_dir()
+    assert not (tmp_path / "~").exists()

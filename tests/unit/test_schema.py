@@ -85,6 +85,10 @@ REFUSED = {
     "trainer.devices=abc": "trainer.devices=abc: should be",
     "+trainer.max_step=3": "trainer.max_step=3: not a lightning.Trainer argument",
     "+trainer.strategy=ddp": "trainer.strategy=ddp: not a lightning.Trainer argument",
+    # Trainer arguments that leave test examples unscored (NaN cells: a traceback at the first task's end)
+    "+trainer.fast_dev_run=true": "trainer.fast_dev_run=true: leave it unset (every test example is scored)",
+    "+trainer.limit_test_batches=1": "trainer.limit_test_batches=1: leave it unset",
+    "+trainer.limit_train_batches=0": "trainer.limit_train_batches=0: a positive limit (0 trains nothing)",
     "trainer.enable_progress_bar=1": "trainer.enable_progress_bar=1: should be a valid boolean",
     "checkpoint.every_n_epochs=-1": "checkpoint.every_n_epochs=-1: should be greater than or equal to 0 or null",
     "+checkpoint.every_n_step=3": "checkpoint.every_n_step=3: unknown key",
@@ -133,6 +137,14 @@ REFUSED = {
     "benchmark=custom benchmark.tasks=[examples/custom_tasks/antonyms] +benchmark.order=1":
         "benchmark.order=1: the custom reader does not read it; leave it unset",
     "logger.csv._target_=os.system": "logger.csv._target_=os.system: not one of the project's loggers",
+    # the custom reader has no orders: unset tasks named benchmark.order (a key it does not read)
+    "benchmark=custom": "benchmark.tasks=null: list your tasks, e.g. benchmark.tasks=[path/to/task_a,",
+    # 0 passed the schema and failed in the reader without naming the key
+    "benchmark=custom benchmark.tasks=[examples/custom_tasks/antonyms] benchmark.val_size=0":
+        "benchmark.val_size=0: should be greater than 0",
+    # what a run writes itself, read back from a resumed run's config.yaml (a list was a traceback)
+    "+derived.data_sha256=[1,2]": "derived.data_sha256=[1, 2]: should be an object",
+    "+derived.code_version={a:1}": "derived.code_version={\"a\": 1}: should be a valid string",
     "+logger.csv.bogus=1": "logger.csv.bogus=1: unknown key",
 }
 

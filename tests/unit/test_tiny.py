@@ -5,6 +5,7 @@ Nothing here runs the minutes-long pre-training: only the random-init test prese
 """
 from __future__ import annotations
 
+import json
 import random
 import threading
 from pathlib import Path
@@ -119,6 +120,42 @@ def test_build_is_deterministic_and_cached(tmp_path: Path, t5_dir: Path, monkeyp
     with pytest.raises(AssertionError):  # a different spec is a different directory
         build_tiny_backbone(with_overrides("t5-test", seed=1), t5_dir.parent)
     assert not [p for p in t5_dir.parent.iterdir() if p.name.startswith(".t5-test") and p.is_dir()]
+
+
+DAMAGE = {
+    "truncated weights": lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:5000]),
+    "a flipped byte": lambda d: (d / "model.safetensors").write_bytes(
+        (lambda b: b[:-10] + bytes([b[-10] ^ 1]) + b[-9:])((d / "model.safetensors").read_bytes())),
+    "garbage tokenizer": lambda d: (d / "tokenizer.json").write_text("garbage{{"),
+    "config.json deleted": lambda d: (d / "config.json").unlink(),
+    "tiny_spec.json deleted": lambda d: (d / "tiny_spec.json").unlink(),
+    "no checksums (an older build)": lambda d: (d / "tiny_spec.json").write_text('{"builder": "1"}'),
+}
+
+
+def test_a_damaged_cache_entry_is_rebuilt(tmp_path: Path, t5_dir: Path) -> None:
+    """A cached backbone whose files changed since the build (truncated, edited, deleted) is rebuilt,
+    never loaded as a wrong model nor left to fail inside from_pretrained."""
+    import shutil
+
+    entry = tmp_path / t5_dir.name
+    shutil.copytree(t5_dir, entry)
+    for damage in DAMAGE.values():
+        damage(entry)
+        assert build_tiny_backbone("t5-test", tmp_path) == entry
+        for name in ("model.safetensors", "tokenizer.json", "config.json"):
+            assert (entry / name).read_bytes() == (t5_dir / name).read_bytes(), name
+    assert set(json.loads((entry / "tiny_spec.json").read_text())["sha256"]) == {
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+
+
+def test_an_empty_cache_setting_means_the_default_not_the_working_directory(monkeypatch, tmp_path) -> None:
+    from gainlora.model.cache import cache_root
+
+    monkeypatch.setenv("GAINLORA_CACHE", str(tmp_path / "c"))
+    assert cache_root("") == cache_root(None) == tmp_path / "c"
+    monkeypatch.setenv("GAINLORA_CACHE", "")
+    assert cache_root("") == Path.home() / ".cache" / "gainlora"
 
 
 def test_seed_changes_weights(tmp_path: Path, t5_dir: Path) -> None:

@@ -27,13 +27,14 @@ class InTaskCheckpoint(L.Callback):
         self._rng: dict | None = None  # restored at the first training hook after loading
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        n = self.every_n_train_steps
+        n, e = self.every_n_train_steps, self.every_n_epochs
         # global_step counts optimizer steps: with gradient accumulation, save once, after the step.
-        if n and trainer.global_step % n == 0 and trainer.global_step != self._saved_step:
-            self.save(trainer)
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
-        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+        step_due = n and trainer.global_step % n == 0
+        # An epoch's checkpoint is written after its last batch, not in on_train_epoch_end: Lightning resumes
+        # step-based training from a save made there by training one batch of the next epoch as the old
+        # epoch's last and then restarting the next epoch (the resumed task diverged from the uninterrupted one).
+        epoch_due = e and batch_idx + 1 == trainer.num_training_batches and (trainer.current_epoch + 1) % e == 0
+        if (step_due or epoch_due) and trainer.global_step != self._saved_step:
             self.save(trainer)
 
     def save(self, trainer: L.Trainer) -> None:

@@ -218,7 +218,7 @@ def _split_path(root: Path, key: str, task: str, split: str) -> Path:
 def _parse_file(path: str, mtime_ns: int, size: int, key: str) -> _Split:
     """Parse and check one file once; mtime and size in the key make an edited file re-read."""
     try:
-        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+        obj = json.loads(Path(path).read_text(encoding="utf-8-sig"))  # a BOM (Windows editors) is read past
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
     except UnicodeDecodeError as err:

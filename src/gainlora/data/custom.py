@@ -83,6 +83,9 @@ def _task_spec(i: int, entry: Any, default_metric: str) -> dict[str, Any]:
         for needed in ("name", "train", "test"):
             if not entry.get(needed):
                 raise DataError(f"{key}: missing '{needed}'")
+        for split in SPLITS:
+            if entry.get(split) is not None and not isinstance(entry[split], str):
+                raise DataError(f"{key}.{split}={entry[split]}: a file path (.jsonl or .csv) or a save_to_disk folder")
         files = {split: Path(entry[split]).expanduser() for split in SPLITS if entry.get(split)}
         for split, path in files.items():
             if not path.exists():

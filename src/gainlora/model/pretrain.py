@@ -9,12 +9,14 @@ TF-IDF document x token matrix, seconds), then a short T5 span-corruption pre-tr
 whole model (README, "Real data on a CPU").
 
 ``build_text_backbone("t5-text", corpus)`` returns a directory that ``from_pretrained`` loads, like
-``gainlora.model.tiny.build_tiny_backbone``, and is cached the same way (same lock, same atomic
-rename) under a name that hashes the spec, the bytes of every corpus file and ``TEXT_BUILDER_VERSION``.
+``gainlora.model.tiny.build_tiny_backbone``, and is cached the same way (``gainlora.model.cache``: same
+lock, atomic rename, checksums) under a name that hashes the spec, the bytes of every corpus file and
+``TEXT_BUILDER_VERSION``.
 The tokenizer is a byte-level BPE trained on the same text, with T5's sentinel tokens.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -28,9 +30,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from gainlora.data.benchmarks import GROUPS, task_dir
-from gainlora.artifacts import atomic_dir
 from gainlora.data.types import DataError
-from gainlora.model.tiny import BOS, EOS, PAD, UNK, TinySpec, _deterministic, _lock, default_cache_dir, train_steps
+from gainlora.model.cache import cache_root, cached_build
+from gainlora.model.tiny import BOS, EOS, PAD, UNK, TinySpec, _deterministic, train_steps
 from gainlora.model.tiny_models import make_model
 
 __all__ = ["TEXT_BUILDER_VERSION", "TEXT_PRESETS", "TextCorpus", "TextSpec", "build_text_backbone", "corpus_texts"]
@@ -252,25 +254,18 @@ def build_text_backbone(preset: str | TextSpec, corpus: TextCorpus | Mapping, ca
     """Build (or reuse) the pre-trained tiny T5 and return the directory ``from_pretrained`` loads."""
     spec = resolve_text_spec(preset, overrides)
     corpus = corpus if isinstance(corpus, TextCorpus) else TextCorpus.from_config(corpus)
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    root.mkdir(parents=True, exist_ok=True)
-    final = text_backbone_dir(spec, corpus, root)
-    if final.is_dir():
-        return final
-    with _lock(root / f".{final.name}.lock"):
-        if final.is_dir():  # another process built it while we waited
-            return final
-        log.info("building %s into %s (pre-training on the train text of %s)", spec.name, final,
-                 ", ".join(corpus.tasks))
-        with atomic_dir(final) as tmp:  # readers see nothing or the complete directory
-            texts = corpus_texts(corpus)
-            tokenizer = train_tokenizer(texts, spec.vocab_size)
-            with _deterministic(spec.seed):
-                model = make_model(spec.tiny_spec(), tokenizer)
-                stats = _pretrain(model, tokenizer, texts, spec)  # LSA init even at 0 steps
-            model.save_pretrained(tmp)  # safetensors
-            tokenizer.save_pretrained(tmp)
-            meta = {"spec": asdict(spec), "builder": TEXT_BUILDER_VERSION, "corpus": asdict(corpus),
-                    "corpus_digest": corpus.digest(), **stats}
-            (tmp / "tiny_spec.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return final
+    return cached_build(text_backbone_dir(spec, corpus, cache_root(cache_dir)), functools.partial(_build, spec, corpus))
+
+
+def _build(spec: TextSpec, corpus: TextCorpus, tmp: Path) -> None:
+    log.info("building %s into %s (pre-training on the train text of %s)", spec.name, tmp, ", ".join(corpus.tasks))
+    texts = corpus_texts(corpus)
+    tokenizer = train_tokenizer(texts, spec.vocab_size)
+    with _deterministic(spec.seed):
+        model = make_model(spec.tiny_spec(), tokenizer)
+        stats = _pretrain(model, tokenizer, texts, spec)  # LSA init even at 0 steps
+    model.save_pretrained(tmp)  # safetensors
+    tokenizer.save_pretrained(tmp)
+    meta = {"spec": asdict(spec), "builder": TEXT_BUILDER_VERSION, "corpus": asdict(corpus),
+            "corpus_digest": corpus.digest(), **stats}
+    (tmp / "tiny_spec.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -5,7 +5,8 @@ model (Llama, Qwen2/3, Mistral, Gemma 1/2/3, Phi-3, Phi; configs in ``tiny_model
 and ``AutoTokenizer.from_pretrained`` load, exactly like a hub checkpoint, so the real loading path is
 the one tests and the demo exercise. Builds are cached on disk under a name that hashes the spec, the
 tokenizer corpus and ``BUILDER_VERSION`` (a changed recipe rebuilds), written to a temp dir and
-renamed into place under a file lock (concurrent builders never see a half-written model).
+renamed into place under a file lock (concurrent builders never see a half-written model), with each
+file's sha256 recorded: a cached copy damaged since is rebuilt (``gainlora.model.cache``).
 
 Presets that ask for it get a short generic pre-training of the whole model: repeating random
 pseudo-word strings. A frozen random-init model cannot learn to copy an open-vocabulary word with
@@ -31,14 +32,9 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from gainlora.artifacts import atomic_dir
 from gainlora.data.demo import PROMPT_PIECES, demo_vocabulary, pseudo_word_universe, render_prompt
+from gainlora.model.cache import cache_root, cached_build, default_cache_dir
 from gainlora.model.tiny_models import make_model
-
-try:  # POSIX only; elsewhere concurrent builds are merely wasteful, the rename still keeps them safe
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
     "BUILDER_VERSION",
@@ -115,9 +111,6 @@ def resolve_spec(preset: str | TinySpec) -> TinySpec:
     except KeyError:
         raise ValueError(f"unknown tiny preset {preset!r}; valid: {', '.join(PRESETS)}") from None
 
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("GAINLORA_CACHE") or Path.home() / ".cache" / "gainlora")
 
 
 # --- tokenizer ------------------------------------------------------------------------------------
@@ -349,19 +342,8 @@ def _deterministic(seed: int) -> Iterator[None]:
             torch.use_deterministic_algorithms(previous)
 
 
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    with open(path, "a+") as handle:
-        if fcntl is not None:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _build_into(spec: TinySpec, out: Path) -> None:
+    log.info("building tiny backbone %s into %s", spec.name, out)
     tokenizer = build_tokenizer(spec.arch, spec.vocab_size)
     with _deterministic(spec.seed):
         model = make_model(spec, tokenizer)
@@ -375,18 +357,8 @@ def _build_into(spec: TinySpec, out: Path) -> None:
 def build_tiny_backbone(preset: str | TinySpec, cache_dir: str | Path | None = None) -> Path:
     """Build (or reuse) a tiny backbone and return the directory ``from_pretrained`` loads."""
     spec = resolve_spec(preset)
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{spec.name}-{spec.digest()}"
-    if final.is_dir():
-        return final
-    with _lock(root / f".{final.name}.lock"):
-        if final.is_dir():  # another process built it while we waited
-            return final
-        log.info("building tiny backbone %s into %s", spec.name, final)
-        with atomic_dir(final) as tmp:  # readers see nothing or the complete directory
-            _build_into(spec, tmp)
-    return final
+    final = cache_root(cache_dir) / f"{spec.name}-{spec.digest()}"
+    return cached_build(final, functools.partial(_build_into, spec))
 
 
 def with_overrides(preset: str | TinySpec, **changes: object) -> TinySpec:
