@@ -108,3 +108,19 @@ def test_the_seqlora_comparison_is_the_same_run_but_the_method() -> None:
     assert gain.method._target_.endswith("GainLoRA") and seq.method._target_.endswith("SeqLoRA")
     rest = [{k: v for k, v in OmegaConf.to_container(c).items() if k != "method"} for c in (gain, seq)]
     assert rest[0] == rest[1]
+
+
+def test_the_experiment_pretrains_on_train_files_the_shared_copy_has() -> None:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from gainlora.model.pretrain import TextCorpus
+    from gainlora.run import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=cpu_long", f"paths.data_dir={DATA}"])
+    corpus = TextCorpus.from_config(OmegaConf.to_container(cfg.backbone.text_corpus, resolve=True))
+    files = corpus.files()  # raises DataError when one is absent
+    assert files and all(f.name == "train.json" for f in files)
+    # news and reviews only (README: sst2's features); sst2 is both in the stream and in the corpus
+    assert set(corpus.tasks) == {"agnews", "amazon", "sst2", "yelp", "imdb"}
