@@ -23,6 +23,7 @@ not seen (CUDA kernels take little; CPU kernels may take more).
 """
 from __future__ import annotations
 
+import json
 import sys
 import weakref
 
@@ -114,7 +115,9 @@ def step_peak(cfg: DictConfig, steps: int = 2) -> int:
     return mode.peak
 
 
-def main(overrides: list[str]) -> None:
+def main(overrides: list[str], as_json: bool = False) -> None:
+    """Planned against measured for the tiny T5 and LLaMA, with and without checkpointing: a line
+    each, or with ``--json`` one JSON object per case (what tests/unit/test_plan.py reads)."""
     from hydra import compose, initialize_config_dir
 
     from gainlora.plan import plan
@@ -129,9 +132,16 @@ def main(overrides: list[str]) -> None:
             p = plan(cfg)
             planned = (p.activations_ckpt if checkpointing == "true" else p.activations) + p.training_state(1, False)
             measured = step_peak(cfg)
-            print(f"{backbone:13s} checkpointing={checkpointing:5s} planned {planned / 2**20:8.2f} MiB  "
-                  f"measured {measured / 2**20:8.2f} MiB  ratio {planned / measured:.3f}", flush=True)
+            if as_json:
+                print(json.dumps({"backbone": backbone, "checkpointing": checkpointing == "true",
+                                  "planned": planned, "measured": measured}), flush=True)
+            else:
+                print(f"{backbone:13s} checkpointing={checkpointing:5s} planned {planned / 2**20:8.2f} MiB  "
+                      f"measured {measured / 2**20:8.2f} MiB  ratio {planned / measured:.3f}", flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or SHAPE)
+    args = sys.argv[1:]
+    as_json = "--json" in args
+    args = [a for a in args if a != "--json"]
+    main(args or SHAPE, as_json)
