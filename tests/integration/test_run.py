@@ -186,6 +186,21 @@ def test_resume_after_signal_in_task_two(sig, reference_matrix, tmp_path):
     assert results_of(run_dir / "results.json")["matrix"] == matrix
 
 
+def killed_at_task_2_checkpoint(tmp_path: Path, run_id: str, *overrides: str) -> Path:
+    """The run directory of a three-task demo run SIGKILLed once task 2 has written its first
+    in-task checkpoint (and before task 2 finished)."""
+    proc = launch(tmp_path, *THREE, *overrides, f"run_id={run_id}", wait=False)
+    run_dir = tmp_path / "demo" / run_id
+    deadline = time.time() + 300
+    while not list((run_dir / "checkpoints").glob("02-*/last.ckpt")):
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint of task 2 was written"
+        time.sleep(0.02)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert not list((run_dir / "tasks").glob("02-*/DONE")), "task 2 finished before the kill"
+    return run_dir
+
+
 def test_resume_inside_a_task_from_a_mid_epoch_checkpoint(reference_matrix, tmp_path):
     """SIGKILL after a mid-epoch step checkpoint of task 2 (3 batches an epoch, a checkpoint every
     5 steps: at steps 5 and 10, never at an epoch end): the resumed run continues task 2 from that
@@ -195,15 +210,7 @@ def test_resume_inside_a_task_from_a_mid_epoch_checkpoint(reference_matrix, tmp_
 
     matrix, _ = reference_matrix
     every = "checkpoint.every_n_train_steps=5"
-    proc = launch(tmp_path, *THREE, every, "run_id=c", wait=False)
-    run_dir = tmp_path / "demo" / "c"
-    deadline = time.time() + 300
-    while not list((run_dir / "checkpoints").glob("02-*/last.ckpt")):
-        assert proc.poll() is None and time.time() < deadline, "no checkpoint of task 2 was written"
-        time.sleep(0.02)
-    proc.kill()
-    proc.communicate(timeout=60)
-    assert not list((run_dir / "tasks").glob("02-*/DONE")), "task 2 finished before the kill"
+    run_dir = killed_at_task_2_checkpoint(tmp_path, "c", every)
     assert not (run_dir / "checkpoints" / "01-demo_colour").exists()  # removed once task 1 was done
     saved = torch.load(run_dir / "checkpoints" / "02-demo_parity" / "last.ckpt", weights_only=True)
     (position,) = saved["loops"]["fit_loop"]["state_dict"]["combined_loader"]
@@ -223,15 +230,7 @@ def test_resume_inside_a_task_from_an_epoch_end_checkpoint(reference_matrix, tmp
     from safetensors.torch import load_file
 
     matrix, runs = reference_matrix
-    proc = launch(tmp_path, *THREE, "run_id=e", wait=False)
-    run_dir = tmp_path / "demo" / "e"
-    deadline = time.time() + 300
-    while not list((run_dir / "checkpoints").glob("02-*/last.ckpt")):
-        assert proc.poll() is None and time.time() < deadline, "no checkpoint of task 2 was written"
-        time.sleep(0.02)
-    proc.kill()
-    proc.communicate(timeout=60)
-    assert not list((run_dir / "tasks").glob("02-*/DONE")), "task 2 finished before the kill"
+    run_dir = killed_at_task_2_checkpoint(tmp_path, "e")
     done = launch(tmp_path, *THREE, "run_id=e", "resume=true")
     assert "task 2/3 demo_parity: continuing from its checkpoint" in done.stdout
     for task in ("02-demo_parity", "03-demo_continent"):
