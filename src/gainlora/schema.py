@@ -20,6 +20,8 @@ from typing import Annotated, Any, Literal
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from lightning.fabric.plugins.environments import (LSFEnvironment, MPIEnvironment, SLURMEnvironment,
+                                                   TorchElasticEnvironment)
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gainlora import fsdp
@@ -303,6 +305,13 @@ class RunConfig(Section):
     logger: dict[str, dict[str, Any] | None] | None
     derived: Derived | None = None
 
+    @model_validator(mode="after")
+    def validates_on_data(self) -> RunConfig:
+        if self.benchmark.n_val == 0 and self.trainer.limit_val_batches:  # the fit read an empty split: a traceback
+            raise ValueError("benchmark.n_val: at least 1 while trainer.limit_val_batches is set (validation reads "
+                             "the val split), or set trainer.limit_val_batches=0")
+        return self
+
 
 # -- the whole config -------------------------------------------------------------------------------------
 def validate_config(cfg: DictConfig, *, machine: bool = True) -> RunConfig:
@@ -334,6 +343,9 @@ def validate_config(cfg: DictConfig, *, machine: bool = True) -> RunConfig:
     return valid
 
 
+CLUSTERS = (SLURMEnvironment, TorchElasticEnvironment, LSFEnvironment, MPIEnvironment)  # those Lightning detects
+
+
 def check_machine(cfg: RunConfig, strategy: dict) -> None:
     trainer = cfg.trainer
     if trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
@@ -348,6 +360,10 @@ def check_machine(cfg: RunConfig, strategy: dict) -> None:
     if isinstance(trainer.devices, int) and trainer.devices > 1 and not on_cpu \
             and trainer.devices > torch.cuda.device_count():
         raise refuse("trainer.devices", trainer.devices, f"at most {torch.cuda.device_count()} (the GPUs here)")
+    if trainer.num_nodes > 1 and not any(env.detect() for env in CLUSTERS) and "NODE_RANK" not in os.environ:
+        # Lightning's default environment waits for the other nodes, 30 minutes, then times out
+        raise refuse("trainer.num_nodes", trainer.num_nodes, "1 here: several nodes need a launcher (SLURM, torchrun, "
+                     "MPI, LSF) or MASTER_ADDR, MASTER_PORT and NODE_RANK set on each node")
     cores = os.cpu_count() or 1
     if cfg.data.num_workers > 4 * cores:  # each worker is a process: 10^5 of them hang the machine
         raise refuse("data.num_workers", cfg.data.num_workers, f"at most {4 * cores} (4 per CPU core here)")

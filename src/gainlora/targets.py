@@ -252,6 +252,10 @@ def bind_logger(name: str, spec: dict) -> Bound:
     if target in LOGGERS:
         module, _, attr = target.rpartition(".")
         cls = getattr(importlib.import_module(module), attr)
+        if target == LOGGERS[1]:
+            kwargs = bind(key, cls, spec)
+            importlib.import_module(module).check(key, kwargs)
+            return Bound(cls, kwargs)
     else:
         cls = allowed_class(key, target, ("lightning.pytorch.loggers",), Logger, "loggers",
                             [*LOGGERS, "lightning.pytorch.loggers.*"])

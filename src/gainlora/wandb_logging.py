@@ -29,6 +29,7 @@ from gainlora.run_kinds import run_kind
 log = logging.getLogger(__name__)
 
 ID_FILE = "wandb_id.txt"
+MODES = ("online", "offline", "disabled", "dryrun", "shared", "run")  # what wandb.Settings accepts
 STEP = "cl/task"
 _DEFINED: dict[str, set[str]] = {}  # run id -> keys already tied to cl/task
 
@@ -77,6 +78,29 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (DictConfig, ListConfig)):
         return OmegaConf.to_container(value, resolve=True)
     return value
+
+
+def check(key: str, kwargs: Mapping[str, Any]) -> None:
+    """What wandb refused only when the first task's logger started, after the run directory was
+    written: WANDB_MODE as wandb.Settings takes it, the project name by W&B's rule."""
+    from gainlora.targets import refuse
+
+    mode = os.environ.get("WANDB_MODE")
+    if mode and mode not in MODES:
+        raise refuse("WANDB_MODE", mode, f"one of {', '.join(MODES)}, or unset (offline without WANDB_API_KEY)")
+    project = kwargs.get("project", "gainlora")
+    if not 0 < len(project) <= 128 or set(project) & set("/\\#?%:"):
+        raise refuse(f"{key}.project", project, "a W&B project name: 1 to 128 characters, none of / \\ # ? % :")
+
+
+def finish(loggers: Iterable[Logger]) -> None:
+    """End the W&B run a continual run logged to: Lightning's finalize leaves it open, and the next
+    job of a multirun (same process) then logged into it instead of its own."""
+    if _wandb_loggers(loggers):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.run.finish()
 
 
 def make_wandb_logger(project: str = "gainlora", entity: str | None = None, group: str | None = None,

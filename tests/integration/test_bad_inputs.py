@@ -500,3 +500,16 @@ def test_a_restored_task_survives_an_unreadable_results_json(tmp_path) -> None:
     writer = ResultsWriter(RunDir(tmp_path), module=object())
     writer.count_trainable(TaskEnd(0, tmp_path / "tasks" / "01-a", {"tasks": ["a"]}, restored=True))
     assert writer.trainable == {"a": None}
+
+
+def test_each_run_of_one_process_logs_to_its_own_wandb_run(tmp_path, monkeypatch) -> None:
+    """A multirun's jobs share one process: Lightning's finalize left the W&B run open and the next
+    job's logger reused it (its metrics went into the first job's run, its folder had no wandb/)."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+    for seed in (0, 1):
+        run(config(tmp_path, *DEMO, "logger=wandb", f"run_id=s{seed}", f"seed={seed}", "trainer.max_steps=1"))
+    for seed in (0, 1):
+        run_dir = tmp_path / "runs" / "demo" / f"s{seed}"
+        wandb_id = (run_dir / "wandb_id.txt").read_text().strip()
+        assert list((run_dir / "wandb").glob(f"offline-run-*-{wandb_id}")), f"s{seed} logged to no W&B run of its own"

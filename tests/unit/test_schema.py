@@ -146,6 +146,10 @@ REFUSED = {
     "+derived.data_sha256=[1,2]": "derived.data_sha256=[1, 2]: should be an object",
     "+derived.code_version={a:1}": "derived.code_version={\"a\": 1}: should be a valid string",
     "+logger.csv.bogus=1": "logger.csv.bogus=1: unknown key",
+    # validation read the empty val split once the first fit started: a traceback
+    "benchmark.n_val=0 trainer.limit_val_batches=1.0": "benchmark.n_val=0: at least 1 while trainer.limit_val_batches",
+    # wandb refused it when the first task's logger started, after the run directory was written
+    "logger=wandb logger.wandb.project=team/proj": "logger.wandb.project=team/proj: a W&B project name: 1 to 128",
 }
 
 
@@ -206,12 +210,35 @@ def test_gpu_accelerator_without_cuda_is_refused():
     validate_config(cfg_of("trainer.accelerator=gpu"), machine=False)  # loading for inference: fine
 
 
+CLUSTER_VARS = ("SLURM_NTASKS", "SLURM_JOB_NAME", "TORCHELASTIC_RUN_ID", "LSB_JOBID", "LSB_DJOB_RANKFILE",
+                "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "NODE_RANK")
+
+
+def test_several_nodes_need_a_launcher(monkeypatch):
+    """Without one, Lightning's default environment waited 30 minutes for the other nodes."""
+    for var in CLUSTER_VARS:
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ConfigError, match=r"^trainer.num_nodes=2: 1 here: several nodes need a launcher"):
+        validate_config(cfg_of("trainer.num_nodes=2"))
+    monkeypatch.setenv("NODE_RANK", "0")  # set by hand on each node, with MASTER_ADDR and MASTER_PORT
+    validate_config(cfg_of("trainer.num_nodes=2"))
+
+
+def test_wandb_mode_is_one_wandb_takes(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "garbage")
+    with pytest.raises(ConfigError, match=r"^WANDB_MODE=garbage: one of online, offline, disabled"):
+        validate_config(cfg_of("logger=wandb"))
+    validate_config(cfg_of())  # only the W&B logger reads it
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    validate_config(cfg_of("logger=wandb"))
+
+
 ACCEPTED = ["lora.dropout=0.1", "optimizer.lr=1", "run_id=12", "run_id=a.b-c_1", "benchmark.num_tasks=1",
             "benchmark.num_tasks=4", "benchmark.tasks=[demo_parity]", "trainer.max_epochs=3", "trainer.max_steps=-1",
             "trainer.precision=bf16-mixed", "+trainer.val_check_interval=0.5", "method=inflora", "method=olora",
             "data.global_batch_size=64", "checkpoint.every_n_epochs=null", "strategy=ddp", "logger=wandb",
             "+optimizer.betas=[0.9,0.99]", "method.branches.threshold=1", "optimizer._target_=torch.optim.SGD",
-            "generation.num_beams=64", "data.num_workers=2", "+backbone.tiny_overrides.layers=4", "run_id=_x-1"]
+            "generation.num_beams=64", "data.num_workers=2", "benchmark.n_val=0", "+backbone.tiny_overrides.layers=4", "run_id=_x-1"]
 
 
 @pytest.mark.parametrize("override", ACCEPTED)
