@@ -246,6 +246,8 @@ class Trainer(Section):
     log_every_n_steps: PosInt = 50
     check_val_every_n_epoch: PosInt | None = 1
     limit_val_batches: NonNegInt | Annotated[float, Field(ge=0, le=1)] = 0
+    # batches, a fraction of an epoch, or a time ("DD:HH:MM:SS" or a dict); 0 was a ZeroDivisionError at the fit
+    val_check_interval: PosInt | Annotated[float, Field(gt=0, le=1)] | str | dict[str, int] | None = None
     num_sanity_val_steps: Annotated[int, Field(ge=-1)] = 0
     enable_checkpointing: bool = False
     enable_model_summary: bool = False

@@ -146,6 +146,9 @@ REFUSED = {
     "+derived.data_sha256=[1,2]": "derived.data_sha256=[1, 2]: should be an object",
     "+derived.code_version={a:1}": "derived.code_version={\"a\": 1}: should be a valid string",
     "+logger.csv.bogus=1": "logger.csv.bogus=1: unknown key",
+    # Lightning took both, then divided by 0 at the first fit / ignored an interval past the epoch
+    "+trainer.val_check_interval=0": "trainer.val_check_interval=0: should be greater than 0",
+    "+trainer.val_check_interval=2.5": "trainer.val_check_interval=2.5: should be a valid integer or less than or equal to 1",
     # validation read the empty val split once the first fit started: a traceback
     "benchmark.n_val=0 trainer.limit_val_batches=1.0": "benchmark.n_val=0: at least 1 while trainer.limit_val_batches",
     # wandb refused it when the first task's logger started, after the run directory was written
@@ -235,7 +238,7 @@ def test_wandb_mode_is_one_wandb_takes(monkeypatch):
 
 ACCEPTED = ["lora.dropout=0.1", "optimizer.lr=1", "run_id=12", "run_id=a.b-c_1", "benchmark.num_tasks=1",
             "benchmark.num_tasks=4", "benchmark.tasks=[demo_parity]", "trainer.max_epochs=3", "trainer.max_steps=-1",
-            "trainer.precision=bf16-mixed", "+trainer.val_check_interval=0.5", "method=inflora", "method=olora",
+            "trainer.precision=bf16-mixed", "+trainer.val_check_interval=0.5", "+trainer.val_check_interval=2", "method=inflora", "method=olora",
             "data.global_batch_size=64", "checkpoint.every_n_epochs=null", "strategy=ddp", "logger=wandb",
             "+optimizer.betas=[0.9,0.99]", "method.branches.threshold=1", "optimizer._target_=torch.optim.SGD",
             "generation.num_beams=64", "data.num_workers=2", "benchmark.n_val=0", "+backbone.tiny_overrides.layers=4", "run_id=_x-1"]
