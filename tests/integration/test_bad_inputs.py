@@ -513,3 +513,23 @@ def test_each_run_of_one_process_logs_to_its_own_wandb_run(tmp_path, monkeypatch
         run_dir = tmp_path / "runs" / "demo" / f"s{seed}"
         wandb_id = (run_dir / "wandb_id.txt").read_text().strip()
         assert list((run_dir / "wandb").glob(f"offline-run-*-{wandb_id}")), f"s{seed} logged to no W&B run of its own"
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--repeats", "0"], "error: --repeats=0: a positive integer"),  # statistics' 'no median' traceback
+    (["--threads", "0"], "error: --threads=0: a positive integer"),  # torch's set_num_threads traceback
+    (["--warmup", "-1"], "error: --warmup=-1: an integer >= 0"),
+    (["--variants", "gainlora_1,bogus"], "error: --variants=gainlora_1,bogus: a comma list of lora_1, "),  # KeyError
+    (["--sections", "steps,"], "error: --sections=steps,: a comma list of steps, "),
+])
+def test_the_bench_refuses_bad_arguments_in_one_line(args, line, capsys, monkeypatch) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_bench", ROOT / "bench" / "run_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "run_bench", bench)  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    with pytest.raises(SystemExit) as stopped:
+        bench.parse_args(args)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.startswith(line) and err.count("\n") == 1, err
