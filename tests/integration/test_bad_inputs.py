@@ -72,6 +72,10 @@ CASES = {
     "no backbone": (["backbone.tiny=null"], None, "backbone.name_or_path"),
     "indivisible global batch": (["data.global_batch_size=32", "data.batch_size=5"], None,
                                  "data.global_batch_size=32: a multiple of data.batch_size (5)"),
+    # the derived accumulation replaced the given one silently
+    "accumulation given and derived": (["data.global_batch_size=32", "trainer.accumulate_grad_batches=4"], None,
+                                       "trainer.accumulate_grad_batches=4: 1 or 2 (data.global_batch_size=32 over "
+                                       "data.batch_size 16 x 1 devices)"),
     "DeepSpeed on CPU": (["strategy=deepspeed_stage_2", "trainer.accelerator=cpu"], None,
                          "Lightning runs DeepSpeed on CUDA GPUs only"),
     "devices Lightning refuses": (["trainer.accelerator=cpu", "trainer.devices=[0,1]"], None,
