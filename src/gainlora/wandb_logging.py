@@ -29,7 +29,6 @@ from gainlora.run_kinds import run_kind
 log = logging.getLogger(__name__)
 
 ID_FILE = "wandb_id.txt"
-MODES = ("online", "offline", "disabled", "dryrun", "shared", "run")  # what wandb.Settings accepts
 STEP = "cl/task"
 _DEFINED: dict[str, set[str]] = {}  # run id -> keys already tied to cl/task
 
@@ -81,16 +80,28 @@ def _plain(value: Any) -> Any:
 
 
 def check(key: str, kwargs: Mapping[str, Any]) -> None:
-    """What wandb refused only when the first task's logger started, after the run directory was
-    written: WANDB_MODE as wandb.Settings takes it, the project name by W&B's rule."""
+    """What wandb refused only when the first task's logger started (a traceback after the run directory
+    was written), checked by wandb's own Settings: WANDB_MODE, the project, the run id, each tag (the
+    job type is one)."""
+    import wandb
+    from pydantic import ValidationError
+
     from gainlora.targets import refuse
 
-    mode = os.environ.get("WANDB_MODE")
-    if mode and mode not in MODES:
-        raise refuse("WANDB_MODE", mode, f"one of {', '.join(MODES)}, or unset (offline without WANDB_API_KEY)")
-    project = kwargs.get("project", "gainlora")
-    if not 0 < len(project) <= 128 or set(project) & set("/\\#?%:"):
-        raise refuse(f"{key}.project", project, "a W&B project name: 1 to 128 characters, none of / \\ # ? % :")
+    given = [("WANDB_MODE", "mode", os.environ.get("WANDB_MODE") or None),
+             (f"{key}.project", "project", kwargs.get("project")), (f"{key}.run_id", "run_id", kwargs.get("run_id")),
+             *((f"{key}.tags", "run_tags", (tag,)) for tag in kwargs.get("tags") or ()),
+             (f"{key}.job_type", "run_tags", (kwargs["job_type"],) if kwargs.get("job_type") else None)]
+    for name, field, value in given:
+        if value is None:
+            continue
+        try:
+            wandb.Settings(**{field: value})
+        except ValidationError as err:
+            raise refuse(name, value[0] if field == "run_tags" else value,
+                         err.errors()[0]["msg"].removeprefix("Value error, ")) from None
+        except wandb.errors.UsageError as err:
+            raise refuse(name, value, str(err)) from None
 
 
 def finish(loggers: Iterable[Logger]) -> None:

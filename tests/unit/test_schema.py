@@ -152,7 +152,9 @@ REFUSED = {
     # validation read the empty val split once the first fit started: a traceback
     "benchmark.n_val=0 trainer.limit_val_batches=1.0": "benchmark.n_val=0: at least 1 while trainer.limit_val_batches",
     # wandb refused it when the first task's logger started, after the run directory was written
-    "logger=wandb logger.wandb.project=team/proj": "logger.wandb.project=team/proj: a W&B project name: 1 to 128",
+    "logger=wandb logger.wandb.project=team/proj": "logger.wandb.project=team/proj: Invalid project name 'team/proj'",
+    "logger=wandb logger.wandb.run_id=a:b": "logger.wandb.run_id=a:b: Run ID cannot contain the characters",
+    "logger=wandb logger.wandb.job_type=" + "j" * 65: f"logger.wandb.job_type={'j' * 65}: Tag 'jjj",
 }
 
 
@@ -229,7 +231,7 @@ def test_several_nodes_need_a_launcher(monkeypatch):
 
 def test_wandb_mode_is_one_wandb_takes(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "garbage")
-    with pytest.raises(ConfigError, match=r"^WANDB_MODE=garbage: one of online, offline, disabled"):
+    with pytest.raises(ConfigError, match=r"^WANDB_MODE=garbage: Input should be 'online', 'offline'"):
         validate_config(cfg_of("logger=wandb"))
     validate_config(cfg_of())  # only the W&B logger reads it
     monkeypatch.setenv("WANDB_MODE", "disabled")
