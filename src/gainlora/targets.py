@@ -292,7 +292,7 @@ def from_pydantic(err: ValidationError, data: Any, prefix: str = "", model: type
             and e["type"] != "needs_python_object"] or [first]
     wanted = []
     for e in same:
-        text = re.sub(r"^(Input|String|List|Value|Dictionary) should (be )?", "", e["msg"])
+        text = re.sub(r"^(Input|String|List|Tuple|Set|Value|Dictionary) should (be )?", "", e["msg"])
         text = re.sub(r" after validation, not \d+", "", text)
         if text not in wanted:
             wanted.append(text.replace("None", "null").replace("array", "list"))

@@ -149,6 +149,8 @@ REFUSED = {
     # Lightning took both, then divided by 0 at the first fit / ignored an interval past the epoch
     "+trainer.val_check_interval=0": "trainer.val_check_interval=0: should be greater than 0",
     "+trainer.val_check_interval=2.5": "trainer.val_check_interval=2.5: should be a valid integer or less than or equal to 1",
+    # read "should be Tuple should have at most 3 items"
+    "method.thresholds=[0.99,0.99,0.99,0.99]": "method.thresholds=[0.99, 0.99, 0.99, 0.99]: should have at most 3 items",
     # validation read the empty val split once the first fit started: a traceback
     "benchmark.n_val=0 trainer.limit_val_batches=1.0": "benchmark.n_val=0: at least 1 while trainer.limit_val_batches",
     # wandb refused it when the first task's logger started, after the run directory was written
