@@ -158,6 +158,9 @@ def check_tiny(spec, overridden: dict) -> None:
                          f"{size:.1e}); use backbone.name_or_path for a large model")
 
 
+DEMO_MAX = 10**6  # examples per split of a generated demo task
+
+
 class Benchmark(Section):
     name: str
     reader: Literal[READERS]  # type: ignore[valid-type]
@@ -169,9 +172,10 @@ class Benchmark(Section):
     metric: Literal["rougeL", "exact_match"] | None = None  # custom reader: the default per-task metric
     prompt: Literal["superni", "long"] | None = None  # custom reader: the prompt template
     num_tasks: PosInt | None = None
-    n_train: PosInt | None = None  # demo reader
-    n_val: NonNegInt | None = None
-    n_test: PosInt | None = None
+    # demo reader; each example is generated and held in memory: 10^9 of them exhausted it
+    n_train: Annotated[int, Field(gt=0, le=DEMO_MAX)] | None = None
+    n_val: Annotated[int, Field(ge=0, le=DEMO_MAX)] | None = None
+    n_test: Annotated[int, Field(gt=0, le=DEMO_MAX)] | None = None
     max_train_per_task: PosInt | None = None
     max_eval_per_task: PosInt | None = None
     val_size: Annotated[float, Field(gt=0, lt=1)] | None = None  # share of train carved for validation

@@ -149,6 +149,9 @@ REFUSED = {
     # Lightning took both, then divided by 0 at the first fit / ignored an interval past the epoch
     "+trainer.val_check_interval=0": "trainer.val_check_interval=0: should be greater than 0",
     "+trainer.val_check_interval=2.5": "trainer.val_check_interval=2.5: should be a valid integer or less than or equal to 1",
+    # generated in memory: 10^9 examples filled the machine's memory
+    "benchmark.n_train=1000000000": "benchmark.n_train=1000000000: should be less than or equal to 1000000",
+    "benchmark.n_test=1000001": "benchmark.n_test=1000001: should be less than or equal to 1000000",
     # read "should be Tuple should have at most 3 items"
     "method.thresholds=[0.99,0.99,0.99,0.99]": "method.thresholds=[0.99, 0.99, 0.99, 0.99]: should have at most 3 items",
     # validation read the empty val split once the first fit started: a traceback
