@@ -196,6 +196,9 @@ REFUSED_TOGETHER = {
     ("method=sapt_lora", "method.seed=-1"): "method.seed=-1: should be greater than or equal to 0",
     ("method=inclora_replay", "method.seed=2147483648"): "method.seed=2147483648: should be less than 2147483648",
     ("method.seed=-1",): "method.seed=-1: should be greater than or equal to 0",
+    # sampled in generation batches before each task and held in memory: 10^9 meant days of sampling
+    ("method=lfpt5", "method.pseudo_per_task=1000000000"):
+        "method.pseudo_per_task=1000000000: should be less than or equal to 100000",
     ("optimizer._target_=torch.optim.SparseAdam", "~optimizer.weight_decay"):
         "optimizer._target_=torch.optim.SparseAdam: SparseAdam does not support dense gradients",
 }
