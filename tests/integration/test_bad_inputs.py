@@ -76,6 +76,11 @@ CASES = {
     "accumulation given and derived": (["data.global_batch_size=32", "trainer.accumulate_grad_batches=4"], None,
                                        "trainer.accumulate_grad_batches=4: 1 or 2 (data.global_batch_size=32 over "
                                        "data.batch_size 16 x 1 devices)"),
+    # the message began "val_size=0.99 leaves ...", not naming the key
+    "val split taking every training example": (["benchmark=custom", f"benchmark.tasks=[{ROOT}/examples/custom_tasks/"
+                                                 "antonyms]", "benchmark.val_size=0.99"], None,
+                                                "benchmark.val_size=0.99: smaller; it leaves no training data for task "
+                                                "'antonyms' (36 train instances)"),
     "DeepSpeed on CPU": (["strategy=deepspeed_stage_2", "trainer.accelerator=cpu"], None,
                          "Lightning runs DeepSpeed on CUDA GPUs only"),
     "devices Lightning refuses": (["trainer.accelerator=cpu", "trainer.devices=[0,1]"], None,
