@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
+from gainlora.cli import ArgumentParser, positive_int
 from gainlora.methods.gainlora import GainLoRA
 from gainlora.methods.inflora import InfLoRA
 from gainlora.model.backbone import Backbone, load_backbone
@@ -750,18 +751,40 @@ def save(result: dict, load_log: dict, t0: float, out: Path) -> None:
     out.write_text(json.dumps(result, indent=1))
 
 
+def names(known: list[str]) -> Callable[[str], str]:
+    """An argparse type: a comma list of ``known`` names (an unknown one was a KeyError mid-bench)."""
+    def check(text: str) -> str:
+        bad = next((n for n in text.split(",") if n not in known), None)
+        if bad is not None:
+            raise argparse.ArgumentTypeError(f"{text}: a comma list of {', '.join(known)} ({bad or 'an empty name'} "
+                                             "is not one)")
+        return text
+    return check
+
+
+def non_negative_int(text: str) -> int:
+    if not text.strip().lstrip("+").isdigit():
+        raise argparse.ArgumentTypeError(f"{text}: an integer >= 0")
+    return int(text)
+
+
+SECTIONS = ["steps", "layer", "update", "memory", "profile", "fifteen"]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # one error line, exit 2 (0 repeats or threads were tracebacks after the models were built)
+    p = ArgumentParser(prog="bench/run_bench.py", description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=("float32", "bf16"), default="float32", help="bf16: torch.autocast")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch.set_num_threads (CPU)")
     p.add_argument("--quick", action="store_true", help="smoke run: small batches, 1 warm-up, 2 repeats")
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--archs", default="t5_small,llama_tiny")
-    p.add_argument("--variants", default="lora_1,gainlora_1,gainlora_5,gainlora_15,unfused_15",
+    p.add_argument("--warmup", type=non_negative_int, default=None)
+    p.add_argument("--repeats", type=positive_int, default=None)
+    p.add_argument("--archs", type=names(list(ARCHS)), default="t5_small,llama_tiny")
+    p.add_argument("--variants", type=names(list(VARIANT_BY_NAME)),
+                   default="lora_1,gainlora_1,gainlora_5,gainlora_15,unfused_15",
                    help=f"comma list of {', '.join(VARIANT_BY_NAME)}")
-    p.add_argument("--sections", default="steps,layer,update,memory,profile,fifteen",
+    p.add_argument("--sections", type=names(SECTIONS), default=",".join(SECTIONS),
                    help="comma list of steps, layer, update, memory (peak, subprocesses), profile, fifteen "
                         "(a 15-task run)")
     p.add_argument("--data-dir", default=None, help="CL_Benchmark folder for the tiny_superni task")

@@ -74,7 +74,12 @@ def derive_batching(cfg: DictConfig) -> None:
             if global_batch % per_step:
                 raise refuse("data.global_batch_size", global_batch, f"a multiple of data.batch_size "
                              f"({cfg.data.batch_size}) x {ranks} devices")
-            cfg.trainer.accumulate_grad_batches = global_batch // per_step
+            derived, given = global_batch // per_step, cfg.trainer.accumulate_grad_batches
+            if given not in (1, derived):  # it was replaced silently: the user's value never trained
+                raise refuse("trainer.accumulate_grad_batches", given, f"1 or {derived} (data.global_batch_size="
+                             f"{global_batch} over data.batch_size {cfg.data.batch_size} x {ranks} devices), or "
+                             "set data.global_batch_size=null")
+            cfg.trainer.accumulate_grad_batches = derived
         cfg.derived = {"world_size": ranks, "per_device_batch": cfg.data.batch_size,
                        "accumulate_grad_batches": cfg.trainer.accumulate_grad_batches,
                        "global_batch": cfg.data.batch_size * ranks * cfg.trainer.accumulate_grad_batches}

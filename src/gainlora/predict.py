@@ -58,6 +58,8 @@ def run_template(config) -> str:
 
 def read_inputs(path: Path, template: Callable[[str, str], str]) -> list[tuple[dict[str, Any], str]]:
     """(row, prompt) for every non-blank line; a DataError names the first bad line."""
+    if path.is_dir():  # "no such file" for a folder that exists misled
+        raise DataError(f"{path}: a directory; give a JSONL file")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     rows = []

@@ -287,14 +287,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--name", metavar="NAME",
                        help="the report's folder under reports/ (default: from the experiments and what differs)")
-    where.add_argument("--out", type=Path, metavar="DIR", help="the report's folder itself (instead of --name)")
+    where.add_argument("--out", metavar="DIR", help="the report's folder itself (instead of --name)")
     parser.add_argument("--single-task", type=Path, action="append", default=[], metavar="RUN_DIR",
                         help="a finished method=single_task run: FWT for runs over the same tasks (repeatable)")
     args = parser.parse_args(argv)
     if args.name is not None and not NAME.fullmatch(args.name):
         return error_line(f"--name={args.name}: a folder name of letters, digits and . _ + - (at most 100)")
+    if args.out == "":  # Path("") is the working directory: the report landed in the checkout
+        return error_line("--out=: a folder path (or leave --out out for reports/<name>)")
+    runs = [p.resolve().parent if p.is_file() else p.resolve() for p in args.run_dirs]
+    twice = next((p for p, r in zip(args.run_dirs, runs) if runs.count(r) > 1), None)
+    if twice is not None:  # the table had the same run as two rows
+        return error_line(f"RUN={twice}: given twice; each run once")
     try:
-        out = args.out
+        out = None if args.out is None else Path(args.out)
         if out is None:
             paths = [Path(p) for p in args.run_dirs]
             out = Path("reports") / (args.name or report_name(paths, [load_results(p) for p in paths]))

@@ -28,6 +28,7 @@ from gainlora.observers import logger_observers
 from gainlora.rundir import claim_run_dir, is_main_process, record_inputs
 from gainlora.schema import ConfigError, validate_config
 from gainlora.summary import run_summary
+from gainlora.wandb_logging import finish as finish_wandb
 
 CONF_DIR = Path(os.environ.get("GAINLORA_CONF", Path(__file__).resolve().parents[2] / "conf"))
 
@@ -82,6 +83,7 @@ def run_loop(loop: ContinualLoop, run_dir: RunDir, loggers: list, stop: StopFlag
     finally:
         for logger in loggers:
             logger.finalize("success")
+        finish_wandb(loggers)
     if loop.is_main:
         print(run_summary(results, run_dir.root))
         print(run_dir.results)

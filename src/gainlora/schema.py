@@ -20,6 +20,8 @@ from typing import Annotated, Any, Literal
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from lightning.fabric.plugins.environments import (LSFEnvironment, MPIEnvironment, SLURMEnvironment,
+                                                   TorchElasticEnvironment)
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gainlora import fsdp
@@ -156,6 +158,9 @@ def check_tiny(spec, overridden: dict) -> None:
                          f"{size:.1e}); use backbone.name_or_path for a large model")
 
 
+DEMO_MAX = 10**6  # examples per split of a generated demo task
+
+
 class Benchmark(Section):
     name: str
     reader: Literal[READERS]  # type: ignore[valid-type]
@@ -167,9 +172,10 @@ class Benchmark(Section):
     metric: Literal["rougeL", "exact_match"] | None = None  # custom reader: the default per-task metric
     prompt: Literal["superni", "long"] | None = None  # custom reader: the prompt template
     num_tasks: PosInt | None = None
-    n_train: PosInt | None = None  # demo reader
-    n_val: NonNegInt | None = None
-    n_test: PosInt | None = None
+    # demo reader; each example is generated and held in memory: 10^9 of them exhausted it
+    n_train: Annotated[int, Field(gt=0, le=DEMO_MAX)] | None = None
+    n_val: Annotated[int, Field(ge=0, le=DEMO_MAX)] | None = None
+    n_test: Annotated[int, Field(gt=0, le=DEMO_MAX)] | None = None
     max_train_per_task: PosInt | None = None
     max_eval_per_task: PosInt | None = None
     val_size: Annotated[float, Field(gt=0, lt=1)] | None = None  # share of train carved for validation
@@ -244,6 +250,8 @@ class Trainer(Section):
     log_every_n_steps: PosInt = 50
     check_val_every_n_epoch: PosInt | None = 1
     limit_val_batches: NonNegInt | Annotated[float, Field(ge=0, le=1)] = 0
+    # batches, a fraction of an epoch, or a time ("DD:HH:MM:SS" or a dict); 0 was a ZeroDivisionError at the fit
+    val_check_interval: PosInt | Annotated[float, Field(gt=0, le=1)] | str | dict[str, int] | None = None
     num_sanity_val_steps: Annotated[int, Field(ge=-1)] = 0
     enable_checkpointing: bool = False
     enable_model_summary: bool = False
@@ -303,6 +311,13 @@ class RunConfig(Section):
     logger: dict[str, dict[str, Any] | None] | None
     derived: Derived | None = None
 
+    @model_validator(mode="after")
+    def validates_on_data(self) -> RunConfig:
+        if self.benchmark.n_val == 0 and self.trainer.limit_val_batches:  # the fit read an empty split: a traceback
+            raise ValueError("benchmark.n_val: at least 1 while trainer.limit_val_batches is set (validation reads "
+                             "the val split), or set trainer.limit_val_batches=0")
+        return self
+
 
 # -- the whole config -------------------------------------------------------------------------------------
 def validate_config(cfg: DictConfig, *, machine: bool = True) -> RunConfig:
@@ -334,6 +349,9 @@ def validate_config(cfg: DictConfig, *, machine: bool = True) -> RunConfig:
     return valid
 
 
+CLUSTERS = (SLURMEnvironment, TorchElasticEnvironment, LSFEnvironment, MPIEnvironment)  # those Lightning detects
+
+
 def check_machine(cfg: RunConfig, strategy: dict) -> None:
     trainer = cfg.trainer
     if trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
@@ -348,6 +366,10 @@ def check_machine(cfg: RunConfig, strategy: dict) -> None:
     if isinstance(trainer.devices, int) and trainer.devices > 1 and not on_cpu \
             and trainer.devices > torch.cuda.device_count():
         raise refuse("trainer.devices", trainer.devices, f"at most {torch.cuda.device_count()} (the GPUs here)")
+    if trainer.num_nodes > 1 and not any(env.detect() for env in CLUSTERS) and "NODE_RANK" not in os.environ:
+        # Lightning's default environment waits for the other nodes, 30 minutes, then times out
+        raise refuse("trainer.num_nodes", trainer.num_nodes, "1 here: several nodes need a launcher (SLURM, torchrun, "
+                     "MPI, LSF) or MASTER_ADDR, MASTER_PORT and NODE_RANK set on each node")
     cores = os.cpu_count() or 1
     if cfg.data.num_workers > 4 * cores:  # each worker is a process: 10^5 of them hang the machine
         raise refuse("data.num_workers", cfg.data.num_workers, f"at most {4 * cores} (4 per CPU core here)")

@@ -252,6 +252,10 @@ def bind_logger(name: str, spec: dict) -> Bound:
     if target in LOGGERS:
         module, _, attr = target.rpartition(".")
         cls = getattr(importlib.import_module(module), attr)
+        if target == LOGGERS[1]:
+            kwargs = bind(key, cls, spec)
+            importlib.import_module(module).check(key, kwargs)
+            return Bound(cls, kwargs)
     else:
         cls = allowed_class(key, target, ("lightning.pytorch.loggers",), Logger, "loggers",
                             [*LOGGERS, "lightning.pytorch.loggers.*"])
@@ -288,7 +292,7 @@ def from_pydantic(err: ValidationError, data: Any, prefix: str = "", model: type
             and e["type"] != "needs_python_object"] or [first]
     wanted = []
     for e in same:
-        text = re.sub(r"^(Input|String|List|Value|Dictionary) should (be )?", "", e["msg"])
+        text = re.sub(r"^(Input|String|List|Tuple|Set|Value|Dictionary) should (be )?", "", e["msg"])
         text = re.sub(r" after validation, not \d+", "", text)
         if text not in wanted:
             wanted.append(text.replace("None", "null").replace("array", "list"))

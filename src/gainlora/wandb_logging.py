@@ -79,6 +79,41 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def check(key: str, kwargs: Mapping[str, Any]) -> None:
+    """What wandb refused only when the first task's logger started (a traceback after the run directory
+    was written), checked by wandb's own Settings: WANDB_MODE, the project, the run id, each tag (the
+    job type is one)."""
+    import wandb
+    from pydantic import ValidationError
+
+    from gainlora.targets import refuse
+
+    given = [("WANDB_MODE", "mode", os.environ.get("WANDB_MODE") or None),
+             (f"{key}.project", "project", kwargs.get("project")), (f"{key}.run_id", "run_id", kwargs.get("run_id")),
+             *((f"{key}.tags", "run_tags", (tag,)) for tag in kwargs.get("tags") or ()),
+             (f"{key}.job_type", "run_tags", (kwargs["job_type"],) if kwargs.get("job_type") else None)]
+    for name, field, value in given:
+        if value is None:
+            continue
+        try:
+            wandb.Settings(**{field: value})
+        except ValidationError as err:
+            raise refuse(name, value[0] if field == "run_tags" else value,
+                         err.errors()[0]["msg"].removeprefix("Value error, ")) from None
+        except wandb.errors.UsageError as err:
+            raise refuse(name, value, str(err)) from None
+
+
+def finish(loggers: Iterable[Logger]) -> None:
+    """End the W&B run a continual run logged to: Lightning's finalize leaves it open, and the next
+    job of a multirun (same process) then logged into it instead of its own."""
+    if _wandb_loggers(loggers):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.run.finish()
+
+
 def make_wandb_logger(project: str = "gainlora", entity: str | None = None, group: str | None = None,
                       job_type: str | None = None, tags: Sequence[str] = (), save_dir: str | os.PathLike[str] = ".",
                       run_id: str | None = None, offline: bool | None = None, *, name: str | None = None,

@@ -72,6 +72,15 @@ CASES = {
     "no backbone": (["backbone.tiny=null"], None, "backbone.name_or_path"),
     "indivisible global batch": (["data.global_batch_size=32", "data.batch_size=5"], None,
                                  "data.global_batch_size=32: a multiple of data.batch_size (5)"),
+    # the derived accumulation replaced the given one silently
+    "accumulation given and derived": (["data.global_batch_size=32", "trainer.accumulate_grad_batches=4"], None,
+                                       "trainer.accumulate_grad_batches=4: 1 or 2 (data.global_batch_size=32 over "
+                                       "data.batch_size 16 x 1 devices)"),
+    # the message began "val_size=0.99 leaves ...", not naming the key
+    "val split taking every training example": (["benchmark=custom", f"benchmark.tasks=[{ROOT}/examples/custom_tasks/"
+                                                 "antonyms]", "benchmark.val_size=0.99"], None,
+                                                "benchmark.val_size=0.99: smaller; it leaves no training data for task "
+                                                "'antonyms' (36 train instances)"),
     "DeepSpeed on CPU": (["strategy=deepspeed_stage_2", "trainer.accelerator=cpu"], None,
                          "Lightning runs DeepSpeed on CUDA GPUs only"),
     "devices Lightning refuses": (["trainer.accelerator=cpu", "trainer.devices=[0,1]"], None,
@@ -500,3 +509,36 @@ def test_a_restored_task_survives_an_unreadable_results_json(tmp_path) -> None:
     writer = ResultsWriter(RunDir(tmp_path), module=object())
     writer.count_trainable(TaskEnd(0, tmp_path / "tasks" / "01-a", {"tasks": ["a"]}, restored=True))
     assert writer.trainable == {"a": None}
+
+
+def test_each_run_of_one_process_logs_to_its_own_wandb_run(tmp_path, monkeypatch) -> None:
+    """A multirun's jobs share one process: Lightning's finalize left the W&B run open and the next
+    job's logger reused it (its metrics went into the first job's run, its folder had no wandb/)."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+    for seed in (0, 1):
+        run(config(tmp_path, *DEMO, "logger=wandb", f"run_id=s{seed}", f"seed={seed}", "trainer.max_steps=1"))
+    for seed in (0, 1):
+        run_dir = tmp_path / "runs" / "demo" / f"s{seed}"
+        wandb_id = (run_dir / "wandb_id.txt").read_text().strip()
+        assert list((run_dir / "wandb").glob(f"offline-run-*-{wandb_id}")), f"s{seed} logged to no W&B run of its own"
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--repeats", "0"], "error: --repeats=0: a positive integer"),  # statistics' 'no median' traceback
+    (["--threads", "0"], "error: --threads=0: a positive integer"),  # torch's set_num_threads traceback
+    (["--warmup", "-1"], "error: --warmup=-1: an integer >= 0"),
+    (["--variants", "gainlora_1,bogus"], "error: --variants=gainlora_1,bogus: a comma list of lora_1, "),  # KeyError
+    (["--sections", "steps,"], "error: --sections=steps,: a comma list of steps, "),
+])
+def test_the_bench_refuses_bad_arguments_in_one_line(args, line, capsys, monkeypatch) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_bench", ROOT / "bench" / "run_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "run_bench", bench)  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    with pytest.raises(SystemExit) as stopped:
+        bench.parse_args(args)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.startswith(line) and err.count("\n") == 1, err

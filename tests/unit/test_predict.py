@@ -87,6 +87,7 @@ def test_bad_arguments_are_named(tmp_path, capsys) -> None:
     run = fake_run(tmp_path)
     assert main([str(tmp_path / "nowhere"), str(source), str(tmp_path / "o")]) == 2
     assert main([str(run), str(tmp_path / "missing.jsonl"), str(tmp_path / "o")]) == 2
+    assert main([str(run), str(tmp_path), str(tmp_path / "o")]) == 2  # was "no such file"
     assert main([str(run), str(source), str(tmp_path)]) == 2  # a directory
     assert main([str(run), str(source), "/proc/gainlora/o.jsonl"]) == 2  # checked before the model loads
     assert main([str(run), str(source), str(source)]) == 2
@@ -100,6 +101,7 @@ def test_bad_arguments_are_named(tmp_path, capsys) -> None:
     assert capsys.readouterr().err.strip().splitlines() == [
         f"error: {tmp_path / 'nowhere'}: not a run directory (needs config.yaml and results.json)",
         f"error: {tmp_path / 'missing.jsonl'}: no such file",
+        f"error: {tmp_path}: a directory; give a JSONL file",
         f"error: output={tmp_path}: a directory; give a file path",
         "error: output=/proc/gainlora/o.jsonl: /proc cannot be written (No such file or directory)",
         f"error: output={source}: the input file itself; give another path (the input is kept)",

@@ -318,3 +318,17 @@ def test_cli_names_an_unreadable_config_and_an_unwritable_out(tmp_path: Path, ca
         "error: --name: not allowed with --out"]
     assert not (good / "report").exists()
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_refuses_an_empty_out_and_a_run_given_twice(tmp_path: Path, monkeypatch, capsys) -> None:
+    """``--out ''`` wrote compare.md into the working directory; a run given twice (as its folder and
+    its results.json) was two identical rows."""
+    run = _write_run(tmp_path / "exp" / "a")
+    monkeypatch.chdir(tmp_path)
+    assert main([str(run), "--out", ""]) == 2
+    assert main([str(run), str(run / "results.json"), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --out=: a folder path (or leave --out out for reports/<name>)",
+        f"error: RUN={run}: given twice; each run once",
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]

@@ -146,6 +146,20 @@ REFUSED = {
     "+derived.data_sha256=[1,2]": "derived.data_sha256=[1, 2]: should be an object",
     "+derived.code_version={a:1}": "derived.code_version={\"a\": 1}: should be a valid string",
     "+logger.csv.bogus=1": "logger.csv.bogus=1: unknown key",
+    # Lightning took both, then divided by 0 at the first fit / ignored an interval past the epoch
+    "+trainer.val_check_interval=0": "trainer.val_check_interval=0: should be greater than 0",
+    "+trainer.val_check_interval=2.5": "trainer.val_check_interval=2.5: should be a valid integer or less than or equal to 1",
+    # generated in memory: 10^9 examples filled the machine's memory
+    "benchmark.n_train=1000000000": "benchmark.n_train=1000000000: should be less than or equal to 1000000",
+    "benchmark.n_test=1000001": "benchmark.n_test=1000001: should be less than or equal to 1000000",
+    # read "should be Tuple should have at most 3 items"
+    "method.thresholds=[0.99,0.99,0.99,0.99]": "method.thresholds=[0.99, 0.99, 0.99, 0.99]: should have at most 3 items",
+    # validation read the empty val split once the first fit started: a traceback
+    "benchmark.n_val=0 trainer.limit_val_batches=1.0": "benchmark.n_val=0: at least 1 while trainer.limit_val_batches",
+    # wandb refused it when the first task's logger started, after the run directory was written
+    "logger=wandb logger.wandb.project=team/proj": "logger.wandb.project=team/proj: Invalid project name 'team/proj'",
+    "logger=wandb logger.wandb.run_id=a:b": "logger.wandb.run_id=a:b: Run ID cannot contain the characters",
+    "logger=wandb logger.wandb.job_type=" + "j" * 65: f"logger.wandb.job_type={'j' * 65}: Tag 'jjj",
 }
 
 
@@ -182,6 +196,9 @@ REFUSED_TOGETHER = {
     ("method=sapt_lora", "method.seed=-1"): "method.seed=-1: should be greater than or equal to 0",
     ("method=inclora_replay", "method.seed=2147483648"): "method.seed=2147483648: should be less than 2147483648",
     ("method.seed=-1",): "method.seed=-1: should be greater than or equal to 0",
+    # sampled in generation batches before each task and held in memory: 10^9 meant days of sampling
+    ("method=lfpt5", "method.pseudo_per_task=1000000000"):
+        "method.pseudo_per_task=1000000000: should be less than or equal to 100000",
     ("optimizer._target_=torch.optim.SparseAdam", "~optimizer.weight_decay"):
         "optimizer._target_=torch.optim.SparseAdam: SparseAdam does not support dense gradients",
 }
@@ -206,12 +223,35 @@ def test_gpu_accelerator_without_cuda_is_refused():
     validate_config(cfg_of("trainer.accelerator=gpu"), machine=False)  # loading for inference: fine
 
 
+CLUSTER_VARS = ("SLURM_NTASKS", "SLURM_JOB_NAME", "TORCHELASTIC_RUN_ID", "LSB_JOBID", "LSB_DJOB_RANKFILE",
+                "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "NODE_RANK")
+
+
+def test_several_nodes_need_a_launcher(monkeypatch):
+    """Without one, Lightning's default environment waited 30 minutes for the other nodes."""
+    for var in CLUSTER_VARS:
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ConfigError, match=r"^trainer.num_nodes=2: 1 here: several nodes need a launcher"):
+        validate_config(cfg_of("trainer.num_nodes=2"))
+    monkeypatch.setenv("NODE_RANK", "0")  # set by hand on each node, with MASTER_ADDR and MASTER_PORT
+    validate_config(cfg_of("trainer.num_nodes=2"))
+
+
+def test_wandb_mode_is_one_wandb_takes(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "garbage")
+    with pytest.raises(ConfigError, match=r"^WANDB_MODE=garbage: Input should be 'online', 'offline'"):
+        validate_config(cfg_of("logger=wandb"))
+    validate_config(cfg_of())  # only the W&B logger reads it
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    validate_config(cfg_of("logger=wandb"))
+
+
 ACCEPTED = ["lora.dropout=0.1", "optimizer.lr=1", "run_id=12", "run_id=a.b-c_1", "benchmark.num_tasks=1",
             "benchmark.num_tasks=4", "benchmark.tasks=[demo_parity]", "trainer.max_epochs=3", "trainer.max_steps=-1",
-            "trainer.precision=bf16-mixed", "+trainer.val_check_interval=0.5", "method=inflora", "method=olora",
+            "trainer.precision=bf16-mixed", "+trainer.val_check_interval=0.5", "+trainer.val_check_interval=2", "method=inflora", "method=olora",
             "data.global_batch_size=64", "checkpoint.every_n_epochs=null", "strategy=ddp", "logger=wandb",
             "+optimizer.betas=[0.9,0.99]", "method.branches.threshold=1", "optimizer._target_=torch.optim.SGD",
-            "generation.num_beams=64", "data.num_workers=2", "+backbone.tiny_overrides.layers=4", "run_id=_x-1"]
+            "generation.num_beams=64", "data.num_workers=2", "benchmark.n_val=0", "+backbone.tiny_overrides.layers=4", "run_id=_x-1"]
 
 
 @pytest.mark.parametrize("override", ACCEPTED)

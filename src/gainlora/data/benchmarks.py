@@ -372,7 +372,8 @@ def _val_count(val_size: float | int, n: int, task: str) -> int:
             raise DataError(f"val_size as a count must be at least 1, got {val_size!r}")
         count = val_size
     if count >= n:
-        raise DataError(f"val_size={val_size!r} leaves no training data for task {task!r} ({n} train instances)")
+        raise DataError(f"benchmark.val_size={val_size}: smaller; it leaves no training data for task {task!r} "
+                        f"({n} train instances)")
     return count
 
 

@@ -96,7 +96,7 @@ class LFPT5(Method):
     def __init__(self, prompt_length: Annotated[int, Field(ge=1, le=512)] = 100,  # input positions
                  lm_lambda: Annotated[float, Field(ge=0)] = 0.25,
                  kl_weight: Annotated[float, Field(ge=0)] = 0.0526316,  # 0.05 / (1 - 0.05)
-                 pseudo_per_task: Annotated[int, Field(ge=0)] = 50,
+                 pseudo_per_task: Annotated[int, Field(ge=0, le=10**5)] = 50,  # each a generation, held in memory
                  generation_tokens: Annotated[int, Field(ge=1, le=1024)] = 64,
                  top_k: Annotated[int, Field(ge=1)] = 64, seed: int = 0) -> None:
         super().__init__(max_batches=None)
