@@ -133,33 +133,40 @@ def _fake_model(config: PretrainedConfig, kind: str, dtype: torch.dtype, rank: i
 
 class LiveBytes(TorchDispatchMode):
     """Bytes of the storages created inside the mode that are still alive, and their peak: what
-    CUDA's max_memory_allocated would add. Each storage counts once (views share it) until a weak
-    reference's finalizer sees it die; the storages of ``existing`` (the model, the batch) are not
-    counted, nor their views (a weight's transpose, which autograd saves, is one). Hand-written
-    because torch's MemTracker, the tool for this, registers a gradient hook on every parameter a
-    module runs and raises on a frozen one."""
+    CUDA's max_memory_allocated would add. Each storage counts once (views share it) until its weak
+    reference is found dead, swept before each operator's outputs are counted (not a finalizer:
+    Python run while torch frees a storage crashed the measuring twin of this counter now and then);
+    the storages of ``existing`` (the model, the batch) are not counted, nor their views (a weight's
+    transpose, which autograd saves, is one). Hand-written because torch's MemTracker, the tool for
+    this, registers a gradient hook on every parameter a module runs and raises on a frozen one."""
 
     def __init__(self, existing: Iterable[torch.Tensor]) -> None:
         super().__init__()
-        self.live = self.peak = 0
+        self._live = self.peak = 0
         self.existing = [t.untyped_storage() for t in existing]  # held: their ids stay theirs
-        self.seen: set[int] = {id(s) for s in self.existing}
+        self.skip = {id(s) for s in self.existing}
+        self.counted: dict[int, tuple[weakref.ref, int]] = {}  # id -> (weak reference, bytes)
 
-    def _release(self, key: int, nbytes: int) -> None:
-        self.live -= nbytes
-        self.seen.discard(key)
+    @property
+    def live(self) -> int:
+        self._sweep()
+        return self._live
+
+    def _sweep(self) -> None:
+        for key in [key for key, (ref, _) in self.counted.items() if ref() is None]:
+            self._live -= self.counted.pop(key)[1]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        self._sweep()  # first: a storage freed since may have left its id to a new one
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
                 key = id(storage)  # a storage's Python object lives as long as the storage
-                if key not in self.seen and storage.nbytes():
-                    self.seen.add(key)
-                    self.live += storage.nbytes()
-                    weakref.finalize(storage, self._release, key, storage.nbytes())
-        self.peak = max(self.peak, self.live)
+                if key not in self.skip and key not in self.counted and storage.nbytes():
+                    self.counted[key] = (weakref.ref(storage), storage.nbytes())
+                    self._live += storage.nbytes()
+        self.peak = max(self.peak, self._live)
         return out
 
 

@@ -42,32 +42,45 @@ SHAPE = ["experiment=demo", "+backbone.tiny_overrides.d_model=128", "+backbone.t
 
 class LiveBytes(TorchDispatchMode):
     """Bytes of the storages created inside the mode that are still alive; ``peak`` their maximum.
-    The storages of ``existing`` (what the step starts with) are not counted, nor their views."""
+    The storages of ``existing`` (what the step starts with) are not counted, nor their views.
+    Deaths are found by sweeping plain weak references before each operator's outputs are counted,
+    not by finalizers: a weakref.finalize on every storage of a real step (Python run while torch
+    frees a storage) made the process die of a segmentation fault now and then."""
 
     def __init__(self, existing) -> None:
         super().__init__()
-        self.live = self.peak = 0
+        self._live = self.peak = 0
         self.existing = [t.untyped_storage() for t in existing]  # held, so that their ids stay theirs
-        self.sizes: dict[int, int | None] = dict.fromkeys(map(id, self.existing))  # None: not counted
+        self.skip = set(map(id, self.existing))
+        self.counted: dict[int, tuple[weakref.ref, int]] = {}  # id -> (weak reference, bytes)
+
+    @property
+    def live(self) -> int:
+        self._sweep()
+        return self._live
+
+    def _sweep(self) -> None:
+        for key in [key for key, (ref, _) in self.counted.items() if ref() is None]:
+            self._live -= self.counted.pop(key)[1]
 
     def count(self, storage: torch.UntypedStorage) -> None:
-        """Count ``storage`` at its present size from now until it dies."""
+        """Count ``storage`` at its present size (again, if it was resized) from now until it dies."""
         key = id(storage)  # the storage's Python object lives as long as the storage itself
-        self.sizes[key] = storage.nbytes()
-        self.live += storage.nbytes()
-        weakref.finalize(storage, self._release, key)
-
-    def _release(self, key: int) -> None:
-        self.live -= self.sizes.pop(key)
+        if key in self.skip:
+            return
+        before = self.counted[key][1] if key in self.counted else 0
+        self.counted[key] = (weakref.ref(storage), storage.nbytes())
+        self._live += storage.nbytes() - before
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        self._sweep()  # first: a storage freed since may have left its id to a new one
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
                 storage = t.untyped_storage()
-                if id(storage) not in self.sizes and storage.nbytes():
+                if id(storage) not in self.counted and storage.nbytes():
                     self.count(storage)
-        self.peak = max(self.peak, self.live)
+        self.peak = max(self.peak, self._live)
         return out
 
 

@@ -35,13 +35,9 @@ class ShardedLiveBytes(LiveBytes):
 
         def resize_(storage: torch.UntypedStorage, size: int):
             original(storage, size)
-            key = id(storage)
-            if key not in self.sizes:
-                self.count(storage)
-            elif self.sizes[key] is not None:
-                self.live += storage.nbytes() - self.sizes[key]
-                self.sizes[key] = storage.nbytes()
-            self.peak = max(self.peak, self.live)
+            self._sweep()
+            self.count(storage)
+            self.peak = max(self.peak, self._live)
 
         torch.UntypedStorage.resize_ = resize_
         return super().__enter__()
