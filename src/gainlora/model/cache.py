@@ -7,20 +7,16 @@ is rebuilt rather than loaded as a wrong model or failing deep inside ``from_pre
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-from gainlora.artifacts import ArtifactError, atomic_dir
+from filelock import FileLock
 
-try:  # POSIX only; elsewhere concurrent builds are merely wasteful, the rename still keeps them safe
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
+from gainlora.artifacts import ArtifactError, atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +31,6 @@ def cache_root(cache_dir: str | Path | None) -> Path:
     """``cache_dir``, or the default when it is unset or empty (``GAINLORA_CACHE=`` exported empty
     must not mean the working directory)."""
     return Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-
-
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    with open(path, "a+") as handle:
-        if fcntl is not None:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _sha256(path: Path) -> str:
@@ -77,7 +61,7 @@ def cached_build(final: Path, build: Callable[[Path], None]) -> Path:
         return final
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        with _lock(final.parent / f".{final.name}.lock"):
+        with FileLock(final.parent / f".{final.name}.lock"):  # one builder; the others wait, then reuse
             problem = entry_problem(final)
             if problem is None:  # another process built it while we waited
                 return final
