@@ -198,7 +198,7 @@ def _gate_formula(depth: int, output: str) -> str:
 
 
 def _readme(sidecar: dict) -> str:
-    lines = [f"# PEFT export of a {sidecar['method']} run", "",
+    lines = [f"# PEFT export of a run of `{sidecar['method']}`", "",
              f"Base model: `{sidecar['base_model']}`. Each folder under `tasks/` is one task's LoRA branch, "
              "loadable with `peft.PeftModel.from_pretrained(base_model, folder)`.", ""]
     if sidecar["merged"]:
