@@ -214,7 +214,7 @@ def _readme(sidecar: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m gainlora.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run", help="a run directory (runs/<experiment>/<run_id>)")
+    parser.add_argument("run", help="a run directory (runs/<experiment>/<run_id>) or the results.json it printed")
     parser.add_argument("out", help="output folder (must not exist or be empty)")
     parser.add_argument("--format", choices=FORMATS, default="peft")
     args = parser.parse_args(argv)
