@@ -9,19 +9,19 @@ replaced the previous one); a multi-task run as its one jointly trained branch.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from gainlora.artifacts import ArtifactError, RunDir
 from gainlora.build import build_model, check_backbone_source
 from gainlora.data.collate import Collator
-from gainlora.data.types import Example
 from gainlora.loop import fits, restore_task
 from gainlora.methods.base import Method
 from gainlora.model.module import ContinualLM
+from gainlora.predict import Throughput, predict, predict_file
 from gainlora.rundir import check_trained_method
 from gainlora.schema import ConfigError, validate_config
 
@@ -34,17 +34,24 @@ class TrainedModel:
     config: DictConfig
     tasks: list[str]  # the tasks it has learned, in order
 
-    @torch.no_grad()
-    def generate(self, prompts: list[str], *, batch_size: int = 32, **generation) -> list[str]:
-        """Answers for already-formatted prompts (see gainlora.data.benchmarks for the templates)."""
-        self.module.eval()
-        answers: list[str] = []
-        for start in range(0, len(prompts), batch_size):
-            items = [(0, Example(source=p, target="", references=("",)), "exact_match")
-                     for p in prompts[start:start + batch_size]]
-            batch = self.module._to_device(self.collator.eval_batch(items))
-            answers += self.module.generate(batch, **generation)
-        return answers
+    def generate(self, prompts: list[str], *, batch_size: int = 32, progress: bool = False,
+                 **generation) -> list[str]:
+        """Answers for already-formatted prompts (see gainlora.data.benchmarks for the templates), in
+        their order, generated in batches of similar length as ``make predict`` does; ``progress``:
+        a bar on stderr."""
+        return predict(self, prompts, batch_size=batch_size, progress=progress, **generation)[0]
+
+    def predict_file(self, input_path: str | Path, output_path: str | Path, *, batch_size: int = 32,
+                     prompt: str | None = None, progress: bool = True, **generation) -> Throughput:
+        """``make predict`` from Python: each JSONL line of ``input_path`` (``prompt``, or ``input`` and
+        ``instruction``, rendered with the run's template or ``prompt``) to ``output_path`` plus
+        ``prediction``, in length-bucketed batches; with ``progress``, a bar and then the throughput
+        line on stderr. Returns the throughput."""
+        stats = predict_file(self, input_path, output_path, batch_size=batch_size, prompt=prompt,
+                             progress=progress, **generation)
+        if progress:
+            print(stats, file=sys.stderr)
+        return stats
 
 
 def read_run(path: str | Path) -> tuple[RunDir, DictConfig, list[str]]:

@@ -102,6 +102,7 @@ def check_rank(rank: int, backbone, name: str | None = None) -> None:
 
 def build_model(cfg: DictConfig, task_names: list[str]) -> tuple[ContinualLM, Method, Collator]:
     """The module (backbone + branch/gate registry), the method and the collator for a config."""
+    quiet_lightning()  # before a tiny backbone's first build, whose save_pretrained imports DeepSpeed
     method = build_method(cfg)
     optimizer = bind_optimizer(plain(cfg.optimizer))
     overrides, corpus = cfg.backbone.get("tiny_overrides"), cfg.backbone.get("text_corpus")

@@ -198,7 +198,7 @@ def _gate_formula(depth: int, output: str) -> str:
 
 
 def _readme(sidecar: dict) -> str:
-    lines = [f"# PEFT export of a {sidecar['method']} run", "",
+    lines = [f"# PEFT export of a run of `{sidecar['method']}`", "",
              f"Base model: `{sidecar['base_model']}`. Each folder under `tasks/` is one task's LoRA branch, "
              "loadable with `peft.PeftModel.from_pretrained(base_model, folder)`.", ""]
     if sidecar["merged"]:
@@ -214,7 +214,7 @@ def _readme(sidecar: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m gainlora.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run", help="a run directory (runs/<experiment>/<run_id>)")
+    parser.add_argument("run", help="a run directory (runs/<experiment>/<run_id>) or the results.json it printed")
     parser.add_argument("out", help="output folder (must not exist or be empty)")
     parser.add_argument("--format", choices=FORMATS, default="peft")
     args = parser.parse_args(argv)

@@ -130,7 +130,7 @@ def predict_file(trained, input_path: str | Path, output_path: str | Path, *, ba
 
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m gainlora.predict", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run", help="a run directory (runs/<experiment>/<run_id>)")
+    parser.add_argument("run", help="a run directory (runs/<experiment>/<run_id>) or the results.json it printed")
     parser.add_argument("input", help="JSONL: one object per line with 'prompt', or 'input' (+ 'instruction')")
     parser.add_argument("output", help="JSONL written: each input object plus 'prediction'")
     parser.add_argument("--batch-size", type=positive_int, default=32)

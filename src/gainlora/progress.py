@@ -5,7 +5,9 @@ Every task gets a fresh Trainer (docs/architecture.md), and each Trainer would p
 banner, a product tip and a deprecation line; those are Lightning INFO records and one torch
 FutureWarning. :func:`quiet_lightning` lowers the level of the loggers that emit them (Lightning's
 own logging knob), so warnings and errors still show; ``hydra.verbose=lightning`` brings the INFO
-lines back.
+lines back. Two lines from other libraries go too: DeepSpeed's "Setting accelerator to CPU" warning
+(printed when building a tiny backbone imports it through ``save_pretrained``; a CPU run never uses
+DeepSpeed) and rouge_score's "Using default tokenizer." (an INFO record of the ``absl`` logger).
 """
 from __future__ import annotations
 
@@ -22,16 +24,24 @@ from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, convert_inf
 # "💡 Tip" adverts, "`Trainer.fit` stopped: ..." (rank_zero_info) and "LOCAL_RANK: 0 - CUDA_VISIBLE_DEVICES".
 CHATTY_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
                   "lightning.pytorch.accelerators.cuda")
+OTHER_CHATTY = ("absl",)  # rouge_score's "Using default tokenizer." at each scorer it makes
+
+
+def _not_deepspeed_cpu_probe(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Setting accelerator to CPU.")
 
 
 def quiet_lightning() -> None:
     """Drop Lightning's per-Trainer INFO lines unless the user asked for them (``hydra.verbose``
     naming ``lightning`` or one of the loggers sets them to DEBUG)."""
-    for name in CHATTY_LOGGERS:
+    for name in (*CHATTY_LOGGERS, *OTHER_CHATTY):
         logger = logging.getLogger(name)
         parents = [name.rsplit(".", i)[0] for i in range(name.count(".") + 1)]
         if not any(logging.getLogger(p).level == logging.DEBUG for p in parents):
             logger.setLevel(logging.WARNING)
+    # DeepSpeed sets its logger's level when imported, so a filter (which stays) rather than a level;
+    # addFilter keeps one copy of the same function.
+    logging.getLogger("DeepSpeed").addFilter(_not_deepspeed_cpu_probe)
     # Lightning 2.6 flattens outputs with torch's deprecated LeafSpec: one FutureWarning per task
     # that names Lightning's code, nothing a user of this project can act on.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
@@ -107,8 +117,8 @@ class TaskProgressBar(TQDMProgressBar):
         bar.refresh()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.train_progress_bar.disable:
-            self.train_progress_bar.set_postfix(self.postfix(trainer, pl_module))
+        if not self.train_progress_bar.disable:  # the next step or the bar's close draws it: one line per step
+            self.train_progress_bar.set_postfix(self.postfix(trainer, pl_module), refresh=False)
 
     def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                                   batch_idx: int, dataloader_idx: int = 0) -> None:

@@ -251,6 +251,8 @@ def compare_runs(run_dirs: Sequence[Path | str], out_dir: Path | str,
         tasks = load_results(ref)["tasks"]
         references[tuple(tasks)] = (single_task_scores(ref, tasks), tested_on(ref, tasks))
 
+    metrics = {results.get("metric") for results in all_results}
+    metric = metrics.pop() if len(metrics) == 1 and None not in metrics else "score"  # runs on one metric: its name
     fig = new_figure(12.0, 4.5)
     ax_avg, ax_first = fig.subplots(1, 2)
     for label, results in zip(labels, all_results):
@@ -261,7 +263,7 @@ def compare_runs(run_dirs: Sequence[Path | str], out_dir: Path | str,
     for ax, title in ((ax_avg, "Average score of seen tasks"), (ax_first, "Score of the first task")):
         ax.set_title(title)
         ax.set_xlabel("tasks learned")
-        ax.set_ylabel("score")
+        ax.set_ylabel(metric)
         ax.set_ylim(-2.0, 102.0)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)

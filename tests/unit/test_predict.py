@@ -53,6 +53,37 @@ def test_bucketed_predictions_equal_one_at_a_time_in_input_order(kind, t5_backbo
     assert [r["id"] for r in rows] == list(range(len(prompts))) and [r["prediction"] for r in rows] == single
 
 
+def test_load_run_s_model_predicts_as_make_predict_does(t5_backbone, tmp_path, monkeypatch, capsys) -> None:
+    """``load_run(...).generate`` and ``.predict_file``: the same length-bucketed batches, answers in input
+    order, and the progress bar and throughput line of ``make predict`` (generate used fixed slices)."""
+    from gainlora.api import TrainedModel
+
+    backbone = t5_backbone()
+    module = gated_model(backbone)
+    collator = Collator(backbone.tokenizer, backbone.kind, 128, 8)
+    trained = TrainedModel(module=module, method=None, collator=collator, tasks=["demo_colour"],
+                           config=OmegaConf.create({"benchmark": {"reader": "demo"}}))
+    examples = [replace(e, source=e.source + " ok" * pad) for e, pad in zip(
+        (e for name in TASKS for e in make_demo_task(name, n_train=0, n_val=0, n_test=2).test), (0, 6, 2, 9, 4, 1))]
+    prompts = [e.source for e in examples]
+    widths: list[int] = []
+    generate = module.generate
+    monkeypatch.setattr(module, "generate", lambda batch, **kw: widths.append(
+        batch["attention_mask"].sum(1).tolist()) or generate(batch, **kw))
+    answers = trained.generate(prompts, batch_size=4)
+    monkeypatch.undo()
+    assert answers == [module.generate(collator.eval_batch([(0, e, "rougeL")]))[0] for e in examples]
+    assert len(widths) == 2 and min(widths[0]) >= max(widths[1])  # longest first, not input slices
+    assert "predicting" not in capsys.readouterr().err  # no bar unless asked
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    stats = trained.predict_file(source, out, batch_size=4)
+    err = capsys.readouterr().err
+    assert "predicting" in err and "100%" in err and err.rstrip().endswith(str(stats))
+    assert f"{len(prompts)} predictions in" in str(stats) and "examples/s" in str(stats)
+    assert [json.loads(line)["prediction"] for line in out.read_text().splitlines()] == answers
+
+
 def fake_run(tmp_path: Path) -> Path:
     run = tmp_path / "run"
     run.mkdir()

@@ -3,6 +3,7 @@ ETA arithmetic, Lightning's per-Trainer chatter kept out, and ``make list``."""
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -11,7 +12,8 @@ import lightning as L
 import pytest
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from gainlora.progress import CHATTY_LOGGERS, TaskProgressBar, duration, quiet_lightning, sequence_eta
+from gainlora.progress import (CHATTY_LOGGERS, OTHER_CHATTY, TaskProgressBar, _not_deepspeed_cpu_probe, duration,
+                               quiet_lightning, sequence_eta)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,6 +30,18 @@ def test_bar_counts_optimizer_steps_of_the_task_across_epochs(capsys) -> None:
     assert bar.train_progress_bar.total == 6
 
 
+def test_bar_draws_each_step_once_when_an_epoch_is_one_step(capsys) -> None:
+    """A small task (36 rows: one step per epoch) printed every step twice into a log file: once at the
+    step, once more when the epoch ended."""
+    bar = TaskProgressBar("task 1/1 tiny")
+    trainer = L.Trainer(max_steps=4, limit_train_batches=1, limit_val_batches=0, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_model_summary=False, callbacks=[bar])
+    trainer.fit(BoringModel())
+    lines = capsys.readouterr().out.replace("\r", "\n").splitlines()
+    drawn = [m.group(1) for line in lines if (m := re.search(r"\| (\d)/4 \[", line))]
+    assert [drawn.count(str(n)) for n in (1, 2, 3)] == [1, 1, 1]  # 4: the last step, then closing the bar
+
+
 def test_sequence_eta() -> None:
     # 30 s left in this task, then two fits at the mean of the finished ones (10 s and 20 s).
     assert sequence_eta(30.0, 100.0, 2, [10.0, 20.0]) == 60.0
@@ -37,11 +51,12 @@ def test_sequence_eta() -> None:
 
 @pytest.fixture
 def restore_levels():
-    names = ["lightning", *CHATTY_LOGGERS]
+    names = ["lightning", *CHATTY_LOGGERS, *OTHER_CHATTY]
     levels = {n: logging.getLogger(n).level for n in names}
     yield
     for name, level in levels.items():
         logging.getLogger(name).setLevel(level)
+    logging.getLogger("DeepSpeed").removeFilter(_not_deepspeed_cpu_probe)
 
 
 def test_quiet_lightning_drops_info_lines_unless_asked_for(restore_levels, caplog) -> None:
@@ -61,6 +76,28 @@ def test_quiet_lightning_drops_info_lines_unless_asked_for(restore_levels, caplo
     logging.getLogger("lightning").setLevel(logging.DEBUG)
     quiet_lightning()
     assert all(logging.getLogger(n).level == logging.NOTSET for n in CHATTY_LOGGERS)
+
+
+def test_quiet_lightning_drops_deepspeed_s_cpu_probe_and_rouge_s_tokenizer_line(restore_levels) -> None:
+    """The two lines a first CPU run printed from other libraries: DeepSpeed's accelerator probe (its
+    logger does not propagate, so it is read through a handler of its own) and absl's INFO line."""
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    deepspeed_log = logging.getLogger("DeepSpeed")
+    deepspeed_log.addHandler(handler)
+    try:
+        logging.getLogger("absl").setLevel(logging.NOTSET)
+        quiet_lightning()
+        quiet_lightning()  # once per task's Trainer: still one filter
+        deepspeed_log.warning("Setting accelerator to CPU. If you have GPU or other accelerator, we were unable "
+                              "to detect it.")
+        deepspeed_log.warning("a real DeepSpeed warning")
+    finally:
+        deepspeed_log.removeHandler(handler)
+    assert seen == ["a real DeepSpeed warning"]
+    assert deepspeed_log.filters.count(_not_deepspeed_cpu_probe) == 1
+    assert not logging.getLogger("absl").isEnabledFor(logging.INFO)
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="no make")

@@ -130,6 +130,18 @@ def test_compare_runs_writes_figure_and_table(tmp_path: Path) -> None:
     assert len(lines) == 4
 
 
+def test_compare_figure_names_the_runs_metric(tmp_path: Path, monkeypatch) -> None:
+    import gainlora.report as report
+
+    figures = []
+    monkeypatch.setattr(report, "save_png", lambda fig, path: figures.append(fig) or Path(path))
+    runs = [_write_run(tmp_path / name / "r", metric="exact_match") for name in ("a", "b")]
+    compare_runs(runs, tmp_path / "one")
+    _write_run(tmp_path / "c" / "r", metric="rougeL")
+    compare_runs([runs[0], tmp_path / "c" / "r"], tmp_path / "two")
+    assert [[ax.get_ylabel() for ax in fig.axes] for fig in figures] == [["exact_match"] * 2, ["score"] * 2]
+
+
 def test_compare_runs_disambiguates_equal_labels_by_folder(tmp_path: Path) -> None:
     run_a = _write_run(tmp_path / "expA" / "run1")
     run_b = _write_run(tmp_path / "expB" / "run2")
