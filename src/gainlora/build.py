@@ -100,6 +100,38 @@ def check_rank(rank: int, backbone, name: str | None = None) -> None:
                      "outputs) of its adapted layers)")
 
 
+T5_POSITIONS = 512  # the length T5 was pre-trained on; its relative positions set no hard limit
+
+
+def answer_limit(config, kind: str, source_length: int) -> int | None:
+    """The most answer tokens the backbone holds after a prompt of ``source_length`` tokens: a
+    decoder-only model reads both in one sequence of its ``max_position_embeddings``; an
+    encoder-decoder's answer gets the positions it declares (``n_positions``), else T5's 512."""
+    declared = next((value for key in ("max_position_embeddings", "n_positions", "max_sequence_length")
+                     if isinstance(value := getattr(config, key, None), int) and value > 0), None)
+    if kind == "causal":
+        return None if declared is None else declared - source_length
+    return declared or T5_POSITIONS
+
+
+def check_lengths(lengths: DictConfig, backbone) -> None:
+    """Token lengths that fit the backbone's positions, refused before any module is made (131072 new
+    tokens were accepted, and then every test batch generated for hours)."""
+    source = lengths.max_source_length
+    limit = answer_limit(backbone.model.config, backbone.kind, source)
+    if limit is None:
+        return
+    if limit < 1:
+        raise refuse("backbone.max_source_length", source, f"at most {source + limit - 1} (the backbone's "
+                     f"{source + limit} positions hold the prompt and the answer)")
+    for key in ("max_target_length", "max_new_tokens"):
+        if lengths[key] > limit:
+            where = (f"the backbone's {source + limit} positions less backbone.max_source_length {source}: the "
+                     "prompt and the answer share them" if backbone.kind == "causal" else
+                     f"an encoder-decoder's answer positions: its n_positions, else T5's pre-training length 512")
+            raise refuse(f"backbone.{key}", lengths[key], f"at most {limit} ({where})")
+
+
 def build_model(cfg: DictConfig, task_names: list[str]) -> tuple[ContinualLM, Method, Collator]:
     """The module (backbone + branch/gate registry), the method and the collator for a config."""
     method = build_method(cfg)
@@ -111,6 +143,7 @@ def build_model(cfg: DictConfig, task_names: list[str]) -> tuple[ContinualLM, Me
                              text_corpus=OmegaConf.to_container(corpus, resolve=True) if corpus else None,
                              attn_implementation=cfg.backbone.get("attn_implementation"))
     check_rank(cfg.lora.rank, backbone, cfg.backbone.name_or_path)
+    check_lengths(cfg.backbone, backbone)
     module = ContinualLM(
         backbone, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, gates=method.gate_spec,
         optimizer=functools.partial(optimizer.cls, **optimizer.kwargs), task_names=task_names,

@@ -88,6 +88,23 @@ def writable_file(path: Path) -> str | None:
     return None
 
 
+def preset_note(message: str, conf_dir: Path) -> str:
+    """A refused value the user never typed may come from the ``debug`` preset (debug=cpu_tiny sets
+    benchmark.num_tasks=2, refused for a one-task stream): say so, so the line names what to override."""
+    from hydra.core.hydra_config import HydraConfig
+
+    key, sep, _ = message.partition("=")
+    if not sep or not HydraConfig.initialized():
+        return message
+    hydra = HydraConfig.get()
+    typed = {o.partition("=")[0].lstrip("+~") for o in hydra.overrides.task}
+    preset = hydra.runtime.choices.get("debug")
+    path = conf_dir / "debug" / f"{preset}.yaml"
+    if key in typed or not preset or not path.is_file() or OmegaConf.select(OmegaConf.load(path), key) is None:
+        return message
+    return f"{message} (debug={preset} sets {key}; override it on the command line)"
+
+
 def disk_full(err: BaseException) -> BaseException | None:
     """The ENOSPC error behind ``err``, if any. Libraries wrap I/O errors in their own, some only
     in text (safetensors: "I/O error: No space left on device (os error 28)")."""

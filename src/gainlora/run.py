@@ -20,7 +20,7 @@ from gainlora.artifacts import RunDir, write_text
 from gainlora.build import (build, check_backbone_source, check_reference_tests, check_trainer, check_val_interval,
                             derive_batching, in_task_checkpoints, make_loggers, single_task_reference, trainer_factory)
 from gainlora.callbacks.interrupt import resume_command
-from gainlora.cli import check_overrides, disk_full, fail, writable_file
+from gainlora.cli import check_overrides, disk_full, fail, preset_note, writable_file
 from gainlora.data.tasks import load_stream, stream_metric
 from gainlora.data.types import DataError
 from gainlora.loop import ArtifactError, ContinualLoop, StopFlag, TaskInterrupted
@@ -98,7 +98,7 @@ def main(cfg: DictConfig) -> float:
     try:
         return run(cfg)["AP"]
     except USER_ERRORS as err:  # one clear line, no traceback, for mistakes in the input
-        fail(str(err))
+        fail(preset_note(str(err), CONF_DIR))
     except FloatingPointError as err:  # the loop has written the failed status to results.json
         fail(f"{Path(cfg.paths.run_dir) / 'results.json'}: {err}")
     except Exception as err:
@@ -130,7 +130,7 @@ def cli() -> None:
                 cfg = compose_config(job)
                 validate_config(cfg)
             except ConfigError as err:
-                fail(f"{err} (sweep job {n} of {len(jobs)})")
+                fail(f"{preset_note(str(err), CONF_DIR)} (sweep job {n} of {len(jobs)})")
             if cfg.run_id is not None:
                 where = (str(cfg.paths.runs_dir), str(cfg.exp_name), str(cfg.run_id))
                 if where in writers:
