@@ -117,7 +117,7 @@ def answer_limit(config, kind: str, source_length: int) -> int | None:
 def check_lengths(lengths: DictConfig, backbone) -> None:
     """Token lengths that fit the backbone's positions, refused before any module is made (131072 new
     tokens were accepted, and then every test batch generated for hours)."""
-    source = lengths.max_source_length
+    source = lengths["max_source_length"]
     limit = answer_limit(backbone.model.config, backbone.kind, source)
     if limit is None:
         return
@@ -234,12 +234,12 @@ def single_task_reference(cfg: DictConfig, task_names: list[str]) -> list[float]
         return None
     kind = bind_method("method", plain(cfg.method)).cls.run_kind
     if kind != "continual":
-        raise ConfigError(f"metrics.single_task_run: FWT applies to continual methods, not to the {kind} "
+        raise ConfigError(f"metrics.single_task_run={path}: FWT applies to continual methods, not to the {kind} "
                           "reference run; unset it")
     try:
         return single_task_scores(Path(path), task_names)
     except ReportError as err:
-        raise ConfigError(f"metrics.single_task_run: {err}") from None
+        raise ConfigError(f"metrics.single_task_run={path}: {err}") from None
 
 
 def check_reference_tests(cfg: DictConfig, tasks: list[TaskData]) -> None:
@@ -250,10 +250,10 @@ def check_reference_tests(cfg: DictConfig, tasks: list[TaskData]) -> None:
     theirs = tested_on(path, [task.name for task in tasks])
     for j, task in enumerate(tasks):
         if j not in theirs:
-            raise ConfigError(f"metrics.single_task_run: {path}: task {j + 1}'s folder holds no readable test "
+            raise ConfigError(f"metrics.single_task_run={path}: task {j + 1}'s folder holds no readable test "
                               "predictions")
         if theirs[j] != [(e.source, list(e.references)) for e in task.test]:
-            raise ConfigError(f"metrics.single_task_run: {path}: task {task.name} was tested on other examples "
+            raise ConfigError(f"metrics.single_task_run={path}: task {task.name} was tested on other examples "
                               "than this run's (another seed or other data); FWT needs the same test sets")
 
 

@@ -69,6 +69,10 @@ CASES = {
     "zero rank": (["lora.rank=0"], None, "lora.rank=0: should be greater than 0"),
     "endless generation": (["backbone.max_new_tokens=1000000000"], None,
                            "backbone.max_new_tokens=1000000000: should be less than or equal to 131072"),
+    # accepted, then every test batch generated for hours
+    "generation past the answer positions": (["backbone.max_new_tokens=131072"], None,
+                                             "backbone.max_new_tokens=131072: at most 512 (an encoder-decoder's "
+                                             "answer positions: its n_positions, else T5's pre-training length 512)"),
     "no backbone": (["backbone.tiny=null"], None, "backbone.name_or_path"),
     "indivisible global batch": (["data.global_batch_size=32", "data.batch_size=5"], None,
                                  "data.global_batch_size=32: a multiple of data.batch_size (5)"),
@@ -86,7 +90,7 @@ CASES = {
     "devices Lightning refuses": (["trainer.accelerator=cpu", "trainer.devices=[0,1]"], None,
                                   "trainer: lightning.Trainer refuses these settings: `devices` selected with"),
     "missing single-task reference": (["metrics.single_task_run=/nonexistent/st"], None,
-                                      "metrics.single_task_run: /nonexistent/st/results.json: not found"),
+                                      "metrics.single_task_run=/nonexistent/st: /nonexistent/st/results.json: not found"),
     "rank above the backbone's width": (["lora.rank=100000"], None, "lora.rank=100000: at most 64 for this backbone"),
     # Lightning refused it only when the first task's fit started: a traceback
     "validation interval past an epoch": (["+trainer.val_check_interval=1000", "trainer.limit_val_batches=1.0"], None,
@@ -220,6 +224,29 @@ def test_a_backbone_without_q_and_v_projections_is_named() -> None:
 
     with pytest.raises(ValueError, match=r"^backbone.name_or_path=org/bert: no q/v projections found in Linear"):
         check_rank(8, SimpleNamespace(model=torch.nn.Linear(4, 4), kind="causal"), "org/bert")
+
+
+@pytest.mark.parametrize("lengths, line", [
+    ((400, 16, 8), None),
+    ((400, 16, 200), "backbone.max_new_tokens=200: at most 112 (the backbone's 512 positions less "
+                     "backbone.max_source_length 400: the prompt and the answer share them)"),
+    ((500, 16, 8), "backbone.max_target_length=16: at most 12 (the backbone's 512 positions"),
+    ((512, 16, 8), "backbone.max_source_length=512: at most 511 (the backbone's 512 positions hold the prompt and "
+                   "the answer)"),
+])
+def test_a_decoder_only_backbone_holds_prompt_and_answer_in_its_positions(lengths, line) -> None:
+    from types import SimpleNamespace
+
+    from gainlora.build import check_lengths
+
+    backbone = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(max_position_embeddings=512)),
+                               kind="causal")
+    cfg = dict(zip(("max_source_length", "max_target_length", "max_new_tokens"), lengths))
+    if line is None:
+        check_lengths(cfg, backbone)
+        return
+    with pytest.raises(ValueError, match=f"^{re.escape(line)}"):
+        check_lengths(cfg, backbone)
 
 
 @pytest.mark.parametrize("offline", ["1", ""])

@@ -110,6 +110,8 @@ REFUSED = {
     "method.branches.threshold=1.5": "method.branches.threshold=1.5: should be less than or equal to 1",
     "method.thresholds=[0.9,0.9]": "method.thresholds=[0.9, 0.9]",
     "+method.bogus=1": "method.bogus=1: unknown key",
+    # the branches copy it (${method.max_batches}): the message named method.branches.max_batches
+    "method.max_batches=0": "method.max_batches=0: should be greater than or equal to 1 or null",
     "method._target_=torch.load": "method._target_=torch.load: not one of the project's methods (gainlora.methods.",
     "method._target_=numpy.load": "method._target_=numpy.load: not one of the project's methods",
     "method._target_=os.system": "method._target_=os.system: not one of the project's methods",
