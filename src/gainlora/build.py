@@ -10,6 +10,7 @@ import functools
 import logging
 import math
 import os
+import re
 import socket
 import urllib.parse
 from pathlib import Path
@@ -291,7 +292,13 @@ def check_trainer(cfg: DictConfig) -> None:
     try:
         L.Trainer(**kwargs, strategy=make(strategy) if isinstance(strategy, Bound) else strategy, logger=False)
     except (MisconfigurationException, ValueError, TypeError, ImportError, RuntimeError) as err:
-        raise ConfigError(f"trainer: lightning.Trainer refuses these settings: {str(err).splitlines()[0]}") from None
+        message = str(err).splitlines()[0]
+        # the key Lightning's message names (`devices` ...), else the one whose value it quotes (Timer(duration='abc'))
+        named = next((k for k in kwargs if re.search(rf"\b{k}\b", message)), None) or next(
+            (k for k, v in kwargs.items() if isinstance(v, str) and v and f"'{v}'" in message), None)
+        if named is not None:
+            raise refuse(f"trainer.{named}", kwargs[named], f"lightning.Trainer refuses it: {message}") from None
+        raise ConfigError(f"trainer: lightning.Trainer refuses these settings: {message}") from None
     finally:
         logging.disable(logging.NOTSET)
 

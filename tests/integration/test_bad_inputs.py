@@ -88,7 +88,10 @@ CASES = {
     "DeepSpeed on CPU": (["strategy=deepspeed_stage_2", "trainer.accelerator=cpu"], None,
                          "Lightning runs DeepSpeed on CUDA GPUs only"),
     "devices Lightning refuses": (["trainer.accelerator=cpu", "trainer.devices=[0,1]"], None,
-                                  "trainer: lightning.Trainer refuses these settings: `devices` selected with"),
+                                  "trainer.devices=[0, 1]: lightning.Trainer refuses it: `devices` selected with"),
+    # named no key: "trainer: lightning.Trainer refuses these settings: `Timer(duration='abc')` ..."
+    "a time limit Lightning refuses": (["+trainer.max_time=abc"], None,
+                                       "trainer.max_time=abc: lightning.Trainer refuses it: `Timer(duration='abc')`"),
     "missing single-task reference": (["metrics.single_task_run=/nonexistent/st"], None,
                                       "metrics.single_task_run=/nonexistent/st: /nonexistent/st/results.json: not found"),
     "rank above the backbone's width": (["lora.rank=100000"], None, "lora.rank=100000: at most 64 for this backbone"),
