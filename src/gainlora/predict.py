@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=positive_int, default=None, help="default: the run's")
     parser.add_argument("--prompt", choices=PROMPTS, default=None,
                         help=f"template for 'input' lines: {', '.join(PROMPTS)} (default: the run's)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (default: refuse)")
     args = parser.parse_args(argv)
     output = Path(args.output)
     for name in ("input", "output"):  # "-" is not stdin/stdout here: it was written as a file named "-"
@@ -158,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
             return error_line(f"output={output}: inside the run directory {run_dir.root}; give a path outside it")
         if output.resolve() == Path(args.input).resolve():
             return error_line(f"output={output}: the input file itself; give another path (the input is kept)")
+        if output.exists() and not args.overwrite:  # earlier predictions are kept unless asked
+            return error_line(f"output={output}: exists; give another path, or --overwrite to replace it")
         trained = load_run(args.run)
         limit = answer_limit(trained.module.backbone.config, trained.module.kind, trained.collator.max_source_length)
         if args.max_new_tokens and limit is not None and args.max_new_tokens > limit:  # past its positions

@@ -91,6 +91,11 @@ def test_bad_arguments_are_named(tmp_path, capsys) -> None:
     assert main([str(run), str(source), str(tmp_path)]) == 2  # a directory
     assert main([str(run), str(source), "/proc/gainlora/o.jsonl"]) == 2  # checked before the model loads
     assert main([str(run), str(source), str(source)]) == 2
+    assert main([str(run), str(source), str(run / "preds.jsonl")]) == 2  # a run directory has one writer
+    assert not (run / "preds.jsonl").exists()
+    (tmp_path / "old.jsonl").write_text("earlier predictions\n")
+    assert main([str(run), str(source), str(tmp_path / "old.jsonl")]) == 2  # was replaced without a word
+    assert (tmp_path / "old.jsonl").read_text() == "earlier predictions\n"
     assert main([str(run), str(source), str(tmp_path / "o"), "--max-new-tokens", "1000000000"]) == 2
     assert main([str(run), str(source), "-"]) == 2 and not Path("-").exists()
     assert main([str(run), "-", str(tmp_path / "o")]) == 2
@@ -105,6 +110,8 @@ def test_bad_arguments_are_named(tmp_path, capsys) -> None:
         f"error: output={tmp_path}: a directory; give a file path",
         "error: output=/proc/gainlora/o.jsonl: /proc cannot be written (No such file or directory)",
         f"error: output={source}: the input file itself; give another path (the input is kept)",
+        f"error: output={run / 'preds.jsonl'}: inside the run directory {run}; give a path outside it",
+        f"error: output={tmp_path / 'old.jsonl'}: exists; give another path, or --overwrite to replace it",
         "error: --max-new-tokens=1000000000: at most 131072",
         "error: output=-: a file path (standard input and output are not read or written)",
         "error: input=-: a file path (standard input and output are not read or written)",
@@ -155,6 +162,8 @@ def test_cli_on_a_fresh_run(tmp_path, capsys) -> None:
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in written] == ["a", "b", "c"]
     assert all(isinstance(r["prediction"], str) and r.items() >= rows[i].items() for i, r in enumerate(written))
+    assert main([str(tmp_path / "demo" / "r"), str(source), str(out), "--overwrite"]) == 0  # asked: replaced
+    assert [json.loads(line) for line in out.read_text().splitlines()] == written
 
 
 def test_make_predict_keeps_a_path_with_a_space_whole(tmp_path) -> None:
