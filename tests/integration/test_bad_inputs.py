@@ -393,6 +393,11 @@ def test_disk_full_names_the_path(wrapped, tmp_path, monkeypatch, capsys):
     (["logger=null"], "error: logger=null: one of csv, wandb (a config group takes an option's name)"),
     (["-m", "--cfg", "job", "seed=0,1"], "error: -m and --cfg: one of --multirun, --cfg, --info, --run, "
                                          "--shell-completion at a time"),
+    # composed conf/config.yaml as an experiment: "In 'experiment/../conf/config': Could not find ..."
+    (["experiment=../conf/config"], "error: experiment=../conf/config: one of cpu_long, demo, "),
+    # read "Could not override 'recipe'. No match in the defaults list.; To append ..."
+    (["recipe=t5_long"], "error: recipe=t5_long: recipe is not in the defaults list; add it with +recipe=NAME (one "
+                         "of llama_superni, t5_long, t5_superni)"),
 ])
 def test_a_bad_override_is_one_line_and_exit_2(args, fragment, monkeypatch, capsys) -> None:
     """Hydra's own override errors (before main runs) also end in one `error:` line, exit 2."""
