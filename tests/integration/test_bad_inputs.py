@@ -130,6 +130,18 @@ def test_unknown_config_group_option_names_it(override, fragment, tmp_path):
     assert done.returncode == 2 and done.stderr.startswith(f"error: {override}: one of "), done.stderr
 
 
+def test_a_value_a_debug_preset_set_is_named_as_its(tmp_path):
+    """debug=cpu_tiny takes 2 tasks: on a one-task stream the line named benchmark.num_tasks=2, which the
+    user never typed."""
+    cmd = [sys.executable, "-m", "gainlora.run", "experiment=demo", "debug=cpu_tiny", "benchmark.tasks=[demo_colour]",
+           f"paths.runs_dir={tmp_path}"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "error: benchmark.num_tasks=2: 1 to 1 (the stream has demo_colour), or null for all (debug=cpu_tiny sets "
+        "benchmark.num_tasks; override it on the command line)"], done.stderr
+    assert not any(tmp_path.iterdir())
+
+
 def test_entry_point_prints_one_line_error(tmp_path):
     cmd = [sys.executable, "-m", "gainlora.run", *TINY, *DEMO, f"paths.runs_dir={tmp_path}", "lora.rank=0"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -565,6 +577,8 @@ def test_each_run_of_one_process_logs_to_its_own_wandb_run(tmp_path, monkeypatch
     (["--warmup", "-1"], "error: --warmup=-1: an integer >= 0"),
     (["--variants", "gainlora_1,bogus"], "error: --variants=gainlora_1,bogus: a comma list of lora_1, "),  # KeyError
     (["--sections", "steps,"], "error: --sections=steps,: a comma list of steps, "),
+    # found out when the first section's results were saved, minutes in
+    (["--out", "/proc/gainlora/b.json"], "error: --out=/proc/gainlora/b.json: /proc cannot be written"),
 ])
 def test_the_bench_refuses_bad_arguments_in_one_line(args, line, capsys, monkeypatch) -> None:
     import importlib.util
@@ -577,3 +591,34 @@ def test_the_bench_refuses_bad_arguments_in_one_line(args, line, capsys, monkeyp
         bench.parse_args(args)
     err = capsys.readouterr().err
     assert stopped.value.code == 2 and err.startswith(line) and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("script, args, line", [
+    # the figures were written, and the baseline read, after the whole 15-task run: a traceback lost them
+    ("fifteen_tasks.py", ["--out", "/proc/gainlora/f.json"], "error: --out=/proc/gainlora/f.json: /proc cannot be "
+                                                             "written"),
+    ("fifteen_tasks.py", ["--out", "{tmp}/f.json", "--baseline", "{tmp}/none.json"],
+     "error: --baseline={tmp}/none.json: a JSON file an earlier --out wrote"),
+    ("fifteen_tasks.py", ["--out", "{tmp}/f.json", "--baseline", "{tmp}/f.json"], None),  # f.json: written below
+    ("gpu_check.py", ["--out", "/proc/gainlora/g.json"], "error: --out=/proc/gainlora/g.json: /proc cannot be written"),
+    ("gpu_check.py", ["--bogus"], "error: --bogus: unknown arguments; see bench/gpu_check.py --help"),
+])
+def test_the_other_bench_scripts_check_their_arguments_first(script, args, line, tmp_path, capsys,
+                                                             monkeypatch) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(script[:-3], ROOT / "bench" / script)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, script[:-3], module)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "run", lambda *a, **k: pytest.fail("the run started"), raising=False)
+    if line is None:  # a JSON file that is not an earlier --out
+        (tmp_path / "f.json").write_text('{"summary": {}}')
+        line = "error: --baseline={tmp}/f.json: not a JSON file an earlier --out wrote (needs label and summary."
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    try:
+        code = module.main(args)
+    except SystemExit as stopped:
+        code = stopped.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(line.replace("{tmp}", str(tmp_path))) and err.count("\n") == 1, err
