@@ -104,6 +104,19 @@ def test_bad_csv_rows_are_named_by_file_and_line(tmp_path: Path, text: str, frag
     assert fragment in refused(cfg(str(tmp_path / "t")))
 
 
+@pytest.mark.parametrize("name", ["train.jsonl", "train.csv"])
+def test_bytes_that_are_not_utf8_are_named_by_line(tmp_path: Path, name: str) -> None:
+    """Past the decoder's 8 KiB buffer its offset ("at byte 4833") pointed nowhere in the file."""
+    good = json.dumps(ROW) if name.endswith("jsonl") else "i,x,y"
+    head = "" if name.endswith("jsonl") else "instruction,input,output\n"
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / name).write_bytes((head + (good + "\n") * 500).encode() + b"caf\xe9,x,y\n")
+    write_jsonl(tmp_path / "t" / "test.jsonl", [ROW])
+    line = 501 + bool(head)
+    assert refused(cfg(str(tmp_path / "t"))) == (f"{tmp_path / 't' / name} line {line}: not valid UTF-8 (byte "
+                                                 "b'\\xe9' at column 4)")
+
+
 def test_a_byte_order_mark_is_read_past(tmp_path: Path) -> None:
     """Editors on Windows start UTF-8 files with a BOM; neither the first JSON line nor the CSV
     header's first column may see it."""

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from gainlora.data.benchmarks import _carve, _pick_target, _subsample, long_sequence_prompt, superni_prompt
-from gainlora.data.types import DataError, Example, TaskData
+from gainlora.data.types import DataError, Example, TaskData, undecodable
 from gainlora.metrics import SCORERS
 
 PROMPTS = {"superni": superni_prompt, "long": long_sequence_prompt}
@@ -183,8 +183,8 @@ def _rows(path: Path) -> list[Row]:
                         "save_to_disk folder")
     try:
         rows = list(readers[path.suffix](path))
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not valid UTF-8 at byte {err.start}") from None
+    except UnicodeDecodeError:
+        raise undecodable(path) from None
     except csv.Error as err:  # a NUL byte, a cell past the csv module's field size limit
         raise DataError(f"{path}: not a readable CSV file ({err})") from None
     if not rows:
@@ -197,8 +197,8 @@ def jsonl_rows(path: Path) -> Iterator[Row]:
     with path.open(encoding="utf-8-sig") as handle:
         try:
             lines = list(enumerate(handle, 1))
-        except UnicodeDecodeError as err:
-            raise DataError(f"{path}: not valid UTF-8 at byte {err.start}") from None
+        except UnicodeDecodeError:
+            raise undecodable(path) from None
     for number, line in lines:
         if not line.strip():
             continue
