@@ -1,6 +1,7 @@
 """Which run directory a run writes, and that it is the only writer.
 
-``runs/<exp_name>/<run_id>/``: a fresh run takes a new id (a timestamp by default) and refuses a
+``runs/<exp_name>/<run_id>/``: a fresh run takes a new id (a timestamp by default, created
+exclusively: runs started in the same second get ``<stamp>-2``, ``-3``, ...) and refuses a
 directory that already holds a run; ``resume=true`` continues a named run, or the most recently
 modified unfinished one, after checking that the saved config is safe to read and matches this one.
 Rank 0 holds ``<run_dir>/.lock`` (an OS file lock: it goes with the process, so a killed run leaves
