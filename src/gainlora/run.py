@@ -120,6 +120,11 @@ def cli() -> None:
     flags = [arg for arg in args if arg.startswith("-")]
     if not flags:  # plain overrides; Hydra's other flags go to Hydra as they are
         check_overrides(CONF_DIR, args)
+        if any(arg.partition("=")[0].lstrip("+") == "hydra.run.dir" for arg in args):
+            folder = Path(str(compose_config(args, hydra=True).hydra.run.dir))
+            unwritable = None if folder.is_dir() else writable_file(folder / "run")
+            if unwritable:  # Hydra makes it before main: a traceback otherwise
+                fail(f"hydra.run.dir={folder}: {unwritable}")
     elif set(flags) <= set(MULTIRUN):
         overrides = [arg for arg in args if arg not in MULTIRUN]
         jobs = sweep_jobs(overrides)

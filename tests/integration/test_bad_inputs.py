@@ -407,6 +407,8 @@ def test_disk_full_names_the_path(wrapped, tmp_path, monkeypatch, capsys):
                                          "--shell-completion at a time"),
     # composed conf/config.yaml as an experiment: "In 'experiment/../conf/config': Could not find ..."
     (["experiment=../conf/config"], "error: experiment=../conf/config: one of cpu_long, demo, "),
+    # Hydra made it before main: a FileNotFoundError traceback, exit 1
+    (["hydra.run.dir=/proc/gainlora"], "error: hydra.run.dir=/proc/gainlora: /proc cannot be written"),
     # read "Could not override 'recipe'. No match in the defaults list.; To append ..."
     (["recipe=t5_long"], "error: recipe=t5_long: recipe is not in the defaults list; add it with +recipe=NAME (one "
                          "of llama_superni, t5_long, t5_superni)"),
