@@ -60,8 +60,8 @@ def read_inputs(path: Path, template: Callable[[str, str], str]) -> list[tuple[d
     """(row, prompt) for every non-blank line; a DataError names the first bad line."""
     if path.is_dir():  # "no such file" for a folder that exists misled
         raise DataError(f"{path}: a directory; give a JSONL file")
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
+    if not path.is_file():  # /dev/null or a pipe read "no such file" too
+        raise DataError(f"{path}: {'not a regular file' if path.exists() else 'no such file'}")
     rows = []
     for where, row in jsonl_rows(path):
         if "prediction" in row:
