@@ -7,6 +7,7 @@ with one ``error:`` line and exit code 2.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import sys
@@ -45,8 +46,9 @@ def run(cfg: DictConfig) -> dict:
     check_backbone_source(cfg.backbone, cfg.paths.cache_dir)
     with claim_run_dir(cfg) as run_dir:  # created, locked and checked: the first write
         module, datamodule, method = build(cfg, tasks)
-        if is_main_process():
-            write_text(run_dir.config, OmegaConf.to_yaml(cfg, resolve=True))
+        save_config = functools.partial(write_text, run_dir.config, OmegaConf.to_yaml(cfg, resolve=True))
+        if is_main_process() and not cfg.resume:  # a resume rewrites it once the tasks it restores are verified
+            save_config()
         info = {"experiment": str(cfg.exp_name), "method": method.name, "benchmark": cfg.benchmark.name,
                 "order": cfg.benchmark.get("order"), "metric": stream_metric(tasks), "seed": cfg.seed,
                 "selection": cfg.benchmark.get("selection", "carved"), "backbone": module.backbone.name_or_path,
@@ -61,7 +63,7 @@ def run(cfg: DictConfig) -> dict:
                              make_trainer=trainer_factory(cfg, run_dir, loggers), info=info, seed=cfg.seed,
                              progress_bar=cfg.trainer.enable_progress_bar, observers=logger_observers(loggers),
                              is_main=is_main_process(), stop=stop, single_task=single_task,
-                             checkpoint=in_task_checkpoints(cfg))
+                             checkpoint=in_task_checkpoints(cfg), after_restore=save_config if cfg.resume else None)
         return run_loop(loop, run_dir, loggers, stop)
 
 

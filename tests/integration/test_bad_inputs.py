@@ -178,8 +178,11 @@ def test_resume_refuses_artifacts_of_another_shape(tmp_path):
     run(config(tmp_path, *DEMO, "run_id=shape", "benchmark.num_tasks=2", "trainer.max_steps=1"))
     branch = tmp_path / "runs" / "demo" / "shape" / "tasks" / "01-demo_colour" / "branch.safetensors"
     save_file({"encoder.block.0.layer.0.SelfAttention.q.A": torch.zeros(2, 2)}, str(branch))
+    saved = (branch.parents[2] / "config.yaml").read_text()
     with pytest.raises(ValueError, match="01-demo_colour/branch.safetensors: does not match its checksum"):
         run(config(tmp_path, *DEMO, "run_id=shape", "benchmark.num_tasks=2", "trainer.max_steps=1", "resume=true"))
+    # the failed resume left the run as it was (config.yaml was rewritten before the tasks were verified)
+    assert (branch.parents[2] / "config.yaml").read_text() == saved
 
 
 # -- refused before anything is written -----------------------------------------------------------------
