@@ -14,7 +14,6 @@ predictions can be compared file by file (docs/benchmarks.md, "15 tasks: evaluat
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -28,6 +27,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import gainlora.run as entry
+from gainlora.cli import ArgumentParser, error_line, writable_file
 from gainlora.observers import TaskObserver
 
 # Capped to about 45 s of CPU time (one thread; longer in wall time on a busy machine): 16 test
@@ -165,7 +165,7 @@ def markdown(summary: dict, baseline: dict | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="bench/fifteen_tasks.py", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="JSON with every task's figures and the summary")
     p.add_argument("--baseline", default=None, help="an earlier --out JSON to compare evaluation time with")
     p.add_argument("--label", default="this checkout", help="what was measured (recorded in the JSON)")
@@ -173,6 +173,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep the run here (each task's predictions.json, to compare versions); default: a temp dir")
     p.add_argument("overrides", nargs="*", help="more config overrides, e.g. benchmark.data_dir=...")
     args = p.parse_args(argv)
+    unwritable = writable_file(Path(args.out))
+    if unwritable:  # checked before the 15-task run, not when its figures are written
+        return error_line(f"--out={args.out}: {unwritable}")
+    try:
+        baseline = json.loads(Path(args.baseline).read_text()) if args.baseline else None
+    except (OSError, ValueError) as err:  # it was read after the run: a traceback that lost the figures
+        return error_line(f"--baseline={args.baseline}: a JSON file an earlier --out wrote ({err})")
+    if baseline is not None and not (isinstance(baseline, dict) and "label" in baseline and isinstance(
+            baseline.get("summary"), dict) and {"eval_cpu_s", "eval_wall_s"} <= set(baseline["summary"])):
+        return error_line(f"--baseline={args.baseline}: not a JSON file an earlier --out wrote (needs label and "
+                          "summary.eval_cpu_s, summary.eval_wall_s)")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     with contextlib.ExitStack() as stack:
         runs = args.runs_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="gainlora-fifteen-"))
@@ -181,7 +192,6 @@ def main(argv: list[str] | None = None) -> int:
     result["label"] = args.label
     with contextlib.suppress(OSError):
         result["loadavg_end"] = os.getloadavg()
-    baseline = json.loads(Path(args.baseline).read_text()) if args.baseline else None
     result["markdown"] = markdown(result["summary"], baseline)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))

@@ -15,7 +15,6 @@ one GPU (each step has its own timeout; the whole is checked against the budget 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -24,6 +23,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from gainlora.cli import ArgumentParser, error_line, writable_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -74,11 +75,15 @@ def run(name: str, args: list[str], runs_dir: Path, timeout: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="bench/gpu_check.py", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu_check.json"))
     parser.add_argument("--runs-dir", default="/tmp/gainlora-gpu-check")
     args = parser.parse_args(argv)
     out_path = Path(args.out)
+    for flag, path in (("--out", out_path), ("--runs-dir", Path(args.runs_dir) / "probe")):
+        unwritable = writable_file(path)  # checked before minutes of GPU work, not when the first result is saved
+        if unwritable:
+            return error_line(f"{flag}={path if flag == '--out' else args.runs_dir}: {unwritable}")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if not torch.cuda.is_available():
         print("gpu-check: no CUDA device; skipped")

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
-from gainlora.cli import ArgumentParser, positive_int
+from gainlora.cli import ArgumentParser, fail, positive_int, writable_file
 from gainlora.methods.gainlora import GainLoRA
 from gainlora.methods.inflora import InfLoRA
 from gainlora.model.backbone import Backbone, load_backbone
@@ -790,13 +790,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None, help="CL_Benchmark folder for the tiny_superni task")
     p.add_argument("--out", default="bench/results/bench.json")
     p.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: arch:variant memory probe
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        fail("--device=cuda: cpu here (this machine has no CUDA device)")
+    unwritable = writable_file(Path(args.out))
+    if unwritable:  # it was found out only when the first section's results were saved
+        fail(f"--out={args.out}: {unwritable}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device available")
     torch.set_num_threads(args.threads)
     s = Settings(args.device, args.dtype, args.threads,
                  warmup=args.warmup if args.warmup is not None else (1 if args.quick else 2),

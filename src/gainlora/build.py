@@ -10,6 +10,7 @@ import functools
 import logging
 import math
 import os
+import re
 import socket
 import urllib.parse
 from pathlib import Path
@@ -100,6 +101,38 @@ def check_rank(rank: int, backbone, name: str | None = None) -> None:
                      "outputs) of its adapted layers)")
 
 
+T5_POSITIONS = 512  # the length T5 was pre-trained on; its relative positions set no hard limit
+
+
+def answer_limit(config, kind: str, source_length: int) -> int | None:
+    """The most answer tokens the backbone holds after a prompt of ``source_length`` tokens: a
+    decoder-only model reads both in one sequence of its ``max_position_embeddings``; an
+    encoder-decoder's answer gets the positions it declares (``n_positions``), else T5's 512."""
+    declared = next((value for key in ("max_position_embeddings", "n_positions", "max_sequence_length")
+                     if isinstance(value := getattr(config, key, None), int) and value > 0), None)
+    if kind == "causal":
+        return None if declared is None else declared - source_length
+    return declared or T5_POSITIONS
+
+
+def check_lengths(lengths: DictConfig, backbone) -> None:
+    """Token lengths that fit the backbone's positions, refused before any module is made (131072 new
+    tokens were accepted, and then every test batch generated for hours)."""
+    source = lengths["max_source_length"]
+    limit = answer_limit(backbone.model.config, backbone.kind, source)
+    if limit is None:
+        return
+    if limit < 1:
+        raise refuse("backbone.max_source_length", source, f"at most {source + limit - 1} (the backbone's "
+                     f"{source + limit} positions hold the prompt and the answer)")
+    for key in ("max_target_length", "max_new_tokens"):
+        if lengths[key] > limit:
+            where = (f"the backbone's {source + limit} positions less backbone.max_source_length {source}: the "
+                     "prompt and the answer share them" if backbone.kind == "causal" else
+                     f"an encoder-decoder's answer positions: its n_positions, else T5's pre-training length 512")
+            raise refuse(f"backbone.{key}", lengths[key], f"at most {limit} ({where})")
+
+
 def build_model(cfg: DictConfig, task_names: list[str]) -> tuple[ContinualLM, Method, Collator]:
     """The module (backbone + branch/gate registry), the method and the collator for a config."""
     quiet_lightning()  # before a tiny backbone's first build, whose save_pretrained imports DeepSpeed
@@ -112,6 +145,7 @@ def build_model(cfg: DictConfig, task_names: list[str]) -> tuple[ContinualLM, Me
                              text_corpus=OmegaConf.to_container(corpus, resolve=True) if corpus else None,
                              attn_implementation=cfg.backbone.get("attn_implementation"))
     check_rank(cfg.lora.rank, backbone, cfg.backbone.name_or_path)
+    check_lengths(cfg.backbone, backbone)
     module = ContinualLM(
         backbone, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, gates=method.gate_spec,
         optimizer=functools.partial(optimizer.cls, **optimizer.kwargs), task_names=task_names,
@@ -202,12 +236,12 @@ def single_task_reference(cfg: DictConfig, task_names: list[str]) -> list[float]
         return None
     kind = bind_method("method", plain(cfg.method)).cls.run_kind
     if kind != "continual":
-        raise ConfigError(f"metrics.single_task_run: FWT applies to continual methods, not to the {kind} "
+        raise ConfigError(f"metrics.single_task_run={path}: FWT applies to continual methods, not to the {kind} "
                           "reference run; unset it")
     try:
         return single_task_scores(Path(path), task_names)
     except ReportError as err:
-        raise ConfigError(f"metrics.single_task_run: {err}") from None
+        raise ConfigError(f"metrics.single_task_run={path}: {err}") from None
 
 
 def check_reference_tests(cfg: DictConfig, tasks: list[TaskData]) -> None:
@@ -218,10 +252,10 @@ def check_reference_tests(cfg: DictConfig, tasks: list[TaskData]) -> None:
     theirs = tested_on(path, [task.name for task in tasks])
     for j, task in enumerate(tasks):
         if j not in theirs:
-            raise ConfigError(f"metrics.single_task_run: {path}: task {j + 1}'s folder holds no readable test "
+            raise ConfigError(f"metrics.single_task_run={path}: task {j + 1}'s folder holds no readable test "
                               "predictions")
         if theirs[j] != [(e.source, list(e.references)) for e in task.test]:
-            raise ConfigError(f"metrics.single_task_run: {path}: task {task.name} was tested on other examples "
+            raise ConfigError(f"metrics.single_task_run={path}: task {task.name} was tested on other examples "
                               "than this run's (another seed or other data); FWT needs the same test sets")
 
 
@@ -259,7 +293,13 @@ def check_trainer(cfg: DictConfig) -> None:
     try:
         L.Trainer(**kwargs, strategy=make(strategy) if isinstance(strategy, Bound) else strategy, logger=False)
     except (MisconfigurationException, ValueError, TypeError, ImportError, RuntimeError) as err:
-        raise ConfigError(f"trainer: lightning.Trainer refuses these settings: {str(err).splitlines()[0]}") from None
+        message = str(err).splitlines()[0]
+        # the key Lightning's message names (`devices` ...), else the one whose value it quotes (Timer(duration='abc'))
+        named = next((k for k in kwargs if re.search(rf"\b{k}\b", message)), None) or next(
+            (k for k, v in kwargs.items() if isinstance(v, str) and v and f"'{v}'" in message), None)
+        if named is not None:
+            raise refuse(f"trainer.{named}", kwargs[named], f"lightning.Trainer refuses it: {message}") from None
+        raise ConfigError(f"trainer: lightning.Trainer refuses these settings: {message}") from None
     finally:
         logging.disable(logging.NOTSET)
 

@@ -88,6 +88,23 @@ def writable_file(path: Path) -> str | None:
     return None
 
 
+def preset_note(message: str, conf_dir: Path) -> str:
+    """A refused value the user never typed may come from the ``debug`` preset (debug=cpu_tiny sets
+    benchmark.num_tasks=2, refused for a one-task stream): say so, so the line names what to override."""
+    from hydra.core.hydra_config import HydraConfig
+
+    key, sep, _ = message.partition("=")
+    if not sep or not HydraConfig.initialized():
+        return message
+    hydra = HydraConfig.get()
+    typed = {o.partition("=")[0].lstrip("+~") for o in hydra.overrides.task}
+    preset = hydra.runtime.choices.get("debug")
+    path = conf_dir / "debug" / f"{preset}.yaml"
+    if key in typed or not preset or not path.is_file() or OmegaConf.select(OmegaConf.load(path), key) is None:
+        return message
+    return f"{message} (debug={preset} sets {key}; override it on the command line)"
+
+
 def disk_full(err: BaseException) -> BaseException | None:
     """The ENOSPC error behind ``err``, if any. Libraries wrap I/O errors in their own, some only
     in text (safetensors: "I/O error: No space left on device (os error 28)")."""
@@ -101,6 +118,12 @@ def disk_full(err: BaseException) -> BaseException | None:
 def check_overrides(conf_dir: Path, overrides: list[str]) -> None:
     """Hydra reports a bad override (a typo'd key, an unknown group option) in several lines and
     exits 1 before ``main`` runs; compose first, so it is one ``error:`` line and exit 2 as well."""
+    for arg in overrides:  # a group option is a file's name: experiment=../conf/config composed the root config
+        key, _, value = arg.partition("=")
+        group = conf_dir / key.lstrip("+")
+        if group.is_dir() and ("/" in value or value.startswith(".")):
+            fail(f"{arg.lstrip('+')}: one of {', '.join(sorted(p.stem for p in group.glob('*.yaml')))} (an option's "
+                 "name, not a path)")
     try:
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
             compose("config", overrides=overrides)
@@ -128,8 +151,11 @@ def check_overrides(conf_dir: Path, overrides: list[str]) -> None:
             if missing:  # the documented form: <group>=<value>: what is accepted
                 fail(f"{missing[1].replace('/', '.')}={missing[2]}: one of {', '.join(options)}")
             fail(f"{lines[0].removeprefix(chr(39).join(['In ', 'config', ': ']))}; available: {', '.join(options)}")
-        key = lines[0].partition("Could not override '")[2].rstrip("'.")
+        key = lines[0].partition("Could not override '")[2].partition("'")[0]
         arg = next((a for a in overrides if key and a.split("=")[0].lstrip("+~") == key), None)
+        if arg is not None and (conf_dir / key).is_dir():  # a group the defaults do not list (recipe)
+            options = ", ".join(sorted(p.stem for p in (conf_dir / key).glob("*.yaml")))
+            fail(f"{arg}: {key} is not in the defaults list; add it with +{key}=NAME (one of {options})")
         if arg is not None:
             try:
                 with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):

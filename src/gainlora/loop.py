@@ -131,6 +131,7 @@ class ContinualLoop:
     observers: list[TaskObserver] = field(default_factory=list)  # after the ResultsWriter the loop adds
     checkpoint: dict | None = None  # in-task checkpoints: every_n_epochs / every_n_train_steps
     single_task: list[float] | None = None  # S[j] from a single-task reference run: FWT
+    after_restore: Callable[[], None] | None = None  # once the finished tasks are verified (a resume's config.yaml)
 
     def __post_init__(self) -> None:
         self.kind = run_kind(self.method.run_kind)
@@ -173,6 +174,8 @@ class ContinualLoop:
             self.run_dir.clean_leftovers()
         restored = self.restore(plan)
         self.consistent = True
+        if self.after_restore is not None and self.is_main:
+            self.after_restore()
         for t, name in restored:  # fill in what a kill right after a DONE marker left missing
             self.notify(TaskEnd(t, self.run_dir.task_dir(t, name), self.results("running"), restored=True,
                                 global_step=self.end_steps[t]))

@@ -60,8 +60,8 @@ def read_inputs(path: Path, template: Callable[[str, str], str]) -> list[tuple[d
     """(row, prompt) for every non-blank line; a DataError names the first bad line."""
     if path.is_dir():  # "no such file" for a folder that exists misled
         raise DataError(f"{path}: a directory; give a JSONL file")
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
+    if not path.is_file():  # /dev/null or a pipe read "no such file" too
+        raise DataError(f"{path}: {'not a regular file' if path.exists() else 'no such file'}")
     rows = []
     for where, row in jsonl_rows(path):
         if "prediction" in row:
@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=positive_int, default=None, help="default: the run's")
     parser.add_argument("--prompt", choices=PROMPTS, default=None,
                         help=f"template for 'input' lines: {', '.join(PROMPTS)} (default: the run's)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (default: refuse)")
     args = parser.parse_args(argv)
     output = Path(args.output)
     for name in ("input", "output"):  # "-" is not stdin/stdout here: it was written as a file named "-"
@@ -146,16 +147,25 @@ def main(argv: list[str] | None = None) -> int:
         return error_line(f"--max-new-tokens={args.max_new_tokens}: at most {MAX_TOKENS}")
     try:
         from gainlora.api import load_run, read_run
+        from gainlora.build import answer_limit
 
-        _, config, _ = read_run(args.run)
+        run_dir, config, _ = read_run(args.run)
         template = args.prompt or run_template(config)
         rows = read_inputs(Path(args.input), PROMPTS[template])  # every line checked before the model loads
         unwritable = writable_file(output)
         if unwritable:
             return error_line(f"output={output}: {unwritable}")
+        if output.resolve().is_relative_to(run_dir.root.resolve()):  # a run directory has one writer: the run
+            return error_line(f"output={output}: inside the run directory {run_dir.root}; give a path outside it")
         if output.resolve() == Path(args.input).resolve():
             return error_line(f"output={output}: the input file itself; give another path (the input is kept)")
+        if output.exists() and not args.overwrite:  # earlier predictions are kept unless asked
+            return error_line(f"output={output}: exists; give another path, or --overwrite to replace it")
         trained = load_run(args.run)
+        limit = answer_limit(trained.module.backbone.config, trained.module.kind, trained.collator.max_source_length)
+        if args.max_new_tokens and limit is not None and args.max_new_tokens > limit:  # past its positions
+            return error_line(f"--max-new-tokens={args.max_new_tokens}: at most {limit} for this run's backbone "
+                              "(its positions, less the prompt's backbone.max_source_length for a decoder-only one)")
         generation = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
         answers, stats = predict(trained, [p for _, p in rows], batch_size=args.batch_size, **generation)
         write_predictions(output, rows, answers)

@@ -302,6 +302,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if twice is not None:  # the table had the same run as two rows
         return error_line(f"RUN={twice}: given twice; each run once")
     try:
+        for ref in args.single_task:  # named as the option it came from, before anything is drawn
+            try:
+                load_results(ref)
+            except ReportError as err:
+                return error_line(f"--single-task={ref}: {err}")
         out = None if args.out is None else Path(args.out)
         if out is None:
             paths = [Path(p) for p in args.run_dirs]

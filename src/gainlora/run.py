@@ -7,6 +7,7 @@ with one ``error:`` line and exit code 2.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import sys
@@ -20,7 +21,7 @@ from gainlora.artifacts import RunDir, write_text
 from gainlora.build import (build, check_backbone_source, check_reference_tests, check_trainer, check_val_interval,
                             derive_batching, in_task_checkpoints, make_loggers, single_task_reference, trainer_factory)
 from gainlora.callbacks.interrupt import resume_command
-from gainlora.cli import check_overrides, disk_full, fail, writable_file
+from gainlora.cli import check_overrides, disk_full, fail, preset_note, writable_file
 from gainlora.data.tasks import load_stream, stream_metric
 from gainlora.data.types import DataError
 from gainlora.loop import ArtifactError, ContinualLoop, StopFlag, TaskInterrupted
@@ -45,8 +46,9 @@ def run(cfg: DictConfig) -> dict:
     check_backbone_source(cfg.backbone, cfg.paths.cache_dir)
     with claim_run_dir(cfg) as run_dir:  # created, locked and checked: the first write
         module, datamodule, method = build(cfg, tasks)
-        if is_main_process():
-            write_text(run_dir.config, OmegaConf.to_yaml(cfg, resolve=True))
+        save_config = functools.partial(write_text, run_dir.config, OmegaConf.to_yaml(cfg, resolve=True))
+        if is_main_process() and not cfg.resume:  # a resume rewrites it once the tasks it restores are verified
+            save_config()
         info = {"experiment": str(cfg.exp_name), "method": method.name, "benchmark": cfg.benchmark.name,
                 "order": cfg.benchmark.get("order"), "metric": stream_metric(tasks), "seed": cfg.seed,
                 "selection": cfg.benchmark.get("selection", "carved"), "backbone": module.backbone.name_or_path,
@@ -61,7 +63,7 @@ def run(cfg: DictConfig) -> dict:
                              make_trainer=trainer_factory(cfg, run_dir, loggers), info=info, seed=cfg.seed,
                              progress_bar=cfg.trainer.enable_progress_bar, observers=logger_observers(loggers),
                              is_main=is_main_process(), stop=stop, single_task=single_task,
-                             checkpoint=in_task_checkpoints(cfg))
+                             checkpoint=in_task_checkpoints(cfg), after_restore=save_config if cfg.resume else None)
         return run_loop(loop, run_dir, loggers, stop)
 
 
@@ -98,7 +100,7 @@ def main(cfg: DictConfig) -> float:
     try:
         return run(cfg)["AP"]
     except USER_ERRORS as err:  # one clear line, no traceback, for mistakes in the input
-        fail(str(err))
+        fail(preset_note(str(err), CONF_DIR))
     except FloatingPointError as err:  # the loop has written the failed status to results.json
         fail(f"{Path(cfg.paths.run_dir) / 'results.json'}: {err}")
     except Exception as err:
@@ -120,6 +122,11 @@ def cli() -> None:
     flags = [arg for arg in args if arg.startswith("-")]
     if not flags:  # plain overrides; Hydra's other flags go to Hydra as they are
         check_overrides(CONF_DIR, args)
+        if any(arg.partition("=")[0].lstrip("+") == "hydra.run.dir" for arg in args):
+            folder = Path(str(compose_config(args, hydra=True).hydra.run.dir))
+            unwritable = None if folder.is_dir() else writable_file(folder / "run")
+            if unwritable:  # Hydra makes it before main: a traceback otherwise
+                fail(f"hydra.run.dir={folder}: {unwritable}")
     elif set(flags) <= set(MULTIRUN):
         overrides = [arg for arg in args if arg not in MULTIRUN]
         jobs = sweep_jobs(overrides)
@@ -130,7 +137,7 @@ def cli() -> None:
                 cfg = compose_config(job)
                 validate_config(cfg)
             except ConfigError as err:
-                fail(f"{err} (sweep job {n} of {len(jobs)})")
+                fail(f"{preset_note(str(err), CONF_DIR)} (sweep job {n} of {len(jobs)})")
             if cfg.run_id is not None:
                 where = (str(cfg.paths.runs_dir), str(cfg.exp_name), str(cfg.run_id))
                 if where in writers:

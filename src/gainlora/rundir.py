@@ -1,6 +1,7 @@
 """Which run directory a run writes, and that it is the only writer.
 
-``runs/<exp_name>/<run_id>/``: a fresh run takes a new id (a timestamp by default) and refuses a
+``runs/<exp_name>/<run_id>/``: a fresh run takes a new id (a timestamp by default, created
+exclusively: runs started in the same second get ``<stamp>-2``, ``-3``, ...) and refuses a
 directory that already holds a run; ``resume=true`` continues a named run, or the most recently
 modified unfinished one, after checking that the saved config is safe to read and matches this one.
 Rank 0 holds ``<run_dir>/.lock`` (an OS file lock: it goes with the process, so a killed run leaves
@@ -86,12 +87,21 @@ def resolve_run_dir(cfg: DictConfig) -> RunDir:
             raise refuse("resume", True, f"needs an unfinished run under {base} (none there); name one with run_id=...")
         print(f"[gainlora] resuming {found} (the most recently modified unfinished run)", flush=True)
         return RunDir(found)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    root, n = base / stamp, 1
-    while root.exists():  # several runs in one second (a multirun of short jobs): <stamp>-2, -3, ...
-        n += 1
-        root = base / f"{stamp}-{n}"
-    return RunDir(root)
+    return RunDir(base / datetime.now().strftime("%Y%m%d-%H%M%S"))  # made unique by claim_run_dir
+
+
+def make_fresh(root: Path) -> Path:
+    """Create a generated run directory exclusively: ``<stamp>``, else ``<stamp>-2``, ``-3``, ... Two
+    runs started in the same second (a multirun, two shells) each get their own; a check for an
+    existing folder before creating it let both take one."""
+    stamp, n = root.name, 1
+    while True:
+        try:
+            root.mkdir()
+            return root
+        except FileExistsError:
+            n += 1
+            root = root.with_name(f"{stamp}-{n}")
 
 
 def config_differences(saved: DictConfig, current: DictConfig) -> list[str]:
@@ -156,9 +166,18 @@ def claim_run_dir(cfg: DictConfig) -> Iterator[RunDir]:
     root = run_dir.root
     if cfg.resume and not run_dir.config.is_file():
         raise refuse("run_id", root.name, f"resume=true needs an existing run; {root} holds none")
-    created = [p for p in (root, *root.parents) if not p.exists()]  # the run dir and any new parents
+    created = [p for p in root.parents if not p.exists()]  # new parents, and the run dir if made here
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        if cfg.run_id is None and not cfg.resume:  # a generated id: a folder of its own
+            run_dir = RunDir(root := make_fresh(root))
+            created.insert(0, root)
+        else:
+            try:
+                root.mkdir()
+                created.insert(0, root)
+            except FileExistsError:  # the run to resume, or another process's: the lock and checks decide
+                pass
     except OSError as err:
         raise refuse("paths.runs_dir", cfg.paths.runs_dir, f"a writable directory ({err.strerror}: "
                      f"{err.filename or root})") from None

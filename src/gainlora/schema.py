@@ -363,14 +363,17 @@ def check_machine(cfg: RunConfig, strategy: dict) -> None:
     on_cpu = trainer.accelerator == "cpu" or (trainer.accelerator == "auto" and not torch.cuda.is_available())
     if on_cpu and str(trainer.precision).startswith("16"):
         raise refuse("trainer.precision", trainer.precision, "32-true, 64-true or bf16-* on a CPU (fp16 needs a GPU)")
+    cores = os.cpu_count() or 1
     if isinstance(trainer.devices, int) and trainer.devices > 1 and not on_cpu \
             and trainer.devices > torch.cuda.device_count():
         raise refuse("trainer.devices", trainer.devices, f"at most {torch.cuda.device_count()} (the GPUs here)")
+    if on_cpu and isinstance(trainer.devices, int) and trainer.devices > cores:  # each one a process: 100 froze it
+        raise refuse("trainer.devices", trainer.devices, f"at most {cores} on a CPU run (one process per device; "
+                     f"this machine has {cores} cores)")
     if trainer.num_nodes > 1 and not any(env.detect() for env in CLUSTERS) and "NODE_RANK" not in os.environ:
         # Lightning's default environment waits for the other nodes, 30 minutes, then times out
         raise refuse("trainer.num_nodes", trainer.num_nodes, "1 here: several nodes need a launcher (SLURM, torchrun, "
                      "MPI, LSF) or MASTER_ADDR, MASTER_PORT and NODE_RANK set on each node")
-    cores = os.cpu_count() or 1
     if cfg.data.num_workers > 4 * cores:  # each worker is a process: 10^5 of them hang the machine
         raise refuse("data.num_workers", cfg.data.num_workers, f"at most {4 * cores} (4 per CPU core here)")
     target, name = str(strategy.get("_target_", "")), str(strategy.get("name", ""))

@@ -127,13 +127,16 @@ def bind_method(key: str, spec: Any, accepted: tuple[type, ...] = ()) -> Bound:
     label = spec.pop("name", None)
     if label is not None and not isinstance(label, str):
         raise refuse(f"{key}.name", label, "a string label")
-    nested = {name: bind_method(f"{key}.{name}", spec.pop(name), classes)
-              for name, hint in _hints(cls).items() if name in spec
-              for classes in [_method_classes(hint, Method)] if classes is not None}
+    inner = {name: (spec.pop(name), classes) for name, hint in _hints(cls).items() if name in spec
+             for classes in [_method_classes(hint, Method)] if classes is not None}
     for name, value in spec.items():
         if isinstance(value, dict) and "_target_" in value:
             raise refuse(f"{key}.{name}", value.get("_target_"), f"{cls.__name__}.{name} takes a plain value")
-    kwargs = {**bind(key, cls, spec, skip=tuple(nested)), **nested}
+    # this section's own values first: a nested section copies some of them (GainLoRA's branches take
+    # ${method.max_batches}), and method.max_batches=0 is named as typed, not as method.branches.max_batches
+    own = bind(key, cls, spec, skip=tuple(inner))
+    nested = {name: bind_method(f"{key}.{name}", sub, classes) for name, (sub, classes) in inner.items()}
+    kwargs = {**own, **nested}
     # constraints between arguments (L2P: top_n <= pool_size): (argument, accepted) or None
     problem = cls.argument_problem({**_defaults(cls), **kwargs})
     if problem is not None:

@@ -5,19 +5,22 @@ One W&B run covers the whole task sequence. Lightning makes a fresh Trainer per 
 against their own step metric, ``cl/task`` (the number of tasks learned), declared with
 ``define_metric``, and never against a step that could decrease.
 
-Without an API key the run is written offline (``wandb sync <dir>`` uploads it later). Only the
-key's presence is checked here; it is never read, stored or printed (W&B takes it from its
-environment or login).
+Without an API key the run is written offline (``wandb sync <dir>`` uploads it later); asked to
+log online (WANDB_MODE=online) without credentials, the run stops before training with one
+``error:`` line. Only the key's presence is checked here; it is never read, stored or printed (W&B
+takes it from its environment or login).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import netrc
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
@@ -79,10 +82,29 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def has_credentials() -> bool:
+    """Whether wandb will find credentials without prompting: WANDB_API_KEY (or an identity token
+    file) in the environment, or a netrc entry for the W&B host (what ``wandb login`` writes; the
+    same files wandb reads: $NETRC, else ~/.netrc or ~/_netrc). Only presence is checked."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").netloc
+    candidates = [os.environ["NETRC"]] if os.environ.get("NETRC") else ["~/.netrc", "~/_netrc"]
+    for path in (Path(p).expanduser() for p in candidates):
+        try:
+            if path.is_file() and netrc.netrc(path).authenticators(host):
+                return True
+        except (OSError, netrc.NetrcParseError):
+            continue
+    return False
+
+
 def check(key: str, kwargs: Mapping[str, Any]) -> None:
     """What wandb refused only when the first task's logger started (a traceback after the run directory
     was written), checked by wandb's own Settings: WANDB_MODE, the project, the run id, each tag (the
-    job type is one)."""
+    job type is one). Online logging asked for (WANDB_MODE=online, or ``offline: false``) without
+    credentials is refused too: wandb would stop at its login prompt (no terminal: a traceback) once
+    the first task had trained; falling back to offline would hide that the dashboard stays empty."""
     import wandb
     from pydantic import ValidationError
 
@@ -102,6 +124,13 @@ def check(key: str, kwargs: Mapping[str, Any]) -> None:
                          err.errors()[0]["msg"].removeprefix("Value error, ")) from None
         except wandb.errors.UsageError as err:
             raise refuse(name, value, str(err)) from None
+    disabled = os.environ.get("WANDB_MODE") == "disabled"  # wandb logs nothing: no credentials needed
+    if not should_run_offline(kwargs.get("offline")) and not disabled and not has_credentials():
+        mode = os.environ.get("WANDB_MODE")
+        name, value = ("WANDB_MODE", mode) if kwargs.get("offline") is None else (f"{key}.offline", False)
+        raise refuse(name, value, "online logging needs W&B credentials (WANDB_API_KEY, or `wandb login` once); "
+                     "none found here. Unset WANDB_MODE (or set WANDB_MODE=offline) to log offline and `wandb "
+                     "sync` the run later")
 
 
 def finish(loggers: Iterable[Logger]) -> None:

@@ -69,6 +69,10 @@ CASES = {
     "zero rank": (["lora.rank=0"], None, "lora.rank=0: should be greater than 0"),
     "endless generation": (["backbone.max_new_tokens=1000000000"], None,
                            "backbone.max_new_tokens=1000000000: should be less than or equal to 131072"),
+    # accepted, then every test batch generated for hours
+    "generation past the answer positions": (["backbone.max_new_tokens=131072"], None,
+                                             "backbone.max_new_tokens=131072: at most 512 (an encoder-decoder's "
+                                             "answer positions: its n_positions, else T5's pre-training length 512)"),
     "no backbone": (["backbone.tiny=null"], None, "backbone.name_or_path"),
     "indivisible global batch": (["data.global_batch_size=32", "data.batch_size=5"], None,
                                  "data.global_batch_size=32: a multiple of data.batch_size (5)"),
@@ -84,9 +88,12 @@ CASES = {
     "DeepSpeed on CPU": (["strategy=deepspeed_stage_2", "trainer.accelerator=cpu"], None,
                          "Lightning runs DeepSpeed on CUDA GPUs only"),
     "devices Lightning refuses": (["trainer.accelerator=cpu", "trainer.devices=[0,1]"], None,
-                                  "trainer: lightning.Trainer refuses these settings: `devices` selected with"),
+                                  "trainer.devices=[0, 1]: lightning.Trainer refuses it: `devices` selected with"),
+    # named no key: "trainer: lightning.Trainer refuses these settings: `Timer(duration='abc')` ..."
+    "a time limit Lightning refuses": (["+trainer.max_time=abc"], None,
+                                       "trainer.max_time=abc: lightning.Trainer refuses it: `Timer(duration='abc')`"),
     "missing single-task reference": (["metrics.single_task_run=/nonexistent/st"], None,
-                                      "metrics.single_task_run: /nonexistent/st/results.json: not found"),
+                                      "metrics.single_task_run=/nonexistent/st: /nonexistent/st/results.json: not found"),
     "rank above the backbone's width": (["lora.rank=100000"], None, "lora.rank=100000: at most 64 for this backbone"),
     # Lightning refused it only when the first task's fit started: a traceback
     "validation interval past an epoch": (["+trainer.val_check_interval=1000", "trainer.limit_val_batches=1.0"], None,
@@ -121,6 +128,18 @@ def test_unknown_config_group_option_names_it(override, fragment, tmp_path):
     cmd = [sys.executable, "-m", "gainlora.run", *TINY, *DEMO, f"paths.runs_dir={tmp_path}", override]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.startswith(f"error: {override}: one of "), done.stderr
+
+
+def test_a_value_a_debug_preset_set_is_named_as_its(tmp_path):
+    """debug=cpu_tiny takes 2 tasks: on a one-task stream the line named benchmark.num_tasks=2, which the
+    user never typed."""
+    cmd = [sys.executable, "-m", "gainlora.run", "experiment=demo", "debug=cpu_tiny", "benchmark.tasks=[demo_colour]",
+           f"paths.runs_dir={tmp_path}"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "error: benchmark.num_tasks=2: 1 to 1 (the stream has demo_colour), or null for all (debug=cpu_tiny sets "
+        "benchmark.num_tasks; override it on the command line)"], done.stderr
+    assert not any(tmp_path.iterdir())
 
 
 def test_entry_point_prints_one_line_error(tmp_path):
@@ -159,8 +178,11 @@ def test_resume_refuses_artifacts_of_another_shape(tmp_path):
     run(config(tmp_path, *DEMO, "run_id=shape", "benchmark.num_tasks=2", "trainer.max_steps=1"))
     branch = tmp_path / "runs" / "demo" / "shape" / "tasks" / "01-demo_colour" / "branch.safetensors"
     save_file({"encoder.block.0.layer.0.SelfAttention.q.A": torch.zeros(2, 2)}, str(branch))
+    saved = (branch.parents[2] / "config.yaml").read_text()
     with pytest.raises(ValueError, match="01-demo_colour/branch.safetensors: does not match its checksum"):
         run(config(tmp_path, *DEMO, "run_id=shape", "benchmark.num_tasks=2", "trainer.max_steps=1", "resume=true"))
+    # the failed resume left the run as it was (config.yaml was rewritten before the tasks were verified)
+    assert (branch.parents[2] / "config.yaml").read_text() == saved
 
 
 # -- refused before anything is written -----------------------------------------------------------------
@@ -220,6 +242,29 @@ def test_a_backbone_without_q_and_v_projections_is_named() -> None:
 
     with pytest.raises(ValueError, match=r"^backbone.name_or_path=org/bert: no q/v projections found in Linear"):
         check_rank(8, SimpleNamespace(model=torch.nn.Linear(4, 4), kind="causal"), "org/bert")
+
+
+@pytest.mark.parametrize("lengths, line", [
+    ((400, 16, 8), None),
+    ((400, 16, 200), "backbone.max_new_tokens=200: at most 112 (the backbone's 512 positions less "
+                     "backbone.max_source_length 400: the prompt and the answer share them)"),
+    ((500, 16, 8), "backbone.max_target_length=16: at most 12 (the backbone's 512 positions"),
+    ((512, 16, 8), "backbone.max_source_length=512: at most 511 (the backbone's 512 positions hold the prompt and "
+                   "the answer)"),
+])
+def test_a_decoder_only_backbone_holds_prompt_and_answer_in_its_positions(lengths, line) -> None:
+    from types import SimpleNamespace
+
+    from gainlora.build import check_lengths
+
+    backbone = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(max_position_embeddings=512)),
+                               kind="causal")
+    cfg = dict(zip(("max_source_length", "max_target_length", "max_new_tokens"), lengths))
+    if line is None:
+        check_lengths(cfg, backbone)
+        return
+    with pytest.raises(ValueError, match=f"^{re.escape(line)}"):
+        check_lengths(cfg, backbone)
 
 
 @pytest.mark.parametrize("offline", ["1", ""])
@@ -363,6 +408,13 @@ def test_disk_full_names_the_path(wrapped, tmp_path, monkeypatch, capsys):
     (["logger=null"], "error: logger=null: one of csv, wandb (a config group takes an option's name)"),
     (["-m", "--cfg", "job", "seed=0,1"], "error: -m and --cfg: one of --multirun, --cfg, --info, --run, "
                                          "--shell-completion at a time"),
+    # composed conf/config.yaml as an experiment: "In 'experiment/../conf/config': Could not find ..."
+    (["experiment=../conf/config"], "error: experiment=../conf/config: one of cpu_long, demo, "),
+    # Hydra made it before main: a FileNotFoundError traceback, exit 1
+    (["hydra.run.dir=/proc/gainlora"], "error: hydra.run.dir=/proc/gainlora: /proc cannot be written"),
+    # read "Could not override 'recipe'. No match in the defaults list.; To append ..."
+    (["recipe=t5_long"], "error: recipe=t5_long: recipe is not in the defaults list; add it with +recipe=NAME (one "
+                         "of llama_superni, t5_long, t5_superni)"),
 ])
 def test_a_bad_override_is_one_line_and_exit_2(args, fragment, monkeypatch, capsys) -> None:
     """Hydra's own override errors (before main runs) also end in one `error:` line, exit 2."""
@@ -530,6 +582,8 @@ def test_each_run_of_one_process_logs_to_its_own_wandb_run(tmp_path, monkeypatch
     (["--warmup", "-1"], "error: --warmup=-1: an integer >= 0"),
     (["--variants", "gainlora_1,bogus"], "error: --variants=gainlora_1,bogus: a comma list of lora_1, "),  # KeyError
     (["--sections", "steps,"], "error: --sections=steps,: a comma list of steps, "),
+    # found out when the first section's results were saved, minutes in
+    (["--out", "/proc/gainlora/b.json"], "error: --out=/proc/gainlora/b.json: /proc cannot be written"),
 ])
 def test_the_bench_refuses_bad_arguments_in_one_line(args, line, capsys, monkeypatch) -> None:
     import importlib.util
@@ -542,3 +596,34 @@ def test_the_bench_refuses_bad_arguments_in_one_line(args, line, capsys, monkeyp
         bench.parse_args(args)
     err = capsys.readouterr().err
     assert stopped.value.code == 2 and err.startswith(line) and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("script, args, line", [
+    # the figures were written, and the baseline read, after the whole 15-task run: a traceback lost them
+    ("fifteen_tasks.py", ["--out", "/proc/gainlora/f.json"], "error: --out=/proc/gainlora/f.json: /proc cannot be "
+                                                             "written"),
+    ("fifteen_tasks.py", ["--out", "{tmp}/f.json", "--baseline", "{tmp}/none.json"],
+     "error: --baseline={tmp}/none.json: a JSON file an earlier --out wrote"),
+    ("fifteen_tasks.py", ["--out", "{tmp}/f.json", "--baseline", "{tmp}/f.json"], None),  # f.json: written below
+    ("gpu_check.py", ["--out", "/proc/gainlora/g.json"], "error: --out=/proc/gainlora/g.json: /proc cannot be written"),
+    ("gpu_check.py", ["--bogus"], "error: --bogus: unknown arguments; see bench/gpu_check.py --help"),
+])
+def test_the_other_bench_scripts_check_their_arguments_first(script, args, line, tmp_path, capsys,
+                                                             monkeypatch) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(script[:-3], ROOT / "bench" / script)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, script[:-3], module)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "run", lambda *a, **k: pytest.fail("the run started"), raising=False)
+    if line is None:  # a JSON file that is not an earlier --out
+        (tmp_path / "f.json").write_text('{"summary": {}}')
+        line = "error: --baseline={tmp}/f.json: not a JSON file an earlier --out wrote (needs label and summary."
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    try:
+        code = module.main(args)
+    except SystemExit as stopped:
+        code = stopped.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(line.replace("{tmp}", str(tmp_path))) and err.count("\n") == 1, err

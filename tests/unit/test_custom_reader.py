@@ -78,6 +78,8 @@ def test_long_prompt_and_task_default_instruction(tmp_path: Path) -> None:
     ([ROW, {**ROW, "input": 3}], "train.jsonl line 2: 'input' must be a string, got int"),
     ([{"input": "x", "output": "y"}], "train.jsonl line 1: missing field 'instruction'"),
     ([], "train.jsonl: no examples (empty split)"),
+    # kept as str(dict) ("{'a': 1}") while the built-in readers refuse it
+    ([ROW, {**ROW, "id": {"a": 1}}], "train.jsonl line 2: 'id' must be a string or an integer, got dict"),
 ])
 def test_bad_jsonl_rows_are_named_by_file_and_line(tmp_path: Path, rows: list, fragment: str) -> None:
     folder = task_folder(tmp_path, train=rows)
@@ -100,6 +102,19 @@ def test_bad_csv_rows_are_named_by_file_and_line(tmp_path: Path, text: str, frag
     (tmp_path / "t" / "train.csv").write_text(text)
     write_jsonl(tmp_path / "t" / "test.jsonl", [ROW])
     assert fragment in refused(cfg(str(tmp_path / "t")))
+
+
+@pytest.mark.parametrize("name", ["train.jsonl", "train.csv"])
+def test_bytes_that_are_not_utf8_are_named_by_line(tmp_path: Path, name: str) -> None:
+    """Past the decoder's 8 KiB buffer its offset ("at byte 4833") pointed nowhere in the file."""
+    good = json.dumps(ROW) if name.endswith("jsonl") else "i,x,y"
+    head = "" if name.endswith("jsonl") else "instruction,input,output\n"
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / name).write_bytes((head + (good + "\n") * 500).encode() + b"caf\xe9,x,y\n")
+    write_jsonl(tmp_path / "t" / "test.jsonl", [ROW])
+    line = 501 + bool(head)
+    assert refused(cfg(str(tmp_path / "t"))) == (f"{tmp_path / 't' / name} line {line}: not valid UTF-8 (byte "
+                                                 "b'\\xe9' at column 4)")
 
 
 def test_a_byte_order_mark_is_read_past(tmp_path: Path) -> None:
@@ -130,7 +145,10 @@ def test_bad_task_entries_name_the_key(tmp_path: Path) -> None:
             cfg({"name": "b", "train": good + "/train.jsonl", "test": good + "/test.jsonl", "metric": "bleu"}),
         "benchmark.metric=f1": cfg(good, metric="f1"),
         "benchmark.prompt=chat": cfg(good, prompt="chat"),
-        "a task name appears twice": cfg(good, good),
+        f"benchmark.tasks[1]={good}: a task named 't' is already task 1 ({good}); each name once": cfg(good, good),
+        # two folders of one name (a/t, b/t): the message listed the names only, ['t', 't']
+        f"benchmark.tasks[1]={tmp_path / 'b' / 't'}: a task named 't' is already task 1 ({tmp_path / 'a' / 't'})":
+            cfg(str(task_folder(tmp_path / "a")), str(task_folder(tmp_path / "b"))),
         "unsupported file type '.txt'": cfg({"name": "b", "train": str(write_jsonl(tmp_path / "x.txt", [ROW])),
                                              "test": good}),
         # a split that is no path (an override such as train:[a]) was a TypeError traceback
@@ -167,6 +185,15 @@ def test_save_to_disk_folders_are_tasks(tmp_path: Path) -> None:
     bad = [{"instruction": "i", "input": "x", "output": None}] * 2
     datasets.DatasetDict({"train": dataset(bad, "f"), "test": dataset(bad, "g")}).save_to_disk(str(tmp_path / "bad"))
     assert f"{tmp_path / 'bad'}[train] row 0: missing field 'output'" in refused(cfg(str(tmp_path / "bad")))
+    # a one-split Dataset given as a task folder read "no train.jsonl or train.csv"
+    assert f"{tmp_path / 'one_split'}: a save_to_disk Dataset of one split" in refused(cfg(str(tmp_path / "one_split")))
+
+
+def test_a_split_that_is_a_folder_is_named(tmp_path: Path) -> None:
+    """train.jsonl made as a folder read "no train.jsonl or train.csv", which it has."""
+    (tmp_path / "t" / "train.jsonl").mkdir(parents=True)
+    write_jsonl(tmp_path / "t" / "test.jsonl", [ROW])
+    assert f"{tmp_path / 't' / 'train.jsonl'}: not a file" in refused(cfg(str(tmp_path / "t")))
 
 
 def test_a_bad_file_stops_the_run_before_anything_is_written(tmp_path: Path) -> None:

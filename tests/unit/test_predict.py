@@ -122,9 +122,15 @@ def test_bad_arguments_are_named(tmp_path, capsys) -> None:
     assert main([str(run), str(source), str(tmp_path)]) == 2  # a directory
     assert main([str(run), str(source), "/proc/gainlora/o.jsonl"]) == 2  # checked before the model loads
     assert main([str(run), str(source), str(source)]) == 2
+    assert main([str(run), str(source), str(run / "preds.jsonl")]) == 2  # a run directory has one writer
+    assert not (run / "preds.jsonl").exists()
+    (tmp_path / "old.jsonl").write_text("earlier predictions\n")
+    assert main([str(run), str(source), str(tmp_path / "old.jsonl")]) == 2  # was replaced without a word
+    assert (tmp_path / "old.jsonl").read_text() == "earlier predictions\n"
     assert main([str(run), str(source), str(tmp_path / "o"), "--max-new-tokens", "1000000000"]) == 2
     assert main([str(run), str(source), "-"]) == 2 and not Path("-").exists()
     assert main([str(run), "-", str(tmp_path / "o")]) == 2
+    assert main([str(run), "/dev/null", str(tmp_path / "o")]) == 2  # was "no such file"
     for args in (["--batch-size", "0"], ["--batch-size", "abc"], ["--prompt", "chat"], ["--bogus"], []):
         with pytest.raises(SystemExit) as stopped:  # argparse's own errors, in the same one-line form
             main([str(run), str(source), *(["o"] if args else []), *args])
@@ -136,9 +142,12 @@ def test_bad_arguments_are_named(tmp_path, capsys) -> None:
         f"error: output={tmp_path}: a directory; give a file path",
         "error: output=/proc/gainlora/o.jsonl: /proc cannot be written (No such file or directory)",
         f"error: output={source}: the input file itself; give another path (the input is kept)",
+        f"error: output={run / 'preds.jsonl'}: inside the run directory {run}; give a path outside it",
+        f"error: output={tmp_path / 'old.jsonl'}: exists; give another path, or --overwrite to replace it",
         "error: --max-new-tokens=1000000000: at most 131072",
         "error: output=-: a file path (standard input and output are not read or written)",
         "error: input=-: a file path (standard input and output are not read or written)",
+        "error: /dev/null: not a regular file",
         "error: --batch-size=0: a positive integer",
         "error: --batch-size=abc: a positive integer",
         "error: --prompt=chat: expected one of superni, long, demo",
@@ -186,6 +195,13 @@ def test_cli_on_a_fresh_run(tmp_path, capsys) -> None:
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in written] == ["a", "b", "c"]
     assert all(isinstance(r["prediction"], str) and r.items() >= rows[i].items() for i, r in enumerate(written))
+    assert main([str(tmp_path / "demo" / "r"), str(source), str(out), "--overwrite"]) == 0  # asked: replaced
+    capsys.readouterr()
+    assert main([str(tmp_path / "demo" / "r"), str(source), str(tmp_path / "o2.jsonl"), "--max-new-tokens", "600"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --max-new-tokens=600: at most 512 for this run's backbone (its "
+                                               "positions, less the prompt's backbone.max_source_length for a "
+                                               "decoder-only one)")
+    assert [json.loads(line) for line in out.read_text().splitlines()] == written
 
 
 def test_make_predict_keeps_a_path_with_a_space_whole(tmp_path) -> None:

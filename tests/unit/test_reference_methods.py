@@ -186,7 +186,7 @@ def test_bad_single_task_reference_is_refused(case: str, fragment: str, tmp_path
     with pytest.raises(ConfigError) as err:
         single_task_reference(cfg, tasks)
     message = str(err.value)
-    assert message.startswith("metrics.single_task_run: ") and fragment in message and "\n" not in message
+    assert message.startswith(f"metrics.single_task_run={ref}: ") and fragment in message and "\n" not in message
     if case != "reference method":
         assert f"{ref / 'results.json'}: " in message  # names the file
 
@@ -205,7 +205,7 @@ def test_fwt_needs_the_reference_to_have_scored_the_same_test_examples(tmp_path:
     cfg = compose_cfg(f"metrics.single_task_run={ref}", "method=inclora")
     check_reference_tests(cfg, [ours])  # the same tests
     other = make_demo_task("demo_colour", seed=5, n_train=8, n_val=2, n_test=4)
-    with pytest.raises(ConfigError, match=rf"^metrics.single_task_run: {ref}: task demo_colour was tested on other "
+    with pytest.raises(ConfigError, match=rf"^metrics.single_task_run={ref}: task demo_colour was tested on other "
                                           r"examples than this run's \(another seed or other data\)"):
         check_reference_tests(cfg, [other])
     (folder / "predictions.json").write_text("[")

@@ -319,6 +319,7 @@ def test_cli_names_an_unreadable_config_and_an_unwritable_out(tmp_path: Path, ca
     (tmp_path / "file").write_text("")
     assert main([str(good), "--out", str(tmp_path / "file" / "o")]) == 2
     assert main([str(good / "results.json"), "--out", str(good / "report")]) == 2  # the run's own folder
+    assert main([str(good), "--single-task", str(tmp_path / "st"), "--out", str(tmp_path / "o")]) == 2
     with pytest.raises(SystemExit) as stopped:
         main([str(good), "--out", str(tmp_path / "o"), "--name", "x"])
     assert stopped.value.code == 2
@@ -327,6 +328,9 @@ def test_cli_names_an_unreadable_config_and_an_unwritable_out(tmp_path: Path, ca
         f"error: {other}/config.yaml: not a run config (a mapping of sections)",
         f"error: --out={tmp_path}/file/o: {tmp_path}/file is not a directory",
         f"error: --out={good}/report: inside the run directory {good}/results.json; give a folder outside it",
+        # named the file only, not the option it came from
+        f"error: --single-task={tmp_path}/st: {tmp_path}/st/results.json: not found ({tmp_path}/st is not a finished "
+        "or running run directory)",
         "error: --name: not allowed with --out"]
     assert not (good / "report").exists()
     assert not (tmp_path / "o").exists()

@@ -253,3 +253,24 @@ def test_a_runs_folder_under_home_is_expanded(tmp_path, monkeypatch):
     with claim_run_dir(cfg_of(tmp_path, "paths.runs_dir='~/runs'", "run_id=r")) as run_dir:
         assert run_dir.root == tmp_path / "home" / "runs" / "demo" / "r" and run_dir.root.is_dir()
     assert not (tmp_path / "~").exists()
+
+
+def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch):
+    """A generated id is created exclusively: another run that makes the same <stamp> folder between
+    this run choosing it and creating it (two runs started together) leaves this one <stamp>-2; a
+    check-then-create took the other run's folder and then failed on its lock."""
+    import gainlora.rundir as rundir
+
+    resolve = rundir.resolve_run_dir
+
+    def raced(cfg):  # the other run creates the chosen folder first
+        chosen = resolve(cfg)
+        chosen.root.mkdir(parents=True)
+        return chosen
+
+    monkeypatch.setattr(rundir, "resolve_run_dir", raced)
+    with claim_run_dir(cfg_of(tmp_path)) as run_dir:
+        stamp = sorted(p.name for p in (tmp_path / "demo").iterdir())[0]
+        assert run_dir.root == tmp_path / "demo" / f"{stamp}-2"
+        assert not (tmp_path / "demo" / stamp / LOCK).exists()
+    assert not run_dir.root.exists()  # nothing of a run was written: no trace

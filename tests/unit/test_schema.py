@@ -110,6 +110,8 @@ REFUSED = {
     "method.branches.threshold=1.5": "method.branches.threshold=1.5: should be less than or equal to 1",
     "method.thresholds=[0.9,0.9]": "method.thresholds=[0.9, 0.9]",
     "+method.bogus=1": "method.bogus=1: unknown key",
+    # the branches copy it (${method.max_batches}): the message named method.branches.max_batches
+    "method.max_batches=0": "method.max_batches=0: should be greater than or equal to 1 or null",
     "method._target_=torch.load": "method._target_=torch.load: not one of the project's methods (gainlora.methods.",
     "method._target_=numpy.load": "method._target_=numpy.load: not one of the project's methods",
     "method._target_=os.system": "method._target_=os.system: not one of the project's methods",
@@ -196,6 +198,10 @@ REFUSED_TOGETHER = {
     ("method=sapt_lora", "method.seed=-1"): "method.seed=-1: should be greater than or equal to 0",
     ("method=inclora_replay", "method.seed=2147483648"): "method.seed=2147483648: should be less than 2147483648",
     ("method.seed=-1",): "method.seed=-1: should be greater than or equal to 0",
+    ("method=l2p", "method.seed=-1"): "method.seed=-1: should be greater than or equal to 0",  # was accepted
+    ("method=lfpt5", "method.seed=2147483648"): "method.seed=2147483648: should be less than 2147483648",
+    # each CPU device is a process: 100 of them froze the machine
+    ("trainer.accelerator=cpu", "trainer.devices=100000"): "trainer.devices=100000: at most ",
     # sampled in generation batches before each task and held in memory: 10^9 meant days of sampling
     ("method=lfpt5", "method.pseudo_per_task=1000000000"):
         "method.pseudo_per_task=1000000000: should be less than or equal to 100000",
@@ -244,6 +250,27 @@ def test_wandb_mode_is_one_wandb_takes(monkeypatch):
     validate_config(cfg_of())  # only the W&B logger reads it
     monkeypatch.setenv("WANDB_MODE", "disabled")
     validate_config(cfg_of("logger=wandb"))
+
+
+@pytest.mark.parametrize("overrides", [(), ("logger.wandb.offline=false",)])
+def test_online_wandb_without_credentials_is_refused_before_training(overrides, monkeypatch, tmp_path):
+    """wandb stopped at its login prompt (no terminal: a traceback) once the first task had trained."""
+    for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))  # none: `wandb login` was never run
+    if overrides:
+        monkeypatch.delenv("WANDB_MODE", raising=False)
+    else:
+        monkeypatch.setenv("WANDB_MODE", "online")
+    key = "logger.wandb.offline=false" if overrides else "WANDB_MODE=online"
+    with pytest.raises(ConfigError, match=rf"^{key}: online logging needs W&B credentials \(WANDB_API_KEY, or "
+                                          r"`wandb login` once\); none found here. Unset WANDB_MODE"):
+        validate_config(cfg_of("logger=wandb", *overrides))
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    validate_config(cfg_of("logger=wandb", *overrides))  # what `wandb login` writes
+    (tmp_path / "netrc").unlink()
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    validate_config(cfg_of("logger=wandb", *overrides))
 
 
 ACCEPTED = ["lora.dropout=0.1", "optimizer.lr=1", "run_id=12", "run_id=a.b-c_1", "benchmark.num_tasks=1",

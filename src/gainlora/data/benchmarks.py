@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gainlora.data.types import DataError, Example, TaskData
+from gainlora.data.types import DataError, Example, TaskData, undecodable
 
 logger = logging.getLogger(__name__)
 
@@ -221,8 +221,8 @@ def _parse_file(path: str, mtime_ns: int, size: int, key: str) -> _Split:
         obj = json.loads(Path(path).read_text(encoding="utf-8-sig"))  # a BOM (Windows editors) is read past
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not valid UTF-8 at byte {err.start}") from None
+    except UnicodeDecodeError:
+        raise undecodable(Path(path)) from None
     return _FORMATS[key].read(obj, path)
 
 

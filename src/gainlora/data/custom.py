@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from gainlora.data.benchmarks import _carve, _pick_target, _subsample, long_sequence_prompt, superni_prompt
-from gainlora.data.types import DataError, Example, TaskData
+from gainlora.data.types import DataError, Example, TaskData, undecodable
 from gainlora.metrics import SCORERS
 
 PROMPTS = {"superni": superni_prompt, "long": long_sequence_prompt}
@@ -54,9 +54,17 @@ def load_custom_stream(cfg: Mapping, seed: int) -> list[TaskData]:
     default_metric = _metric(cfg.get("metric", "rougeL"), "benchmark.metric")
     specs = [_task_spec(i, entry, default_metric) for i, entry in enumerate(entries)]
     names = [s["name"] for s in specs]
-    if len(set(names)) != len(names):
-        raise DataError(f"benchmark.tasks: a task name appears twice: {names}")
+    for j, name in enumerate(names):  # a task's name is its folder in the run directory
+        if name in names[:j]:
+            i = names.index(name)
+            raise DataError(f"benchmark.tasks[{j}]={_shown(entries[j])}: a task named '{name}' is already task {i + 1} "
+                            f"({_shown(entries[i])}); each name once (a folder task is named after its folder: rename "
+                            "one, or give it a mapping {name, train, test})")
     return [_load(spec, PROMPTS[prompt], seed, cfg) for spec in specs]
+
+
+def _shown(entry: Any) -> str:
+    return str(entry) if isinstance(entry, str | Path) else f"{{name: {entry.get('name')}, ...}}"
 
 
 def _metric(value: Any, key: str) -> str:
@@ -107,8 +115,14 @@ def _folder_files(folder: Path) -> dict[str, Path] | Path:
     """{split: file} of a task folder, or the folder itself when it is a saved DatasetDict."""
     if (folder / "dataset_dict.json").is_file():
         return folder
+    if (folder / "state.json").is_file():  # Dataset.save_to_disk: one split, not a task
+        raise DataError(f"{folder}: a save_to_disk Dataset of one split; save a DatasetDict with train and test "
+                        "splits, or name each split's folder in a mapping {name, train, test}")
     files = {}
     for split in SPLITS:
+        odd = [p for p in (folder / f"{split}{suffix}" for suffix in SUFFIXES) if p.exists() and not p.is_file()]
+        if odd:
+            raise DataError(f"{odd[0]}: not a file (a split is one .jsonl or .csv file)")
         found = [folder / f"{split}{suffix}" for suffix in SUFFIXES if (folder / f"{split}{suffix}").is_file()]
         if len(found) > 1:
             raise DataError(f"{folder}: both {found[0].name} and {found[1].name}; keep one")
@@ -153,8 +167,11 @@ def _example(where: str, row: dict[str, Any], instruction: str | None, prompt, k
     if not isinstance(outputs, list) or not outputs or not all(isinstance(o, str) and o.strip() for o in outputs):
         raise DataError(f"{where}: 'output' must be a non-empty string or a non-empty list of non-empty strings")
     references = tuple(outputs)
+    given = row.get("id")
+    if given is not None and (isinstance(given, bool) or not isinstance(given, str | int)):
+        raise DataError(f"{where}: 'id' must be a string or an integer, got {type(given).__name__}")
     return Example(source=prompt(text.strip(), row["input"]), target=_pick_target(references, key),
-                   references=references, id=str(row.get("id") or f"{task}-{index}"))
+                   references=references, id=str(given) if given else f"{task}-{index}")
 
 
 def _rows(path: Path) -> list[Row]:
@@ -166,8 +183,8 @@ def _rows(path: Path) -> list[Row]:
                         "save_to_disk folder")
     try:
         rows = list(readers[path.suffix](path))
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not valid UTF-8 at byte {err.start}") from None
+    except UnicodeDecodeError:
+        raise undecodable(path) from None
     except csv.Error as err:  # a NUL byte, a cell past the csv module's field size limit
         raise DataError(f"{path}: not a readable CSV file ({err})") from None
     if not rows:
@@ -180,8 +197,8 @@ def jsonl_rows(path: Path) -> Iterator[Row]:
     with path.open(encoding="utf-8-sig") as handle:
         try:
             lines = list(enumerate(handle, 1))
-        except UnicodeDecodeError as err:
-            raise DataError(f"{path}: not valid UTF-8 at byte {err.start}") from None
+        except UnicodeDecodeError:
+            raise undecodable(path) from None
     for number, line in lines:
         if not line.strip():
             continue

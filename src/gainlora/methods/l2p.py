@@ -20,7 +20,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from gainlora.methods.base import Method
+from gainlora.methods.base import Method, Seed
 from gainlora.model.module import ContinualLM
 from gainlora.model.prompts import PromptPool, vocabulary_init
 
@@ -35,7 +35,7 @@ class L2P(Method):
     # bounds: prompts are input positions and pool memory; past them a run dies allocating, not learning
     def __init__(self, pool_size: Annotated[int, Field(ge=1, le=1024)] = 10,
                  prompt_length: Annotated[int, Field(ge=1, le=512)] = 5, top_n: Annotated[int, Field(ge=1)] = 5, lam: Annotated[float, Field(ge=0)] = 0.1,
-                 seed: int = 0) -> None:
+                 seed: Seed = 0) -> None:
         super().__init__(max_batches=None)
         self.pool_size, self.prompt_length, self.top_n, self.lam, self.seed = pool_size, prompt_length, top_n, lam, seed
         self.pool: PromptPool | None = None

@@ -36,7 +36,7 @@ from torch import Tensor
 from gainlora.data.collate import TruncationCounter
 from gainlora.data.datamodule import TaskStreamDataModule
 from gainlora.data.types import Example
-from gainlora.methods.base import Method
+from gainlora.methods.base import Method, Seed
 from gainlora.model.module import ContinualLM
 from gainlora.model.prompts import TaskPrompt, vocabulary_init
 
@@ -98,7 +98,7 @@ class LFPT5(Method):
                  kl_weight: Annotated[float, Field(ge=0)] = 0.0526316,  # 0.05 / (1 - 0.05)
                  pseudo_per_task: Annotated[int, Field(ge=0, le=10**5)] = 50,  # each a generation, held in memory
                  generation_tokens: Annotated[int, Field(ge=1, le=1024)] = 64,
-                 top_k: Annotated[int, Field(ge=1)] = 64, seed: int = 0) -> None:
+                 top_k: Annotated[int, Field(ge=1)] = 64, seed: Seed = 0) -> None:
         super().__init__(max_batches=None)
         self.prompt_length, self.lm_lambda, self.kl_weight = prompt_length, lm_lambda, kl_weight
         self.pseudo_per_task, self.generation_tokens, self.top_k, self.seed = (pseudo_per_task, generation_tokens,
