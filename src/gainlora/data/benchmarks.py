@@ -5,8 +5,7 @@ one JSON object with ``Definition`` (a list holding one instruction) and ``Insta
 ``{"id"?, "input", "output"}``, ``output`` a string or a list of reference strings). They differ in the
 prompt template, whether the instruction may be empty, and the metric.
 
-Every problem with the input is a :class:`DataError` whose one-line message names the file, task or key, so
-that :func:`validate_tasks` can fail before any training starts.
+Every input problem is a one-line :class:`DataError` naming the file, task or key: validate_tasks fails early.
 """
 from __future__ import annotations
 
