@@ -45,7 +45,7 @@ def run(cfg: DictConfig) -> dict:
     check_backbone_source(cfg.backbone, cfg.paths.cache_dir)
     with claim_run_dir(cfg) as run_dir:  # created, locked and checked: the first write
         module, datamodule, method = build(cfg, tasks)
-        if is_main_process():
+        if is_main_process() and not cfg.resume:  # a resume keeps the config the run was made with
             write_text(run_dir.config, OmegaConf.to_yaml(cfg, resolve=True))
         info = {"experiment": str(cfg.exp_name), "method": method.name, "benchmark": cfg.benchmark.name,
                 "order": cfg.benchmark.get("order"), "metric": stream_metric(tasks), "seed": cfg.seed,

@@ -24,13 +24,14 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gainlora import __version__
-from gainlora.artifacts import RunDir, write_json
+from gainlora.artifacts import ArtifactError, RunDir, read_config, write_json
 from gainlora.csv_logger import read_rows
 from gainlora.data.types import TaskData
 from gainlora.schema import ConfigError, refuse, validate_config
 from gainlora.targets import bind_method, make
 
 RUN_ID_ENV = "GAINLORA_RUN_ID"
+CODE_DIR = Path(__file__).resolve().parents[1]  # src/ (or site-packages): what Python imports from
 LOCK, HOLDER = ".lock", ".lock.json"
 # Keys that may differ between an interrupted run and its resumption.
 RESUMABLE_KEYS = {"resume", "run_id", "paths", "logger", "trainer.enable_progress_bar", "derived", "checkpoint",
@@ -154,6 +155,7 @@ def claim_run_dir(cfg: DictConfig) -> Iterator[RunDir]:
         return
     run_dir = resolve_run_dir(cfg)
     root = run_dir.root
+    check_runs_dir(cfg.paths.runs_dir, root)
     if cfg.resume and not run_dir.config.is_file():
         raise refuse("run_id", root.name, f"resume=true needs an existing run; {root} holds none")
     created = [p for p in (root, *root.parents) if not p.exists()]  # the run dir and any new parents
@@ -184,6 +186,15 @@ def claim_run_dir(cfg: DictConfig) -> Iterator[RunDir]:
                     folder.rmdir()
 
 
+def check_runs_dir(runs_dir: str, root: Path) -> None:
+    """Runs go to a folder of their own: not the filesystem root, not among the code Python imports."""
+    where = root.resolve()
+    if Path(runs_dir).expanduser().resolve() == Path(where.anchor):
+        raise refuse("paths.runs_dir", runs_dir, "a folder for runs, not the filesystem root")
+    if where.is_relative_to(CODE_DIR):
+        raise refuse("paths.runs_dir", runs_dir, f"a folder outside {CODE_DIR}, where Python imports the code from")
+
+
 def check_trained_method(run_dir: RunDir, method: str) -> None:
     """The method a config builds must be the one results.json says trained the saved tasks (an
     edited config.yaml would otherwise load one method's branches into another)."""
@@ -202,20 +213,26 @@ def check_existing(cfg: DictConfig, run_dir: RunDir) -> None:
         if (root / "tasks").exists():
             raise refuse("run_id", root.name, f"a new name: {root} holds tasks but no config.yaml, so what made "
                          "them is unknown; it is never reused")
+        others = sorted(p.name for p in root.iterdir() if p.name not in (LOCK, HOLDER))
+        if others:  # not a run's folder (a run writes config.yaml before anything else but the lock)
+            raise refuse("run_id", root.name, f"a new name: {root} holds other files ({', '.join(others[:3])}), "
+                         "not a run; a run writes a new or empty folder")
         return
     if not cfg.resume:
         raise refuse("run_id", root.name, f"a new name: {root} already holds a run (or pass resume=true)")
     try:
-        saved = OmegaConf.load(run_dir.config)
-    except Exception as err:
-        raise ConfigError(f"{run_dir.config}: not a readable config ({type(err).__name__})") from None
-    if not isinstance(saved, DictConfig):  # a YAML list: nothing of a run's config
-        raise ConfigError(f"{run_dir.config}: not a run config (a mapping of sections)")
+        saved = read_config(run_dir.config)  # data only: no aliases or interpolations to expand
+    except ArtifactError as err:
+        raise ConfigError(str(err)) from None
     try:
         method = validate_config(saved, machine=False).method  # a saved config naming foreign code is refused here
     except ConfigError as err:
         raise ConfigError(f"{run_dir.config}: {err}") from None
     check_trained_method(run_dir, make(bind_method("method", method)).name)
+    for path, kind in ((run_dir.results, "file"), (run_dir.predictions, "file"), (run_dir.plots, "folder")):
+        if path.exists() and not (path.is_file() if kind == "file" else path.is_dir()):  # rewritten on resume
+            raise ArtifactError(f"{path}: not a {kind}; move it away to resume (it is written again from the "
+                                "finished tasks)")
     read_rows(root / "metrics.csv")  # appended to: a damaged one is named now, not after the restore
     diffs = config_differences(saved, cfg)
     if diffs:

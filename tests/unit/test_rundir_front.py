@@ -147,6 +147,9 @@ def test_resume_refuses_a_saved_config_naming_foreign_code(tmp_path, target):
     ("lora: {rank: 8\n", "config.yaml: not a readable config"),
     (b"\x7fELF\x02\x01\x00\xff\xfe", "config.yaml: not a readable config"),
     ("", "config.yaml: exp_name=<missing>: required"),
+    ("a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(f"{c}: &{c} [" + ", ".join([f"*{p}"] * 9) + "]\n" for p, c in
+     zip("abcdefgh", "bcdefghi")), "config.yaml: not a readable config (a YAML alias"),  # it filled memory
+    ("seed: ${oc.env:HOME}\n", "config.yaml: not a readable config (an interpolation"),
 ])
 def test_resume_refuses_a_saved_config_that_is_no_run_config(tmp_path, text, fragment):
     root = saved_run(tmp_path, "r", "interrupted")
@@ -253,3 +256,45 @@ def test_a_runs_folder_under_home_is_expanded(tmp_path, monkeypatch):
     with claim_run_dir(cfg_of(tmp_path, "paths.runs_dir='~/runs'", "run_id=r")) as run_dir:
         assert run_dir.root == tmp_path / "home" / "runs" / "demo" / "r" and run_dir.root.is_dir()
     assert not (tmp_path / "~").exists()
+
+
+def test_runs_dir_at_the_filesystem_root_or_among_the_code_is_refused(tmp_path):
+    from gainlora.rundir import CODE_DIR
+
+    for runs, accepted in (("/", "a folder for runs, not the filesystem root"),
+                           (str(CODE_DIR / "gainlora"), f"a folder outside {CODE_DIR}")):
+        with pytest.raises(ConfigError, match=f"^paths.runs_dir={re.escape(runs)}: {re.escape(accepted)}"):
+            with claim_run_dir(cfg_of(tmp_path, f"paths.runs_dir={runs}", "run_id=hostile")):
+                pytest.fail("claimed")
+        assert not (Path(runs) / "demo").exists()
+
+
+def test_a_new_run_never_writes_into_a_folder_holding_other_files(tmp_path):
+    root = tmp_path / "demo" / "mine"
+    root.mkdir(parents=True)
+    (root / "notes.txt").write_text("kept")
+    with pytest.raises(ConfigError, match=rf"^run_id=mine: a new name: {re.escape(str(root))} holds other files "
+                                          r"\(notes.txt\), not a run"):
+        with claim_run_dir(cfg_of(tmp_path, "run_id=mine")):
+            pytest.fail("claimed")
+    assert sorted(p.name for p in root.iterdir()) == [LOCK, "notes.txt"]  # only the lock was added
+    (root / "notes.txt").unlink()
+    with claim_run_dir(cfg_of(tmp_path, "run_id=mine")):  # what a run killed before its config leaves: reused
+        pass
+
+
+@pytest.mark.parametrize("name, kind", [("results.json", "file"), ("predictions.json", "file"), ("plots", "folder")])
+def test_resume_refuses_a_rewritten_file_of_the_wrong_kind(tmp_path, name, kind):
+    """results.json, predictions.json and plots/ are written again on resume: of the wrong kind, they are
+    named before anything is restored (a folder as results.json was a traceback after the restore)."""
+    from gainlora.artifacts import ArtifactError
+
+    root = saved_run(tmp_path, "r")
+    path = root / name
+    if kind == "file":
+        path.mkdir()
+    else:
+        path.write_text("x")
+    with pytest.raises(ArtifactError, match=f"^{re.escape(str(path))}: not a {kind}; move it away to resume"):
+        with claim_run_dir(cfg_of(tmp_path, "run_id=r", "resume=true")):
+            pytest.fail("claimed")
