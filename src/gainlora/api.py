@@ -91,7 +91,7 @@ def load_run(path: str | Path) -> TrainedModel:
         if not run_dir.is_done(t, name):
             break
         files, _ = run_dir.load_task(t, name)
-        restore_task(module, method, t, files)
+        restore_task(module, method, t, files, run_dir.task_dir(t, name))
         learned = names[: t + 1]
     if not learned:
         raise FileNotFoundError(f"{run_dir.root}: no finished task to load")
