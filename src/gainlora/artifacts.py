@@ -258,7 +258,9 @@ class RunDir:
         for folder in (self.root, self.plots, self.root / "tasks", *self.root.glob("tasks/*"),
                        *self.root.glob("checkpoints/*")):
             for path in folder.glob(".*"):
-                if path.name.endswith(TMP_SUFFIX) and path.is_file():
+                if path.name.endswith((TMP_SUFFIX, STAGING_SUFFIX)) and path.is_symlink():
+                    path.unlink()  # never written so; not followed (rmtree refuses a link: a traceback)
+                elif path.name.endswith(TMP_SUFFIX) and path.is_file():
                     path.unlink()
                 elif path.name.endswith(STAGING_SUFFIX) and path.is_dir():
                     shutil.rmtree(path)

@@ -132,9 +132,12 @@ def test_leftovers_of_a_kill_are_removed(tmp_path) -> None:
     (staging / "branch.safetensors").write_text("half")
     keep = tmp_path / ".hidden_user_file"
     keep.write_text("mine")
-    assert sorted(run_dir.clean_leftovers()) == sorted([*leftovers, staging])
-    assert not any(p.exists() for p in [*leftovers, staging]) and keep.exists()
-    run_dir.load_task(0, "a")  # the finished task is untouched
+    links = [tmp_path / "tasks" / ".03-c.r.staging", tmp_path / ".metrics.csv.s.tmp"]  # removed, never followed
+    links[0].symlink_to(folder, target_is_directory=True)
+    links[1].symlink_to(keep)
+    assert sorted(run_dir.clean_leftovers()) == sorted([*leftovers, staging, *links])
+    assert not any(p.exists() or p.is_symlink() for p in [*leftovers, staging, *links]) and keep.exists()
+    run_dir.load_task(0, "a")  # the finished task is untouched, the linked folder included
 
 
 def test_a_failed_write_keeps_the_old_file(tmp_path) -> None:
