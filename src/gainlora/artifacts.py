@@ -103,6 +103,8 @@ def read_config(path: Path) -> DictConfig:
         return ArtifactError(f"{path}: not a readable config ({why})")
 
     try:
+        if not path.is_file():  # a FIFO would block the read for ever
+            raise refuse("not a regular file")
         if path.stat().st_size > MAX_CONFIG_BYTES:
             raise refuse(f"over {MAX_CONFIG_BYTES >> 20} MiB")
         text = path.read_text()

@@ -27,6 +27,9 @@ def read_rows(path: Path) -> list[dict[str, str]]:
     CSV file that can be read and appended to (a folder, binary garbage)."""
     if not path.exists():
         return []
+    if not (path.is_file() or path.is_dir()):  # a FIFO would block the read for ever; a folder is named below
+        raise ArtifactError(f"{path}: not a readable metrics file (not a regular file); move it away to continue "
+                            "(the finished tasks' rows are written again)")
     try:
         with open(path, newline="") as file:
             return list(csv.DictReader(file))

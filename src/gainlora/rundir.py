@@ -60,6 +60,8 @@ def is_main_process() -> bool:
 
 
 def status(root: Path) -> str | None:
+    if not (root / "results.json").is_file():  # a FIFO or a link to /dev/zero would never be read to its end
+        return None
     try:
         return json.loads((root / "results.json").read_text()).get("status")
     except (OSError, ValueError, AttributeError):
@@ -126,6 +128,8 @@ class RunLock:
             self.lock.acquire(timeout=0)
         except Timeout:
             try:
+                if not (self.root / HOLDER).is_file():
+                    raise OSError("not a file")
                 who = json.loads((self.root / HOLDER).read_text())
                 holder = f"pid {who['pid']} on host {who['host']} since {who['since']}"
             except (OSError, ValueError, KeyError):
@@ -198,6 +202,8 @@ def check_runs_dir(runs_dir: str, root: Path) -> None:
 def check_trained_method(run_dir: RunDir, method: str) -> None:
     """The method a config builds must be the one results.json says trained the saved tasks (an
     edited config.yaml would otherwise load one method's branches into another)."""
+    if not run_dir.results.is_file():
+        return  # none yet (killed in its first task): nothing was trained to mismatch
     try:
         trained = json.loads(run_dir.results.read_text()).get("method")
     except (OSError, ValueError, AttributeError):

@@ -298,3 +298,32 @@ def test_resume_refuses_a_rewritten_file_of_the_wrong_kind(tmp_path, name, kind)
     with pytest.raises(ArtifactError, match=f"^{re.escape(str(path))}: not a {kind}; move it away to resume"):
         with claim_run_dir(cfg_of(tmp_path, "run_id=r", "resume=true")):
             pytest.fail("claimed")
+
+
+@pytest.mark.timeout(60)
+def test_a_fifo_in_place_of_a_run_file_is_named_never_read(tmp_path):
+    """Opening a FIFO blocks until a writer comes: results.json, metrics.csv or .lock.json as one made a
+    resume (with or without run_id) or a second writer hang for ever."""
+    from gainlora.artifacts import ArtifactError
+
+    root = saved_run(tmp_path, "r")
+    os.mkfifo(root / "results.json")
+    with pytest.raises(ArtifactError, match=f"^{re.escape(str(root / 'results.json'))}: not a file"):
+        with claim_run_dir(cfg_of(tmp_path, "resume=true")):  # looks at every run's status first
+            pytest.fail("claimed")
+    (root / "results.json").unlink()
+    os.mkfifo(root / "metrics.csv")
+    with pytest.raises(ArtifactError, match=f"^{re.escape(str(root / 'metrics.csv'))}: not a readable metrics file"):
+        with claim_run_dir(cfg_of(tmp_path, "run_id=r", "resume=true")):
+            pytest.fail("claimed")
+    (root / "metrics.csv").unlink()
+    holder = hold_lock(root)
+    try:
+        (root / HOLDER).unlink()
+        os.mkfifo(root / HOLDER)
+        with pytest.raises(ConfigError, match="in use by another process"):
+            with claim_run_dir(cfg_of(tmp_path, "run_id=r", "resume=true")):
+                pytest.fail("claimed")
+    finally:
+        holder.kill()
+        holder.wait()
