@@ -32,7 +32,10 @@ def read_rows(path: Path) -> list[dict[str, str]]:
                             "(the finished tasks' rows are written again)")
     try:
         with open(path, newline="") as file:
-            return list(csv.DictReader(file))
+            rows = list(csv.DictReader(file))
+        if any(None in row for row in rows):  # more fields than the header: rewriting it would fail mid-run
+            raise csv.Error(f"line {next(i for i, r in enumerate(rows, 2) if None in r)} is longer than the header")
+        return rows
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
         raise ArtifactError(f"{path}: not a readable metrics file ({reason}); move it away to continue (the finished "

@@ -227,6 +227,7 @@ def test_resume_refuses_changed_task_data_and_another_code_version(tmp_path):
 @pytest.mark.parametrize("damage, reason", [
     (lambda p: p.write_bytes(b"garbage\x00\xff\n"), "'utf-8' codec can't decode byte 0xff"),
     (lambda p: p.mkdir(), "Is a directory"),
+    (lambda p: p.write_text("a,b\n1,2\n3,4,5\n"), "line 3 is longer than the header"),  # e.g. a link to /etc/passwd
 ])
 def test_resume_refuses_a_metrics_file_it_cannot_append_to(tmp_path, damage, reason):
     """metrics.csv is read back and rewritten on resume: damaged, it is named before anything is restored
