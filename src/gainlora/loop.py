@@ -280,7 +280,7 @@ class ContinualLoop:
         steps = self.checkpoint.get("every_n_train_steps") or None
         saver = InTaskCheckpoint(last, every_n_train_steps=steps,
                                  every_n_epochs=None if steps else self.checkpoint.get("every_n_epochs"))
-        return [saver], check_checkpoint(last, t)
+        return [saver], check_checkpoint(last, t, self.module)
 
     # -- results -----------------------------------------------------------------------------------
     def results(self, status: str) -> dict:

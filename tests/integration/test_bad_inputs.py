@@ -431,7 +431,7 @@ def test_an_unreadable_in_task_checkpoint_is_refused_without_running_it(damage, 
     last = run_dir.checkpoint_dir(0, "a") / "last.ckpt"
     last.parent.mkdir(parents=True)
     torch.save({"state_dict": {"w": torch.ones(2)}, "loops": {}}, last)
-    loop = SimpleNamespace(checkpoint={"every_n_train_steps": 2}, run_dir=run_dir)
+    loop = SimpleNamespace(checkpoint={"every_n_train_steps": 2}, run_dir=run_dir, module=None)
     assert ContinualLoop.in_task_checkpoint(loop, 0, "a")[1] == last  # a sound one is used
     if damage == "pickle":  # torch's own format around a payload that runs a command when unpickled
         torch.save({"state_dict": Payload(marker)}, last)
