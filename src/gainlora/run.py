@@ -105,7 +105,9 @@ def main(cfg: DictConfig) -> float:
         full = disk_full(err)
         if full is None:
             raise
-        fail(f"{getattr(full, 'filename', None) or cfg.paths.run_dir}: no space left on device; finished tasks are kept, free "
+        # a copy or rename names its destination second (Lightning saves through a temp file in /tmp)
+        where = getattr(full, "filename2", None) or getattr(full, "filename", None) or cfg.paths.run_dir
+        fail(f"{where}: no space left on device; finished tasks are kept, free "
              "some space and resume with resume=true")
 
 

@@ -162,6 +162,8 @@ def claim_run_dir(cfg: DictConfig) -> Iterator[RunDir]:
     check_runs_dir(cfg.paths.runs_dir, root)
     if cfg.resume and not run_dir.config.is_file():
         raise refuse("run_id", root.name, f"resume=true needs an existing run; {root} holds none")
+    if root.exists() and not root.is_dir():
+        raise refuse("run_id", root.name, f"a new name: {root} is a file, not a run directory")
     created = [p for p in (root, *root.parents) if not p.exists()]  # the run dir and any new parents
     try:
         root.mkdir(parents=True, exist_ok=True)

@@ -328,3 +328,14 @@ def test_a_fifo_in_place_of_a_run_file_is_named_never_read(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_run_id_naming_a_file_is_refused_by_its_key(tmp_path, resume):
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "f").write_text("kept")
+    accepted = "resume=true needs an existing run" if resume else "a new name: .* is a file, not a run directory"
+    with pytest.raises(ConfigError, match=f"^run_id=f: {accepted}"):  # was paths.runs_dir=...: File exists
+        with claim_run_dir(cfg_of(tmp_path, "run_id=f", f"resume={str(resume).lower()}")):
+            pytest.fail("claimed")
+    assert (tmp_path / "demo" / "f").read_text() == "kept"
