@@ -114,7 +114,7 @@ def read_config(path: Path) -> DictConfig:
     except ArtifactError:
         raise
     except Exception as err:  # noqa: BLE001 - OS, decoding, yaml's and OmegaConf's own errors
-        raise refuse(f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]}") from None
+        raise refuse((str(err).splitlines() or [type(err).__name__])[0][:160]) from None
     if not isinstance(cfg, DictConfig):
         raise ArtifactError(f"{path}: not a run config (a mapping of sections)")
     stack: list = [OmegaConf.to_container(cfg, resolve=False)]  # interpolations stay "${...}" strings
