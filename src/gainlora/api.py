@@ -13,9 +13,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from gainlora.artifacts import ArtifactError, RunDir
+from gainlora.artifacts import ArtifactError, RunDir, read_config
 from gainlora.build import build_model, check_backbone_source
 from gainlora.data.collate import Collator
 from gainlora.loop import fits, restore_task
@@ -61,12 +61,7 @@ def read_run(path: str | Path) -> tuple[RunDir, DictConfig, list[str]]:
     run_dir = RunDir(path.parent if path.is_file() else path)
     if not run_dir.config.is_file() or not run_dir.results.is_file():
         raise FileNotFoundError(f"{run_dir.root}: not a run directory (needs config.yaml and results.json)")
-    try:
-        cfg = OmegaConf.load(run_dir.config)
-    except Exception as err:  # yaml's and OmegaConf's own errors: the file is not a readable config
-        raise ArtifactError(f"{run_dir.config}: not a readable config ({str(err).splitlines()[0]})") from None
-    if not isinstance(cfg, DictConfig):
-        raise ArtifactError(f"{run_dir.config}: not a run config (a mapping of sections)")
+    cfg = read_config(run_dir.config)
     try:
         names = json.loads(run_dir.results.read_text()).get("tasks")
     except (ValueError, AttributeError, UnicodeDecodeError):
@@ -96,7 +91,7 @@ def load_run(path: str | Path) -> TrainedModel:
         if not run_dir.is_done(t, name):
             break
         files, _ = run_dir.load_task(t, name)
-        restore_task(module, method, t, files)
+        restore_task(module, method, t, files, run_dir.task_dir(t, name))
         learned = names[: t + 1]
     if not learned:
         raise FileNotFoundError(f"{run_dir.root}: no finished task to load")

@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
+import math
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -88,12 +92,59 @@ def read_tensors(path: Path) -> dict[str, Tensor]:
     return load_file(str(path))
 
 
+MAX_CONFIG_BYTES = 4 << 20  # a run's config.yaml is a few KiB; a custom stream's inline tasks stay far below
+
+
+def read_config(path: Path) -> DictConfig:
+    """A run's config.yaml as data, as ``OmegaConf.to_yaml(resolve=True)`` writes it: no YAML aliases
+    and no ``${...}`` interpolations, which a crafted file could nest into a billion-laughs expansion
+    that fills memory when loaded or resolved. ``ArtifactError`` names the file otherwise."""
+    def refuse(why: str) -> ArtifactError:
+        return ArtifactError(f"{path}: not a readable config ({why})")
+
+    try:
+        if not path.is_file():  # a FIFO would block the read for ever
+            raise refuse("not a regular file")
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise refuse(f"over {MAX_CONFIG_BYTES >> 20} MiB")
+        text = path.read_text()
+        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
+            raise refuse("a YAML alias (*name); a run never writes one")
+        cfg = OmegaConf.load(io.StringIO(text))
+    except ArtifactError:
+        raise
+    except Exception as err:  # noqa: BLE001 - OS, decoding, yaml's and OmegaConf's own errors
+        raise refuse((str(err).splitlines() or [type(err).__name__])[0][:160]) from None
+    if not isinstance(cfg, DictConfig):
+        raise ArtifactError(f"{path}: not a run config (a mapping of sections)")
+    stack: list = [OmegaConf.to_container(cfg, resolve=False)]  # interpolations stay "${...}" strings
+    while stack:
+        node = stack.pop()
+        for value in node.values() if isinstance(node, dict) else node:
+            if isinstance(value, (dict, list)):
+                stack.append(value)
+            elif isinstance(value, str) and "${" in value:
+                raise refuse(f"an interpolation {value[:80]}; a run saves its config resolved")
+    return cfg
+
+
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         for block in iter(lambda: file.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def meta_is_valid(meta: dict) -> bool:
+    """A task's meta.json as ``save_task`` writes it (JSON without NaN): plain file names only, so a
+    crafted one cannot make the run read files outside the task; numbers the resume adds up."""
+    files, row = meta.get("sha256"), meta.get("row", [])
+    steps, wall = meta.get("steps", 0), meta.get("wall_time_s", 0.0)
+    return (isinstance(files, dict) and all(isinstance(f, str) and isinstance(d, str) and Path(f).name == f
+                                            and f not in ("", ".", "..") for f, d in files.items())
+            and isinstance(row, list) and all(v is None or type(v) in (int, float) and math.isfinite(v) for v in row)
+            and type(steps) is int and steps >= 0 and type(wall) in (int, float) and 0 <= wall < math.inf)
 
 
 class RunDir:
@@ -162,7 +213,8 @@ class RunDir:
         done, meta_path = folder / DONE, folder / META
         if not self.is_done(task, name):
             raise ArtifactError(f"{done}: missing; the task is not finished")
-        recorded = done.read_bytes().decode("ascii", "replace").strip()
+        with open(done, "rb") as file:  # a sha256 line: a huge file is not read whole
+            recorded = file.read(128).decode("ascii", "replace").strip()
         if not recorded:
             raise ArtifactError(f"{done}: holds no checksum of {META} (written by an older version, or emptied); "
                                 "the task cannot be verified: delete its folder to train it again")
@@ -175,14 +227,11 @@ class RunDir:
             meta = json.loads(meta_path.read_text())
         except (ValueError, UnicodeDecodeError):
             meta = None
-        files = meta.get("sha256") if isinstance(meta, dict) else None
-        row = meta.get("row", []) if isinstance(meta, dict) else None
-        # plain file names only: a crafted meta.json must not make the run read files outside the task
-        if not (isinstance(files, dict) and all(isinstance(f, str) and isinstance(d, str) and Path(f).name == f
-                                                and f not in ("", ".", "..") for f, d in files.items())
-                and isinstance(row, list) and all(v is None or type(v) in (int, float) for v in row)):
-            raise ArtifactError(f"{meta_path}: not a task's meta.json (an object with its scores under 'row' and "
-                                f"its files' checksums under 'sha256'); delete {folder} to train the task again")
+        if not (isinstance(meta, dict) and meta_is_valid(meta)):
+            raise ArtifactError(f"{meta_path}: not a task's meta.json (an object with its finite scores under 'row', "
+                                "its steps and wall time, and its files' checksums under 'sha256'); delete "
+                                f"{folder} to train the task again")
+        files = meta["sha256"]
         for filename, digest in files.items():
             path = folder / filename
             if not path.is_file():
@@ -211,7 +260,9 @@ class RunDir:
         for folder in (self.root, self.plots, self.root / "tasks", *self.root.glob("tasks/*"),
                        *self.root.glob("checkpoints/*")):
             for path in folder.glob(".*"):
-                if path.name.endswith(TMP_SUFFIX) and path.is_file():
+                if path.name.endswith((TMP_SUFFIX, STAGING_SUFFIX)) and path.is_symlink():
+                    path.unlink()  # never written so; not followed (rmtree refuses a link: a traceback)
+                elif path.name.endswith(TMP_SUFFIX) and path.is_file():
                     path.unlink()
                 elif path.name.endswith(STAGING_SUFFIX) and path.is_dir():
                     shutil.rmtree(path)

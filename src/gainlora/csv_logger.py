@@ -27,9 +27,15 @@ def read_rows(path: Path) -> list[dict[str, str]]:
     CSV file that can be read and appended to (a folder, binary garbage)."""
     if not path.exists():
         return []
+    if not (path.is_file() or path.is_dir()):  # a FIFO would block the read for ever; a folder is named below
+        raise ArtifactError(f"{path}: not a readable metrics file (not a regular file); move it away to continue "
+                            "(the finished tasks' rows are written again)")
     try:
         with open(path, newline="") as file:
-            return list(csv.DictReader(file))
+            rows = list(csv.DictReader(file))
+        if any(None in row for row in rows):  # more fields than the header: rewriting it would fail mid-run
+            raise csv.Error(f"line {next(i for i, r in enumerate(rows, 2) if None in r)} is longer than the header")
+        return rows
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
         raise ArtifactError(f"{path}: not a readable metrics file ({reason}); move it away to continue (the finished "

@@ -59,9 +59,10 @@ def task_tensors(module: ContinualLM, method: Method, task: int) -> dict[str, di
     return {"branch": branch, "gate": gate, "memory": method.memory_tensors()}
 
 
-def restore_task(module: ContinualLM, method: Method, task: int, files: dict[str, dict[str, torch.Tensor]]) -> None:
-    """Re-open task ``task``'s branch and gate exactly as they were saved."""
-    check_shapes(module, files, task, branches=method.has_branches)
+def restore_task(module: ContinualLM, method: Method, task: int, files: dict[str, dict[str, torch.Tensor]],
+                 folder: Path | None = None) -> None:
+    """Re-open task ``task``'s branch and gate exactly as they were saved (in ``folder``: named in errors)."""
+    check_shapes(module, files, task, branches=method.has_branches, folder=folder)
     if not method.has_branches:  # a prompt method: everything it learned is in its memory tensors
         method.load_memory_tensors(files.get("memory", {}))
         return
@@ -81,7 +82,10 @@ def restore_task(module: ContinualLM, method: Method, task: int, files: dict[str
 
 
 def check_shapes(module: ContinualLM, files: dict[str, dict[str, torch.Tensor]], task: int,
-                 branches: bool = True) -> None:
+                 branches: bool = True, folder: Path | None = None) -> None:
+    def where(stem: str) -> str:
+        return str(folder / f"{stem}.safetensors") if folder else f"task {task + 1} {stem}.safetensors"
+
     expected = {}
     for name, layer in module.adapted.items() if branches else ():
         expected[f"{name}.A"] = (layer.rank, layer.in_features)
@@ -89,30 +93,30 @@ def check_shapes(module: ContinualLM, files: dict[str, dict[str, torch.Tensor]],
     branch = files.get("branch", {})
     if set(branch) != set(expected):
         missing, extra = sorted(set(expected) - set(branch))[:3], sorted(set(branch) - set(expected))[:3]
-        raise ArtifactError(f"task {task + 1} branch.safetensors does not match the model's adapted layers "
+        raise ArtifactError(f"{where('branch')} does not match the model's adapted layers "
                             f"({f'missing e.g. {missing}' if missing else f'unexpected {extra}'}); was the run made "
                             "with another backbone?")
     for key, shape in expected.items():
         if tuple(branch[key].shape) != shape:
-            raise ArtifactError(f"task {task + 1} branch.safetensors: {key} has shape {tuple(branch[key].shape)}, "
+            raise ArtifactError(f"{where('branch')}: {key} has shape {tuple(branch[key].shape)}, "
                                 f"the model expects {shape} (lora.rank or backbone changed?)")
     if module.gates is None and files.get("gate"):
-        raise ArtifactError(f"task {task + 1} gate.safetensors: a gate, but this config's method has none "
+        raise ArtifactError(f"{where('gate')}: a gate, but this config's method has none "
                             "(a run of another method?)")
     if module.gates is not None:
         gate = files.get("gate", {})
         want = module.gates.entry_shapes()
         for key, shape in want.items():
             if key not in gate or tuple(gate[key].shape) != shape:
-                raise ArtifactError(f"task {task + 1} gate.safetensors: {key} missing or not of shape {shape}")
+                raise ArtifactError(f"{where('gate')}: {key} missing or not of shape {shape}")
         if set(gate) != set(want):
-            raise ArtifactError(f"task {task + 1} gate.safetensors holds {sorted(gate)}, the model's gates "
+            raise ArtifactError(f"{where('gate')} holds {sorted(gate)}, the model's gates "
                                 f"{sorted(want)} (a run of another method?)")
     for stem in ("branch", "gate"):  # what training writes: finite floating-point weights
         bad = next((k for k, v in files.get(stem, {}).items()
                     if not v.is_floating_point() or not torch.isfinite(v).all()), None)
         if bad is not None:
-            raise ArtifactError(f"task {task + 1} {stem}.safetensors: {bad} is not finite floating-point weights "
+            raise ArtifactError(f"{where(stem)}: {bad} is not finite floating-point weights "
                                 f"({files[stem][bad].dtype}); the file was altered")
 
 
@@ -131,7 +135,6 @@ class ContinualLoop:
     observers: list[TaskObserver] = field(default_factory=list)  # after the ResultsWriter the loop adds
     checkpoint: dict | None = None  # in-task checkpoints: every_n_epochs / every_n_train_steps
     single_task: list[float] | None = None  # S[j] from a single-task reference run: FWT
-    after_restore: Callable[[], None] | None = None  # once the finished tasks are verified (a resume's config.yaml)
 
     def __post_init__(self) -> None:
         self.kind = run_kind(self.method.run_kind)
@@ -174,8 +177,6 @@ class ContinualLoop:
             self.run_dir.clean_leftovers()
         restored = self.restore(plan)
         self.consistent = True
-        if self.after_restore is not None and self.is_main:
-            self.after_restore()
         for t, name in restored:  # fill in what a kill right after a DONE marker left missing
             self.notify(TaskEnd(t, self.run_dir.task_dir(t, name), self.results("running"), restored=True,
                                 global_step=self.end_steps[t]))
@@ -199,7 +200,7 @@ class ContinualLoop:
                                         f"{later[0].name} is finished; restore the folder or delete the later ones")
                 break
             files, meta = self.run_dir.load_task(t, name)
-            restore_task(self.module, self.method, t, files)
+            restore_task(self.module, self.method, t, files, self.run_dir.task_dir(t, name))
             self.forgetting.record(t, meta["row"])
             self.earlier_time += meta.get("wall_time_s", 0.0)
             self.steps_done += meta.get("steps", 0)
@@ -279,7 +280,7 @@ class ContinualLoop:
         steps = self.checkpoint.get("every_n_train_steps") or None
         saver = InTaskCheckpoint(last, every_n_train_steps=steps,
                                  every_n_epochs=None if steps else self.checkpoint.get("every_n_epochs"))
-        return [saver], check_checkpoint(last, t)
+        return [saver], check_checkpoint(last, t, self.module)
 
     # -- results -----------------------------------------------------------------------------------
     def results(self, status: str) -> dict:

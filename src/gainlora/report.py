@@ -19,7 +19,7 @@ from typing import Any
 from matplotlib.ticker import MaxNLocator
 from omegaconf import OmegaConf
 
-from gainlora.artifacts import RunDir, atomic_write
+from gainlora.artifacts import ArtifactError, RunDir, atomic_write, read_config
 from gainlora.cli import ArgumentParser, error_line, writable_file
 from gainlora.metrics import average_curve, lower_triangle
 from gainlora.plots import new_figure, plot_forgetting, plot_matrix, plot_task_scores, save_png
@@ -60,7 +60,7 @@ def load_results(run_dir: Path | str) -> dict[str, Any]:
         raise ReportError(f"{path}: not found ({run_dir} is not a finished or running run directory)")
     try:
         results = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:  # JSON and decoding errors, an integer of 5000 digits
         raise ReportError(f"{path}: cannot read results: {err}") from err
     if not isinstance(results, dict):
         raise ReportError(f"{path}: expected a JSON object, got {type(results).__name__}")
@@ -175,11 +175,9 @@ def flat_config(run_dir: Path) -> dict[str, Any]:
             flat[prefix.rstrip(".")] = node
 
     try:
-        config = OmegaConf.to_container(OmegaConf.load(path))
-    except Exception as err:  # yaml's and OmegaConf's own errors: not a readable config
-        raise ReportError(f"{path}: not a readable config ({str(err).splitlines()[0]})") from None
-    if not isinstance(config, dict):
-        raise ReportError(f"{path}: not a run config (a mapping of sections)")
+        config = OmegaConf.to_container(read_config(path))
+    except ArtifactError as err:  # not what a run writes (a YAML bomb included)
+        raise ReportError(str(err)) from None
     walk(config, "")
     return flat
 

@@ -7,7 +7,6 @@ with one ``error:`` line and exit code 2.
 """
 from __future__ import annotations
 
-import functools
 import itertools
 import os
 import sys
@@ -46,9 +45,8 @@ def run(cfg: DictConfig) -> dict:
     check_backbone_source(cfg.backbone, cfg.paths.cache_dir)
     with claim_run_dir(cfg) as run_dir:  # created, locked and checked: the first write
         module, datamodule, method = build(cfg, tasks)
-        save_config = functools.partial(write_text, run_dir.config, OmegaConf.to_yaml(cfg, resolve=True))
-        if is_main_process() and not cfg.resume:  # a resume rewrites it once the tasks it restores are verified
-            save_config()
+        if is_main_process() and not cfg.resume:  # a resume keeps the config the run was made with
+            write_text(run_dir.config, OmegaConf.to_yaml(cfg, resolve=True))
         info = {"experiment": str(cfg.exp_name), "method": method.name, "benchmark": cfg.benchmark.name,
                 "order": cfg.benchmark.get("order"), "metric": stream_metric(tasks), "seed": cfg.seed,
                 "selection": cfg.benchmark.get("selection", "carved"), "backbone": module.backbone.name_or_path,
@@ -63,7 +61,7 @@ def run(cfg: DictConfig) -> dict:
                              make_trainer=trainer_factory(cfg, run_dir, loggers), info=info, seed=cfg.seed,
                              progress_bar=cfg.trainer.enable_progress_bar, observers=logger_observers(loggers),
                              is_main=is_main_process(), stop=stop, single_task=single_task,
-                             checkpoint=in_task_checkpoints(cfg), after_restore=save_config if cfg.resume else None)
+                             checkpoint=in_task_checkpoints(cfg))
         return run_loop(loop, run_dir, loggers, stop)
 
 
@@ -107,7 +105,9 @@ def main(cfg: DictConfig) -> float:
         full = disk_full(err)
         if full is None:
             raise
-        fail(f"{getattr(full, 'filename', None) or cfg.paths.run_dir}: no space left on device; finished tasks are kept, free "
+        # a copy or rename names its destination second (Lightning saves through a temp file in /tmp)
+        where = getattr(full, "filename2", None) or getattr(full, "filename", None) or cfg.paths.run_dir
+        fail(f"{where}: no space left on device; finished tasks are kept, free "
              "some space and resume with resume=true")
 
 

@@ -25,13 +25,14 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gainlora import __version__
-from gainlora.artifacts import RunDir, write_json
+from gainlora.artifacts import ArtifactError, RunDir, read_config, write_json
 from gainlora.csv_logger import read_rows
 from gainlora.data.types import TaskData
 from gainlora.schema import ConfigError, refuse, validate_config
 from gainlora.targets import bind_method, make
 
 RUN_ID_ENV = "GAINLORA_RUN_ID"
+CODE_DIR = Path(__file__).resolve().parents[1]  # src/ (or site-packages): what Python imports from
 LOCK, HOLDER = ".lock", ".lock.json"
 # Keys that may differ between an interrupted run and its resumption.
 RESUMABLE_KEYS = {"resume", "run_id", "paths", "logger", "trainer.enable_progress_bar", "derived", "checkpoint",
@@ -60,6 +61,8 @@ def is_main_process() -> bool:
 
 
 def status(root: Path) -> str | None:
+    if not (root / "results.json").is_file():  # a FIFO or a link to /dev/zero would never be read to its end
+        return None
     try:
         return json.loads((root / "results.json").read_text()).get("status")
     except (OSError, ValueError, AttributeError):
@@ -135,6 +138,8 @@ class RunLock:
             self.lock.acquire(timeout=0)
         except Timeout:
             try:
+                if not (self.root / HOLDER).is_file():
+                    raise OSError("not a file")
                 who = json.loads((self.root / HOLDER).read_text())
                 holder = f"pid {who['pid']} on host {who['host']} since {who['since']}"
             except (OSError, ValueError, KeyError):
@@ -164,8 +169,11 @@ def claim_run_dir(cfg: DictConfig) -> Iterator[RunDir]:
         return
     run_dir = resolve_run_dir(cfg)
     root = run_dir.root
+    check_runs_dir(cfg.paths.runs_dir, root)
     if cfg.resume and not run_dir.config.is_file():
         raise refuse("run_id", root.name, f"resume=true needs an existing run; {root} holds none")
+    if root.exists() and not root.is_dir():
+        raise refuse("run_id", root.name, f"a new name: {root} is a file, not a run directory")
     created = [p for p in root.parents if not p.exists()]  # new parents, and the run dir if made here
     try:
         root.parent.mkdir(parents=True, exist_ok=True)
@@ -203,9 +211,20 @@ def claim_run_dir(cfg: DictConfig) -> Iterator[RunDir]:
                     folder.rmdir()
 
 
+def check_runs_dir(runs_dir: str, root: Path) -> None:
+    """Runs go to a folder of their own: not the filesystem root, not among the code Python imports."""
+    where = root.resolve()
+    if Path(runs_dir).expanduser().resolve() == Path(where.anchor):
+        raise refuse("paths.runs_dir", runs_dir, "a folder for runs, not the filesystem root")
+    if where.is_relative_to(CODE_DIR):
+        raise refuse("paths.runs_dir", runs_dir, f"a folder outside {CODE_DIR}, where Python imports the code from")
+
+
 def check_trained_method(run_dir: RunDir, method: str) -> None:
     """The method a config builds must be the one results.json says trained the saved tasks (an
     edited config.yaml would otherwise load one method's branches into another)."""
+    if not run_dir.results.is_file():
+        return  # none yet (killed in its first task): nothing was trained to mismatch
     try:
         trained = json.loads(run_dir.results.read_text()).get("method")
     except (OSError, ValueError, AttributeError):
@@ -221,20 +240,26 @@ def check_existing(cfg: DictConfig, run_dir: RunDir) -> None:
         if (root / "tasks").exists():
             raise refuse("run_id", root.name, f"a new name: {root} holds tasks but no config.yaml, so what made "
                          "them is unknown; it is never reused")
+        others = sorted(p.name for p in root.iterdir() if p.name not in (LOCK, HOLDER))
+        if others:  # not a run's folder (a run writes config.yaml before anything else but the lock)
+            raise refuse("run_id", root.name, f"a new name: {root} holds other files ({', '.join(others[:3])}), "
+                         "not a run; a run writes a new or empty folder")
         return
     if not cfg.resume:
         raise refuse("run_id", root.name, f"a new name: {root} already holds a run (or pass resume=true)")
     try:
-        saved = OmegaConf.load(run_dir.config)
-    except Exception as err:
-        raise ConfigError(f"{run_dir.config}: not a readable config ({type(err).__name__})") from None
-    if not isinstance(saved, DictConfig):  # a YAML list: nothing of a run's config
-        raise ConfigError(f"{run_dir.config}: not a run config (a mapping of sections)")
+        saved = read_config(run_dir.config)  # data only: no aliases or interpolations to expand
+    except ArtifactError as err:
+        raise ConfigError(str(err)) from None
     try:
         method = validate_config(saved, machine=False).method  # a saved config naming foreign code is refused here
     except ConfigError as err:
         raise ConfigError(f"{run_dir.config}: {err}") from None
     check_trained_method(run_dir, make(bind_method("method", method)).name)
+    for path, kind in ((run_dir.results, "file"), (run_dir.predictions, "file"), (run_dir.plots, "folder")):
+        if path.exists() and not (path.is_file() if kind == "file" else path.is_dir()):  # rewritten on resume
+            raise ArtifactError(f"{path}: not a {kind}; move it away to resume (it is written again from the "
+                                "finished tasks)")
     read_rows(root / "metrics.csv")  # appended to: a damaged one is named now, not after the restore
     diffs = config_differences(saved, cfg)
     if diffs:

@@ -409,7 +409,7 @@ def test_disk_full_names_the_path(wrapped, tmp_path, monkeypatch, capsys):
     (["-m", "--cfg", "job", "seed=0,1"], "error: -m and --cfg: one of --multirun, --cfg, --info, --run, "
                                          "--shell-completion at a time"),
     # composed conf/config.yaml as an experiment: "In 'experiment/../conf/config': Could not find ..."
-    (["experiment=../conf/config"], "error: experiment=../conf/config: one of cpu_long, demo, "),
+    (["experiment=../conf/config"], "error: experiment=../conf/config: one of cpu_long, custom_tasks, demo, "),
     # Hydra made it before main: a FileNotFoundError traceback, exit 1
     (["hydra.run.dir=/proc/gainlora"], "error: hydra.run.dir=/proc/gainlora: /proc cannot be written"),
     # read "Could not override 'recipe'. No match in the defaults list.; To append ..."
@@ -483,7 +483,7 @@ def test_an_unreadable_in_task_checkpoint_is_refused_without_running_it(damage, 
     last = run_dir.checkpoint_dir(0, "a") / "last.ckpt"
     last.parent.mkdir(parents=True)
     torch.save({"state_dict": {"w": torch.ones(2)}, "loops": {}}, last)
-    loop = SimpleNamespace(checkpoint={"every_n_train_steps": 2}, run_dir=run_dir)
+    loop = SimpleNamespace(checkpoint={"every_n_train_steps": 2}, run_dir=run_dir, module=None)
     assert ContinualLoop.in_task_checkpoint(loop, 0, "a")[1] == last  # a sound one is used
     if damage == "pickle":  # torch's own format around a payload that runs a command when unpickled
         torch.save({"state_dict": Payload(marker)}, last)

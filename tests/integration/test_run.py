@@ -240,27 +240,34 @@ def test_resume_inside_a_task_from_an_epoch_end_checkpoint(reference_matrix, tmp
     assert results_of(run_dir / "results.json")["matrix"] == matrix
 
 
-@pytest.mark.parametrize("point", ["after_done", "during_metrics_write"])
+@pytest.mark.parametrize("point", ["after_done", "during_metrics_write", "during_task_write", "during_results_write"])
 def test_kill_at_a_task_boundary_then_resume(point, two_task_run, tmp_path):
     """SIGKILL right after task 1's DONE marker (before predictions.json, results.json and its
-    metrics row), or half-way through the metrics.csv write that holds task 1's row: metrics.csv is
-    never empty or torn, and the resume fills in what is missing, once."""
+    metrics row), half-way through the metrics.csv write that holds task 1's row, inside task 1's
+    staging folder, or half-way through its results.json: metrics.csv is never empty or torn, no
+    half folder or file takes a final name, and the resume fills in what is missing, once."""
     faults = ("tests/support/faults.py", point, "0")
     killed = launch(tmp_path, *TWO, "run_id=b", entry=faults, check=False)
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
     run_dir = tmp_path / "demo" / "b"
-    assert (run_dir / "tasks" / "01-demo_colour" / "DONE").is_file()
+    task1 = run_dir / "tasks" / "01-demo_colour"
+    if point == "during_task_write":
+        assert not task1.exists() and list(task1.parent.glob(".01-demo_colour.*.staging"))
+    else:
+        assert (task1 / "DONE").is_file()
     if point == "after_done":
         assert not (run_dir / "predictions.json").exists()
-    else:
+    elif point == "during_metrics_write":
         assert list(run_dir.glob(".metrics.csv.*.tmp")), "the kill should land inside the write"
+    elif point == "during_results_write":
+        assert list(run_dir.glob(".results.json.*.tmp")) and not (run_dir / "results.json").exists()
     if (run_dir / "metrics.csv").exists():  # never empty, never a torn row
         lines = (run_dir / "metrics.csv").read_text().splitlines()
         assert lines and all(len(next(csv.reader([line]))) == len(lines[0].split(",")) for line in lines)
         assert "1" not in cl_rows(run_dir)
     done = launch(tmp_path, *TWO, "run_id=b", "resume=true")
-    assert "task 1/2 demo_colour: finished earlier, restored" in done.stdout
-    assert not list(run_dir.rglob(".*.tmp"))  # the kill's temporary file is gone
+    assert ("task 1/2 demo_colour: finished earlier, restored" in done.stdout) == (point != "during_task_write")
+    assert not list(run_dir.rglob(".*.tmp")) and not list(run_dir.rglob(".*.staging"))  # the kill's leftovers are gone
     assert cl_rows(run_dir) == ["1", "2"]
     with open(run_dir / "metrics.csv", newline="") as file:  # the global step continues from task 1's
         assert [r["global_step"] for r in csv.DictReader(file) if r.get("cl/task")] == ["8", "16"]
@@ -288,12 +295,14 @@ def test_resume_refuses_a_damaged_task_folder_and_keeps_results(damage, two_task
         target = task / "meta.json"
         target.unlink()
     before = (run_dir / "results.json").read_bytes()
+    config = (run_dir / "config.yaml").read_bytes()
     done = launch(tmp_path, *TWO, "run_id=r1", "resume=true", check=False)
     assert done.returncode == 2, done.stderr[-2000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert errors == [done.stderr.strip().splitlines()[-1]] and "Traceback" not in done.stderr
     assert errors[0].startswith(f"error: {target}: ")
     assert (run_dir / "results.json").read_bytes() == before  # a failed resume rewrites nothing
+    assert (run_dir / "config.yaml").read_bytes() == config  # config.yaml included (it said resume: true)
 
 
 def test_resume_with_another_config_is_refused(reference_matrix):

@@ -5,7 +5,9 @@ and kills itself (SIGKILL: nothing is cleaned up) at POINT of task TASK (0-based
 
 - ``after_done``: right after the task folder, DONE included, is written (before predictions.json,
   results.json and the task's metrics.csv row);
-- ``during_metrics_write``: half-way through writing the metrics.csv that holds the task's CL row.
+- ``during_metrics_write``: half-way through writing the metrics.csv that holds the task's CL row;
+- ``during_task_write``: in the task folder's staging copy, after its branch.safetensors;
+- ``during_results_write``: half-way through the results.json written at the task's end.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import runpy
 import signal
 import sys
 
+from gainlora import artifacts
 from gainlora.artifacts import RunDir
 
 point, task = sys.argv[1], int(sys.argv[2])
@@ -47,6 +50,23 @@ elif point == "during_metrics_write":
         writerows(self, rows)
 
     csv.DictWriter.writerows = write_half_then_die
+elif point in ("during_task_write", "during_results_write"):
+    atomic_write = artifacts.atomic_write
+
+    def write_then_die(path, write):
+        path = artifacts.Path(path)
+        if point == "during_task_write" and path.name == "branch.safetensors" and f"{task + 1:02d}-" in path.parent.name:
+            atomic_write(path, write)
+            die()
+        if point == "during_results_write" and path.name == "results.json":
+            def half(tmp):
+                write(tmp)
+                tmp.write_bytes(tmp.read_bytes()[: tmp.stat().st_size // 2])
+                die()
+            return atomic_write(path, half)
+        return atomic_write(path, write)
+
+    artifacts.atomic_write = write_then_die
 else:
     raise SystemExit(f"unknown fault point {point!r}")
 

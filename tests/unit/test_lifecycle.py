@@ -230,3 +230,32 @@ def test_lightning_s_sigterm_exception_ends_as_an_interruption(tmp_path, capsys)
     err = capsys.readouterr().err
     assert err.startswith("interrupted: stopped by SIGTERM; finished tasks are saved; resume with:\n")
     assert "resume=true run_id=r" in err
+
+
+def test_an_in_task_checkpoint_that_does_not_fit_the_reopened_task_is_named(t5_backbone, make_trainer, tmp_path):
+    """A readable last.ckpt of other tensors (another rank, another run) or no Lightning checkpoint at all,
+    or a file where the checkpoints folder goes: one error naming it before fit (each was a traceback
+    from inside trainer.fit, or mid-task when the first checkpoint was written)."""
+    import re
+    import shutil
+
+    loop = make_loop(t5_backbone(), tmp_path, make_trainer, checkpoint={"every_n_train_steps": 2})
+    loop.method.setup(loop.module, 2)
+    loop.begin_task(0)
+    last = loop.run_dir.checkpoint_dir(0, "demo_colour") / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    trains = {n: p.detach().clone() for n, p in loop.module.named_parameters() if p.requires_grad}
+    sound = {"state_dict": trains, "loops": {}, "global_step": 2, "pytorch-lightning_version": "2.6.0"}
+    torch.save(sound, last)
+    assert loop.in_task_checkpoint(0, "demo_colour")[1] == last
+    first = next(iter(trains))
+    for saved, message in (({**sound, "state_dict": {**trains, first: torch.zeros(3, 3)}}, "its tensors are not those "
+                            "task 1 trains (names or shapes differ); delete it to restart task 1"),
+                           ({"hello": torch.zeros(2)}, "not a Lightning checkpoint of this run")):
+        torch.save(saved, last)
+        with pytest.raises(ArtifactError, match=f"^{re.escape(str(last))}: {re.escape(message)}"):
+            loop.in_task_checkpoint(0, "demo_colour")
+    shutil.rmtree(tmp_path / "checkpoints")
+    (tmp_path / "checkpoints").write_text("x")
+    with pytest.raises(ArtifactError, match=f"^{re.escape(str(tmp_path / 'checkpoints'))}: not a folder"):
+        loop.in_task_checkpoint(0, "demo_colour")

@@ -103,6 +103,9 @@ def not_safetensors(meta: dict, path: Path) -> dict:
     (lambda meta, folder: {**meta, "sha256": ["branch.safetensors"]}, "meta.json: not a task's meta.json"),
     (lambda meta, folder: {**meta, "row": "x"}, "meta.json: not a task's meta.json"),
     (lambda meta, folder: {**meta, "sha256": {"../outside.safetensors": "0" * 64}}, "meta.json: not a task's meta.json"),
+    (lambda meta, folder: {**meta, "row": [float("nan")]}, "meta.json: not a task's meta.json"),  # JSON's NaN
+    (lambda meta, folder: {**meta, "steps": "lots"}, "meta.json: not a task's meta.json"),  # was a TypeError
+    (lambda meta, folder: {**meta, "wall_time_s": float("inf")}, "meta.json: not a task's meta.json"),
     (lambda meta, folder: not_safetensors(meta, folder / "branch.safetensors"),
      "branch.safetensors: not a readable safetensors file"),
 ])
@@ -129,9 +132,12 @@ def test_leftovers_of_a_kill_are_removed(tmp_path) -> None:
     (staging / "branch.safetensors").write_text("half")
     keep = tmp_path / ".hidden_user_file"
     keep.write_text("mine")
-    assert sorted(run_dir.clean_leftovers()) == sorted([*leftovers, staging])
-    assert not any(p.exists() for p in [*leftovers, staging]) and keep.exists()
-    run_dir.load_task(0, "a")  # the finished task is untouched
+    links = [tmp_path / "tasks" / ".03-c.r.staging", tmp_path / ".metrics.csv.s.tmp"]  # removed, never followed
+    links[0].symlink_to(folder, target_is_directory=True)
+    links[1].symlink_to(keep)
+    assert sorted(run_dir.clean_leftovers()) == sorted([*leftovers, staging, *links])
+    assert not any(p.exists() or p.is_symlink() for p in [*leftovers, staging, *links]) and keep.exists()
+    run_dir.load_task(0, "a")  # the finished task is untouched, the linked folder included
 
 
 def test_a_failed_write_keeps_the_old_file(tmp_path) -> None:
@@ -173,3 +179,29 @@ def test_metrics_csv_survives_a_kill_while_a_new_key_rewrites_it(tmp_path, monke
     logger.save()
     rows = read_rows(tmp_path / "metrics.csv")
     assert [r["train/loss"] for r in rows] == ["1.0", ""] and rows[1]["cl/AP"] == "3.0"
+
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [" + ", ".join([f"*{p}"] * 9) + "]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+
+
+@pytest.mark.parametrize("text, message", [
+    (BOMB, "not a readable config (a YAML alias"),  # 9**9 strings once expanded: it filled memory
+    ("a: x\nb: ${a}${a}${a}\n", "not a readable config (an interpolation ${a}${a}${a}"),
+    ("a:\n  - {b: '${oc.env:HOME}'}\n", "not a readable config (an interpolation ${oc.env:HOME}"),
+    ("a: 1\n" + "#" * (5 << 20), "not a readable config (over 4 MiB)"),
+    ("- 1\n", "not a run config (a mapping of sections)"),
+])
+def test_read_config_takes_what_a_run_writes_only(text, message, tmp_path) -> None:
+    from omegaconf import OmegaConf
+
+    from gainlora.artifacts import read_config
+
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(ArtifactError, match=re.escape(f"{path}: {message}")):
+        read_config(path)
+    saved = OmegaConf.create({"a": [1, 2], "b": {"c": "x"}})
+    saved.d = saved.a  # the same list twice: OmegaConf writes it twice, without an alias
+    path.write_text(OmegaConf.to_yaml(saved, resolve=True))
+    assert read_config(path) == saved

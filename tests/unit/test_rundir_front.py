@@ -147,6 +147,9 @@ def test_resume_refuses_a_saved_config_naming_foreign_code(tmp_path, target):
     ("lora: {rank: 8\n", "config.yaml: not a readable config"),
     (b"\x7fELF\x02\x01\x00\xff\xfe", "config.yaml: not a readable config"),
     ("", "config.yaml: exp_name=<missing>: required"),
+    ("a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(f"{c}: &{c} [" + ", ".join([f"*{p}"] * 9) + "]\n" for p, c in
+     zip("abcdefgh", "bcdefghi")), "config.yaml: not a readable config (a YAML alias"),  # it filled memory
+    ("seed: ${oc.env:HOME}\n", "config.yaml: not a readable config (an interpolation"),
 ])
 def test_resume_refuses_a_saved_config_that_is_no_run_config(tmp_path, text, fragment):
     root = saved_run(tmp_path, "r", "interrupted")
@@ -224,6 +227,7 @@ def test_resume_refuses_changed_task_data_and_another_code_version(tmp_path):
 @pytest.mark.parametrize("damage, reason", [
     (lambda p: p.write_bytes(b"garbage\x00\xff\n"), "'utf-8' codec can't decode byte 0xff"),
     (lambda p: p.mkdir(), "Is a directory"),
+    (lambda p: p.write_text("a,b\n1,2\n3,4,5\n"), "line 3 is longer than the header"),  # e.g. a link to /etc/passwd
 ])
 def test_resume_refuses_a_metrics_file_it_cannot_append_to(tmp_path, damage, reason):
     """metrics.csv is read back and rewritten on resume: damaged, it is named before anything is restored
@@ -274,3 +278,85 @@ def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monk
         assert run_dir.root == tmp_path / "demo" / f"{stamp}-2"
         assert not (tmp_path / "demo" / stamp / LOCK).exists()
     assert not run_dir.root.exists()  # nothing of a run was written: no trace
+
+
+def test_runs_dir_at_the_filesystem_root_or_among_the_code_is_refused(tmp_path):
+    from gainlora.rundir import CODE_DIR
+
+    for runs, accepted in (("/", "a folder for runs, not the filesystem root"),
+                           (str(CODE_DIR / "gainlora"), f"a folder outside {CODE_DIR}")):
+        with pytest.raises(ConfigError, match=f"^paths.runs_dir={re.escape(runs)}: {re.escape(accepted)}"):
+            with claim_run_dir(cfg_of(tmp_path, f"paths.runs_dir={runs}", "run_id=hostile")):
+                pytest.fail("claimed")
+        assert not (Path(runs) / "demo").exists()
+
+
+def test_a_new_run_never_writes_into_a_folder_holding_other_files(tmp_path):
+    root = tmp_path / "demo" / "mine"
+    root.mkdir(parents=True)
+    (root / "notes.txt").write_text("kept")
+    with pytest.raises(ConfigError, match=rf"^run_id=mine: a new name: {re.escape(str(root))} holds other files "
+                                          r"\(notes.txt\), not a run"):
+        with claim_run_dir(cfg_of(tmp_path, "run_id=mine")):
+            pytest.fail("claimed")
+    assert sorted(p.name for p in root.iterdir()) == [LOCK, "notes.txt"]  # only the lock was added
+    (root / "notes.txt").unlink()
+    with claim_run_dir(cfg_of(tmp_path, "run_id=mine")):  # what a run killed before its config leaves: reused
+        pass
+
+
+@pytest.mark.parametrize("name, kind", [("results.json", "file"), ("predictions.json", "file"), ("plots", "folder")])
+def test_resume_refuses_a_rewritten_file_of_the_wrong_kind(tmp_path, name, kind):
+    """results.json, predictions.json and plots/ are written again on resume: of the wrong kind, they are
+    named before anything is restored (a folder as results.json was a traceback after the restore)."""
+    from gainlora.artifacts import ArtifactError
+
+    root = saved_run(tmp_path, "r")
+    path = root / name
+    if kind == "file":
+        path.mkdir()
+    else:
+        path.write_text("x")
+    with pytest.raises(ArtifactError, match=f"^{re.escape(str(path))}: not a {kind}; move it away to resume"):
+        with claim_run_dir(cfg_of(tmp_path, "run_id=r", "resume=true")):
+            pytest.fail("claimed")
+
+
+@pytest.mark.timeout(60)
+def test_a_fifo_in_place_of_a_run_file_is_named_never_read(tmp_path):
+    """Opening a FIFO blocks until a writer comes: results.json, metrics.csv or .lock.json as one made a
+    resume (with or without run_id) or a second writer hang for ever."""
+    from gainlora.artifacts import ArtifactError
+
+    root = saved_run(tmp_path, "r")
+    os.mkfifo(root / "results.json")
+    with pytest.raises(ArtifactError, match=f"^{re.escape(str(root / 'results.json'))}: not a file"):
+        with claim_run_dir(cfg_of(tmp_path, "resume=true")):  # looks at every run's status first
+            pytest.fail("claimed")
+    (root / "results.json").unlink()
+    os.mkfifo(root / "metrics.csv")
+    with pytest.raises(ArtifactError, match=f"^{re.escape(str(root / 'metrics.csv'))}: not a readable metrics file"):
+        with claim_run_dir(cfg_of(tmp_path, "run_id=r", "resume=true")):
+            pytest.fail("claimed")
+    (root / "metrics.csv").unlink()
+    holder = hold_lock(root)
+    try:
+        (root / HOLDER).unlink()
+        os.mkfifo(root / HOLDER)
+        with pytest.raises(ConfigError, match="in use by another process"):
+            with claim_run_dir(cfg_of(tmp_path, "run_id=r", "resume=true")):
+                pytest.fail("claimed")
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_run_id_naming_a_file_is_refused_by_its_key(tmp_path, resume):
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "f").write_text("kept")
+    accepted = "resume=true needs an existing run" if resume else "a new name: .* is a file, not a run directory"
+    with pytest.raises(ConfigError, match=f"^run_id=f: {accepted}"):  # was paths.runs_dir=...: File exists
+        with claim_run_dir(cfg_of(tmp_path, "run_id=f", f"resume={str(resume).lower()}")):
+            pytest.fail("claimed")
+    assert (tmp_path / "demo" / "f").read_text() == "kept"

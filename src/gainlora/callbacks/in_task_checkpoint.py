@@ -71,15 +71,31 @@ class InTaskCheckpoint(L.Callback):
         self._restore_rng()
 
 
-def check_checkpoint(path: Path, task: int) -> Path | None:
+def check_checkpoint(path: Path, task: int, module: torch.nn.Module | None = None) -> Path | None:
     """``path`` if an interrupted attempt left a checkpoint there, after loading it as Lightning will
-    (weights_only: a crafted pickle is refused, never run); ``ArtifactError`` naming it when it is
-    not a readable checkpoint, instead of a traceback from inside ``trainer.fit``."""
+    (weights_only: a crafted pickle is refused, never run) and, given the re-opened task's ``module``,
+    checking it holds what that task trains; ``ArtifactError`` naming it otherwise, instead of a
+    traceback from inside ``trainer.fit``."""
+    restart = f"delete it to restart task {task + 1} from its beginning"
+    for folder in (path.parent.parent, path.parent):  # written into during the task
+        if folder.exists() and not folder.is_dir():
+            raise ArtifactError(f"{folder}: not a folder; move it away to resume (it holds in-task checkpoints)")
     if not path.exists():
         return None
     try:
-        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 - torch's reader and unpickler raise many kinds
         raise ArtifactError(f"{path}: not a readable checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:160]}"
-                            f"); delete it to restart task {task + 1} from its beginning") from None
+                            f"); {restart}") from None
+    if module is None:
+        return path
+    state = saved.get("state_dict") if isinstance(saved, dict) else None
+    if not (isinstance(state, dict) and all(k in saved for k in ("pytorch-lightning_version", "loops", "global_step"))):
+        raise ArtifactError(f"{path}: not a Lightning checkpoint of this run (no state_dict, loops or global_step); "
+                            f"{restart}")
+    trains = {name: p for name, p in module.named_parameters() if p.requires_grad}
+    if set(state) != set(trains) or any(not isinstance(state[k], torch.Tensor) or state[k].shape != p.shape
+                                        for k, p in trains.items()):
+        raise ArtifactError(f"{path}: its tensors are not those task {task + 1} trains (names or shapes differ); "
+                            f"{restart}")
     return path
