@@ -260,6 +260,9 @@ def check_existing(cfg: DictConfig, run_dir: RunDir) -> None:
         if path.exists() and not (path.is_file() if kind == "file" else path.is_dir()):  # rewritten on resume
             raise ArtifactError(f"{path}: not a {kind}; move it away to resume (it is written again from the "
                                 "finished tasks)")
+    for folder in (root / "tasks", root / "checkpoints"):  # written into: a link would send writes elsewhere
+        if folder.is_symlink():
+            raise ArtifactError(f"{folder}: a link, not this run's own folder; a resume would write where it points")
     read_rows(root / "metrics.csv")  # appended to: a damaged one is named now, not after the restore
     diffs = config_differences(saved, cfg)
     if diffs:

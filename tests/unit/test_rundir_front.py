@@ -322,6 +322,22 @@ def test_resume_refuses_a_rewritten_file_of_the_wrong_kind(tmp_path, name, kind)
             pytest.fail("claimed")
 
 
+@pytest.mark.parametrize("name", ["tasks", "checkpoints"])
+def test_resume_refuses_a_written_folder_that_is_a_link(tmp_path, name):
+    """tasks/ and checkpoints/ are written into on resume: as a link to another run's folder, the resume
+    would add task folders or checkpoints to that run."""
+    from gainlora.artifacts import ArtifactError
+
+    other = saved_run(tmp_path, "other") / name
+    other.mkdir()
+    link = saved_run(tmp_path, "r") / name
+    link.symlink_to(other)
+    with pytest.raises(ArtifactError, match=f"^{re.escape(str(link))}: a link, not this run's own folder"):
+        with claim_run_dir(cfg_of(tmp_path, "run_id=r", "resume=true")):
+            pytest.fail("claimed")
+    assert list(other.iterdir()) == []
+
+
 @pytest.mark.timeout(60)
 def test_a_fifo_in_place_of_a_run_file_is_named_never_read(tmp_path):
     """Opening a FIFO blocks until a writer comes: results.json, metrics.csv or .lock.json as one made a
