@@ -246,9 +246,9 @@ def test_the_shared_loop_trains_any_model_and_leaves_it_in_eval_mode() -> None:
     torch.manual_seed(0)
     model, x = _Regression(), torch.randn(16, 3)
     batch = {"x": x, "y": x @ torch.tensor([1.0, -2.0, 0.5])}
-    first = float(model(**batch).loss)
+    first = model(**batch).loss.item()
     stats = train_steps(model, lambda: batch, steps=60, lr=0.1, warmup=5, decay_to=0.1, desc="regression")
-    assert float(model(**batch).loss) < first / 10 and not model.training
+    assert model(**batch).loss.item() < first / 10 and not model.training
     assert stats["pretrain_final_loss"] > 0 and stats["pretrain_cpu_seconds"] >= 0
 
 
