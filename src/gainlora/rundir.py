@@ -189,6 +189,8 @@ def claim_run_dir(cfg: DictConfig) -> Iterator[RunDir]:
     except OSError as err:
         raise refuse("paths.runs_dir", cfg.paths.runs_dir, f"a writable directory ({err.strerror}: "
                      f"{err.filename or root})") from None
+    if (root / LOCK).exists() and not (root / LOCK).is_file():  # not the writable-folder problem it raises
+        raise ArtifactError(f"{root / LOCK}: not a file; move it away (it is the run's lock, made again)")
     lock = RunLock(root)
     try:
         lock.acquire()

@@ -18,6 +18,7 @@ from filelock import FileLock
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from gainlora.artifacts import ArtifactError
 from gainlora.rundir import HOLDER, LOCK, claim_run_dir
 from gainlora.run import CONF_DIR
 from gainlora.schema import ConfigError
@@ -167,9 +168,10 @@ def test_resume_refuses_a_saved_config_that_is_no_run_config(tmp_path, text, fra
 def test_a_lock_that_cannot_be_taken_names_its_path(tmp_path):
     root = saved_run(tmp_path, "r", "interrupted")
     (root / LOCK).mkdir()
-    with pytest.raises(ConfigError, match=rf"^paths.runs_dir=.*: a writable directory \(Is a directory: {root / LOCK}\)"):
-        with claim_run_dir(cfg_of(tmp_path, "run_id=r", "resume=true")):
+    with pytest.raises(ArtifactError, match=f"^{re.escape(str(root / LOCK))}: not a file; move it away"):
+        with claim_run_dir(cfg_of(tmp_path, "run_id=r", "resume=true")):  # was blamed on paths.runs_dir
             pass
+    assert (root / LOCK).is_dir()
 
 
 def test_a_failed_start_leaves_no_directory(tmp_path):
@@ -232,8 +234,6 @@ def test_resume_refuses_changed_task_data_and_another_code_version(tmp_path):
 def test_resume_refuses_a_metrics_file_it_cannot_append_to(tmp_path, damage, reason):
     """metrics.csv is read back and rewritten on resume: damaged, it is named before anything is restored
     (it was a traceback after the finished tasks had been re-announced, and results.json said failed)."""
-    from gainlora.artifacts import ArtifactError
-
     root = saved_run(tmp_path, "r", "interrupted")
     damage(root / "metrics.csv")
     with pytest.raises(ArtifactError, match=rf"^{re.escape(str(root / 'metrics.csv'))}: not a readable metrics file "
@@ -309,8 +309,6 @@ def test_a_new_run_never_writes_into_a_folder_holding_other_files(tmp_path):
 def test_resume_refuses_a_rewritten_file_of_the_wrong_kind(tmp_path, name, kind):
     """results.json, predictions.json and plots/ are written again on resume: of the wrong kind, they are
     named before anything is restored (a folder as results.json was a traceback after the restore)."""
-    from gainlora.artifacts import ArtifactError
-
     root = saved_run(tmp_path, "r")
     path = root / name
     if kind == "file":
@@ -326,8 +324,6 @@ def test_resume_refuses_a_rewritten_file_of_the_wrong_kind(tmp_path, name, kind)
 def test_resume_refuses_a_written_folder_that_is_a_link(tmp_path, name):
     """tasks/ and checkpoints/ are written into on resume: as a link to another run's folder, the resume
     would add task folders or checkpoints to that run."""
-    from gainlora.artifacts import ArtifactError
-
     other = saved_run(tmp_path, "other") / name
     other.mkdir()
     link = saved_run(tmp_path, "r") / name
@@ -342,8 +338,6 @@ def test_resume_refuses_a_written_folder_that_is_a_link(tmp_path, name):
 def test_a_fifo_in_place_of_a_run_file_is_named_never_read(tmp_path):
     """Opening a FIFO blocks until a writer comes: results.json, metrics.csv or .lock.json as one made a
     resume (with or without run_id) or a second writer hang for ever."""
-    from gainlora.artifacts import ArtifactError
-
     root = saved_run(tmp_path, "r")
     os.mkfifo(root / "results.json")
     with pytest.raises(ArtifactError, match=f"^{re.escape(str(root / 'results.json'))}: not a file"):
