@@ -52,6 +52,10 @@ class ReportError(ValueError):
     """A run directory cannot be reported on. The message names the file at fault."""
 
 
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a score")
+
+
 def load_results(run_dir: Path | str) -> dict[str, Any]:
     """Read and check a run's results.json (``run_dir`` may also be the file itself)."""
     run_dir = Path(run_dir)
@@ -59,7 +63,7 @@ def load_results(run_dir: Path | str) -> dict[str, Any]:
     if not path.is_file():
         raise ReportError(f"{path}: not found ({run_dir} is not a finished or running run directory)")
     try:
-        results = json.loads(path.read_text())
+        results = json.loads(path.read_text(), parse_constant=_no_constant)  # a run writes finite scores
     except (OSError, ValueError) as err:  # JSON and decoding errors, an integer of 5000 digits
         raise ReportError(f"{path}: cannot read results: {err}") from err
     if not isinstance(results, dict):

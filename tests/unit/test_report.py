@@ -217,6 +217,10 @@ def test_compare_runs_missing_results_names_file(tmp_path: Path) -> None:
             json.dumps({"method": "m", "benchmark": "b", "order": 1, "tasks": ["a"], "matrix": [[1], [1, 2]]}),
             "bad matrix.*2 matrix rows but only 1 task names",
         ),
+        (  # a run writes finite scores; NaN would flow into AP and the tables unremarked
+            '{"method": "m", "benchmark": "b", "order": 1, "tasks": ["a"], "matrix": [[NaN]]}',
+            "cannot read results: NaN is not a score",
+        ),
     ],
 )
 def test_load_results_malformed_names_file(tmp_path: Path, content: str, message: str) -> None:
