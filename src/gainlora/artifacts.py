@@ -157,6 +157,16 @@ class RunDir:
     def results(self) -> Path:
         return self.root / "results.json"
 
+    def saved(self, key: str):
+        """``key`` of results.json as last written; None when there is none or it cannot be read (a
+        file that is not a regular one is never opened: a FIFO would block the read)."""
+        if not self.results.is_file():
+            return None
+        try:
+            return json.loads(self.results.read_text()).get(key)
+        except (OSError, ValueError, AttributeError):
+            return None
+
     @property
     def config(self) -> Path:
         return self.root / "config.yaml"

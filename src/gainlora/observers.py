@@ -12,7 +12,6 @@ output left missing (predictions.json, the task's metrics.csv row), and never re
 """
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,10 +77,8 @@ class ResultsWriter(TaskObserver):
         if not end.restored:
             self.trainable[name] = cost.trainable_params(self.module)
         elif self.run_dir.results.is_file():
-            try:  # rewritten from the verified tasks below; an unreadable one only loses this count
-                earlier = json.loads(self.run_dir.results.read_text()).get("cost") or {}
-            except (ValueError, AttributeError):
-                earlier = {}
+            # rewritten from the verified tasks below; an unreadable one only loses this count
+            earlier = self.run_dir.saved("cost") or {}
             self.trainable[name] = earlier.get("trainable_params_per_task", {}).get(name)
 
     def write(self, results: dict) -> None:

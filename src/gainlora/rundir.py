@@ -61,12 +61,7 @@ def is_main_process() -> bool:
 
 
 def status(root: Path) -> str | None:
-    if not (root / "results.json").is_file():  # a FIFO or a link to /dev/zero would never be read to its end
-        return None
-    try:
-        return json.loads((root / "results.json").read_text()).get("status")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return RunDir(root).saved("status")
 
 
 def last_modified(root: Path) -> float:
@@ -225,12 +220,7 @@ def check_runs_dir(runs_dir: str, root: Path) -> None:
 def check_trained_method(run_dir: RunDir, method: str) -> None:
     """The method a config builds must be the one results.json says trained the saved tasks (an
     edited config.yaml would otherwise load one method's branches into another)."""
-    if not run_dir.results.is_file():
-        return  # none yet (killed in its first task): nothing was trained to mismatch
-    try:
-        trained = json.loads(run_dir.results.read_text()).get("method")
-    except (OSError, ValueError, AttributeError):
-        return  # no results yet (killed in its first task): nothing was trained to mismatch
+    trained = run_dir.saved("method")  # None before any results (killed in its first task): nothing to mismatch
     if trained is not None and trained != method:
         raise ConfigError(f"{run_dir.config}: its method builds {method}, but {run_dir.results} says the run "
                           f"trained {trained}; restore the config the run was made with")
