@@ -115,6 +115,11 @@ def disk_full(err: BaseException) -> BaseException | None:
     return None
 
 
+def group_options(group: Path) -> list[str]:
+    """The options of a config group: its folder's YAML files, by name."""
+    return sorted(p.stem for p in group.glob("*.yaml"))
+
+
 def check_overrides(conf_dir: Path, overrides: list[str]) -> None:
     """Hydra reports a bad override (a typo'd key, an unknown group option) in several lines and
     exits 1 before ``main`` runs; compose first, so it is one ``error:`` line and exit 2 as well."""
@@ -122,7 +127,7 @@ def check_overrides(conf_dir: Path, overrides: list[str]) -> None:
         key, _, value = arg.partition("=")
         group = conf_dir / key.lstrip("+")
         if group.is_dir() and ("/" in value or value.startswith(".")):
-            fail(f"{arg.lstrip('+')}: one of {', '.join(sorted(p.stem for p in group.glob('*.yaml')))} (an option's "
+            fail(f"{arg.lstrip('+')}: one of {', '.join(group_options(group))} (an option's "
                  "name, not a path)")
     try:
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
@@ -139,8 +144,8 @@ def check_overrides(conf_dir: Path, overrides: list[str]) -> None:
         for override in OverridesParser.create().parse_overrides(overrides):
             group = conf_dir / override.get_key_element()
             if override.value() is None and group.is_dir():
-                options = sorted(p.stem for p in group.glob("*.yaml"))
-                fail(f"{override.input_line}: one of {', '.join(options)} (a config group takes an option's name)")
+                fail(f"{override.input_line}: one of {', '.join(group_options(group))} (a config group takes an "
+                     "option's name)")
         fail(str(err).splitlines()[0])
     except (HydraException, OmegaConfBaseException) as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
@@ -154,8 +159,8 @@ def check_overrides(conf_dir: Path, overrides: list[str]) -> None:
         key = lines[0].partition("Could not override '")[2].partition("'")[0]
         arg = next((a for a in overrides if key and a.split("=")[0].lstrip("+~") == key), None)
         if arg is not None and (conf_dir / key).is_dir():  # a group the defaults do not list (recipe)
-            options = ", ".join(sorted(p.stem for p in (conf_dir / key).glob("*.yaml")))
-            fail(f"{arg}: {key} is not in the defaults list; add it with +{key}=NAME (one of {options})")
+            fail(f"{arg}: {key} is not in the defaults list; add it with +{key}=NAME (one of "
+                 f"{', '.join(group_options(conf_dir / key))})")
         if arg is not None:
             try:
                 with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):

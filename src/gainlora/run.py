@@ -20,7 +20,7 @@ from gainlora.artifacts import RunDir, write_text
 from gainlora.build import (build, check_backbone_source, check_reference_tests, check_trainer, check_val_interval,
                             derive_batching, in_task_checkpoints, make_loggers, single_task_reference, trainer_factory)
 from gainlora.callbacks.interrupt import resume_command
-from gainlora.cli import check_overrides, disk_full, fail, preset_note, writable_file
+from gainlora.cli import check_overrides, disk_full, fail, group_options, preset_note, writable_file
 from gainlora.data.tasks import load_stream, stream_metric
 from gainlora.data.types import DataError
 from gainlora.loop import ArtifactError, ContinualLoop, StopFlag, TaskInterrupted
@@ -196,7 +196,7 @@ def sweep_values(override) -> list[str]:
     from hydra.errors import HydraException
 
     if isinstance(override.value(), Glob):
-        options = sorted(p.stem for p in (CONF_DIR / override.get_key_element()).glob("*.yaml"))
+        options = group_options(CONF_DIR / override.get_key_element())
         values = override.value().filter(options)
         if not values:
             fail(f"{override.input_line}: matches none of {override.get_key_element()}'s options "
